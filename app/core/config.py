@@ -1,0 +1,197 @@
+"""Settings: the only place that reads the environment.
+
+Every setting is an environment variable prefixed ``CONNECTORS_``. ``load_settings`` turns a bad
+value into one ``ConfigError`` line naming the variable, never echoing its value.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("data")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message is one line, safe to print."""
+
+
+def _parse_key_ring(raw: str) -> list[tuple[str, bytes]]:
+    """Parse ``id:base64key[,id:base64key...]``; the first key is the newest and encrypts."""
+    ring: list[tuple[str, bytes]] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key_id, sep, encoded = part.partition(":")
+        if not sep or not key_id or len(key_id) > 32 or not key_id.isascii():
+            raise ValueError("each key must be written as id:base64key")
+        try:
+            key = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        except (ValueError, TypeError):
+            raise ValueError(f"key {key_id!r} is not valid base64") from None
+        if len(key) != 32:
+            raise ValueError(f"key {key_id!r} must decode to 32 bytes (AES-256)")
+        if any(existing == key_id for existing, _ in ring):
+            raise ValueError(f"key id {key_id!r} appears twice")
+        ring.append((key_id, key))
+    if not ring:
+        raise ValueError("at least one key is required")
+    return ring
+
+
+class Settings(BaseSettings):
+    """The service's configuration; build it explicitly in tests."""
+
+    model_config = SettingsConfigDict(env_prefix="CONNECTORS_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+    data_dir: Path = DEFAULT_DATA_DIR
+    database_url: str = ""
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    redis_url: SecretStr | None = None
+
+    max_connectors_per_org: int = Field(default=5, ge=1, le=10_000)
+
+    # Caller identity. HS256 with a shared secret, or RS256/ES256 with a PEM public key or JWKS URL.
+    jwt_secret: SecretStr | None = None
+    jwt_public_key: str | None = None
+    jwks_url: str | None = None
+    jwt_issuer: str = "connectors"
+    jwt_audience: str = "connectors"
+    jwt_org_claim: str = "org_id"
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=600)
+
+    # Secrets at rest: "id:base64key,..." with the newest key first.
+    encryption_keys: Annotated[SecretStr | None, NoDecode] = None
+    # Generate (or reuse) development keys under data_dir when the two above are unset.
+    dev_keys: bool = False
+
+    # Outbound calls to token and validation endpoints.
+    ca_bundle: Path | None = None
+    allow_private_destinations: bool = False
+    outbound_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    outbound_max_response_bytes: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    default_token_lifetime_seconds: int = Field(default=3600, ge=1, le=86_400 * 30)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _check_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _parse_key_ring(value.get_secret_value())
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _check_jwks_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("https://"):
+            raise ValueError("must be an https:// URL")
+        return value
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _check_ca_bundle(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("must name a readable PEM file")
+        return value
+
+    @model_validator(mode="after")
+    def _one_verification_method(self) -> Settings:
+        methods = [self.jwt_secret, self.jwt_public_key, self.jwks_url]
+        if sum(m is not None for m in methods) > 1:
+            raise ValueError(
+                "set only one of CONNECTORS_JWT_SECRET, CONNECTORS_JWT_PUBLIC_KEY, CONNECTORS_JWKS_URL"
+            )
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'connectors.db'}"
+
+    def key_ring(self) -> list[tuple[str, bytes]]:
+        """The encryption keys, newest first."""
+        if self.encryption_keys is None:
+            raise ConfigError("CONNECTORS_ENCRYPTION_KEYS is not set")
+        return _parse_key_ring(self.encryption_keys.get_secret_value())
+
+
+def _generate_dev_keys(path: Path) -> dict[str, str]:
+    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    keys = {
+        "CONNECTORS_JWT_SECRET": secrets.token_urlsafe(48),
+        "CONNECTORS_ENCRYPTION_KEYS": f"dev1:{key}",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(keys, handle, indent=2)
+    return keys
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = "_".join(str(part) for part in first["loc"]).upper()
+    name = f"CONNECTORS_{location}" if location else "settings"
+    return f"{name}: {first['msg']}"
+
+
+def load_settings(**overrides: object) -> tuple[Settings, str | None]:
+    """Read settings from the environment; returns them and a note when dev keys were created.
+
+    Raises ``ConfigError`` with one printable line when a setting is missing or malformed.
+    """
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+    note: str | None = None
+    if settings.dev_keys and (settings.encryption_keys is None or _no_jwt_key(settings)):
+        path = settings.data_dir / "dev-keys.json"
+        if path.exists():
+            try:
+                keys = json.loads(path.read_text())
+            except (OSError, ValueError):
+                raise ConfigError(f"{path}: unreadable development key file") from None
+        else:
+            keys = _generate_dev_keys(path)
+            note = f"generated development keys in {path}"
+        extra: dict[str, object] = {}
+        if settings.encryption_keys is None:
+            extra["encryption_keys"] = keys["CONNECTORS_ENCRYPTION_KEYS"]
+        if _no_jwt_key(settings):
+            extra["jwt_secret"] = keys["CONNECTORS_JWT_SECRET"]
+        try:
+            settings = Settings(**{**overrides, **extra})  # type: ignore[arg-type]
+        except ValidationError as error:
+            raise ConfigError(_describe(error)) from None
+    if settings.encryption_keys is None:
+        raise ConfigError(
+            "CONNECTORS_ENCRYPTION_KEYS is not set (or set CONNECTORS_DEV_KEYS=true for development)"
+        )
+    if _no_jwt_key(settings):
+        raise ConfigError(
+            "set one of CONNECTORS_JWT_SECRET, CONNECTORS_JWT_PUBLIC_KEY or CONNECTORS_JWKS_URL"
+            " (or CONNECTORS_DEV_KEYS=true for development)"
+        )
+    return settings, note
+
+
+def _no_jwt_key(settings: Settings) -> bool:
+    return settings.jwt_secret is None and settings.jwt_public_key is None and settings.jwks_url is None

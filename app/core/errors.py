@@ -1,0 +1,121 @@
+"""One error vocabulary for the whole service.
+
+Every expected failure is an ``AppError`` subclass carrying an HTTP status, a stable ``code`` and a
+title. The HTTP layer renders them as RFC 9457 ``application/problem+json``; nothing below the
+routers knows about HTTP beyond these three attributes. Messages never contain secret values.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class AppError(Exception):
+    """Base class of every error the service answers on purpose."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal server error"
+
+    def __init__(self, detail: str | None = None, *, status: int | None = None, **extra: str) -> None:
+        # ``status`` overrides the class default where the same failure means another status in
+        # another place (credentials_rejected is 422 on save but 502 on authorize).
+        self.detail = detail or self.title
+        self.http_status = status or self.status
+        # Extra members of the problem document; only safe, non-secret strings go here.
+        self.extra = extra
+        super().__init__(self.detail)
+
+
+class Unauthenticated(AppError):
+    status = 401
+    code = "unauthenticated"
+    title = "Missing, expired or invalid caller token"
+
+
+class Forbidden(AppError):
+    status = 403
+    code = "forbidden"
+    title = "The caller token lacks the required scope"
+
+
+class ConnectorNotFound(AppError):
+    status = 404
+    code = "connector_not_found"
+    title = "No such connector"
+
+
+class NameTaken(AppError):
+    status = 409
+    code = "name_taken"
+    title = "Another connector of the organization has that name"
+
+
+class ConnectorLimitReached(AppError):
+    status = 409
+    code = "connector_limit_reached"
+    title = "The organization already has its maximum number of connectors"
+
+
+class VersionMismatch(AppError):
+    status = 412
+    code = "version_mismatch"
+    title = "If-Match does not match the current version"
+
+
+class InvalidRequest(AppError):
+    status = 422
+    code = "invalid_request"
+    title = "The request is not valid"
+
+
+class SecretRequired(AppError):
+    status = 422
+    code = "secret_required"
+    title = "This change needs the secret to be sent again"
+
+
+class PathOutsideResourceDomain(AppError):
+    status = 422
+    code = "path_outside_resource_domain"
+    title = "The path would leave the connector's resource domain"
+
+
+class DestinationNotAllowed(AppError):
+    """A URL's host is, or resolves to, a non-global address (422 at save, 502 at authorize)."""
+
+    status = 422
+    code = "destination_not_allowed"
+    title = "The destination address is not allowed"
+
+
+class CredentialsRejected(AppError):
+    """The identity provider or validation URL refused the credentials (422 at save)."""
+
+    status = 422
+    code = "credentials_rejected"
+    title = "The credentials were rejected"
+
+
+class TokenEndpointError(AppError):
+    status = 502
+    code = "token_endpoint_error"
+    title = "The token endpoint answered with an error"
+
+
+class UpstreamUnreachable(AppError):
+    status = 502
+    code = "upstream_unreachable"
+    title = "The upstream service could not be reached"
+
+
+class TokenEndpointTimeout(AppError):
+    status = 504
+    code = "token_endpoint_timeout"
+    title = "The token endpoint did not answer in time"
+
+
+class UpstreamTimeout(AppError):
+    status = 504
+    code = "upstream_timeout"
+    title = "The upstream service did not answer in time"

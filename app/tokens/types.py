@@ -1,0 +1,87 @@
+"""What the token layer is given and what it hands back.
+
+The token layer knows nothing of connectors or storage: it receives a credential configuration
+with the secrets already decrypted (as ``SecretStr``) and returns headers or tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+from pydantic import SecretStr
+
+GrantType = Literal["client_credentials", "password"]
+ClientAuthMethod = Literal["client_secret_basic", "client_secret_post"]
+CheckState = Literal["authorized", "rejected", "unreachable"]
+
+
+@dataclass(frozen=True, slots=True)
+class BasicConfig:
+    username: str
+    password: SecretStr
+    validation_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2Config:
+    grant_type: GrantType
+    token_url: str
+    client_id: str
+    client_secret: SecretStr
+    scope: str | None = None
+    client_auth_method: ClientAuthMethod = "client_secret_basic"
+    audience: str | None = None
+    extra_token_params: Mapping[str, str] = field(default_factory=dict)
+    # Lifetime assumed when a token response has no expires_in; None means the service default.
+    token_lifetime_seconds: int | None = None
+    # Password grant only.
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """A successful token response, checked and normalised."""
+
+    access_token: str
+    expires_in: float
+    refresh_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """What a caller of the cache receives: a token valid at least until ``expires_at``."""
+
+    access_token: str
+    expires_at: datetime
+
+
+class RefreshTokenRejected(Exception):
+    """The provider refused a refresh token (``invalid_grant``); the original grant must run again.
+
+    Never reaches an HTTP caller: the token cache handles it.
+    """
+
+
+class TokenFetcher(Protocol):
+    """Runs one token request (the configured grant, or the refresh grant when given a token).
+
+    Raises ``CredentialsRejected``, ``TokenEndpointError``, ``TokenEndpointTimeout``,
+    ``UpstreamUnreachable`` or ``DestinationNotAllowed`` from ``app.core.errors``, and
+    ``RefreshTokenRejected`` when a refresh token is refused.
+    """
+
+    async def __call__(self, config: OAuth2Config, refresh_token: str | None = None) -> TokenGrant: ...
+
+
+# Loads the configuration (decrypting secrets) only when a token request is needed.
+ConfigLoader = Callable[[], Awaitable[OAuth2Config]]
+
+
+class OutcomeListener(Protocol):
+    """Told the result of every token request the cache makes, so the owner can record status."""
+
+    async def __call__(self, key: Hashable, state: CheckState, detail: str | None) -> None: ...
