@@ -152,15 +152,20 @@ def _describe(error: ValidationError) -> str:
     return f"{name}: {first['msg']}"
 
 
+def parse_settings(**overrides: object) -> Settings:
+    """Read settings without requiring keys (for commands that need none, like ``migrate``)."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
 def load_settings(**overrides: object) -> tuple[Settings, str | None]:
     """Read settings from the environment; returns them and a note when dev keys were created.
 
     Raises ``ConfigError`` with one printable line when a setting is missing or malformed.
     """
-    try:
-        settings = Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
+    settings = parse_settings(**overrides)
     note: str | None = None
     if settings.dev_keys and (settings.encryption_keys is None or _no_jwt_key(settings)):
         path = settings.data_dir / "dev-keys.json"
@@ -177,10 +182,7 @@ def load_settings(**overrides: object) -> tuple[Settings, str | None]:
             extra["encryption_keys"] = keys["CONNECTORS_ENCRYPTION_KEYS"]
         if _no_jwt_key(settings):
             extra["jwt_secret"] = keys["CONNECTORS_JWT_SECRET"]
-        try:
-            settings = Settings(**{**overrides, **extra})  # type: ignore[arg-type]
-        except ValidationError as error:
-            raise ConfigError(_describe(error)) from None
+        settings = parse_settings(**{**overrides, **extra})
     if settings.encryption_keys is None:
         raise ConfigError(
             "CONNECTORS_ENCRYPTION_KEYS is not set (or set CONNECTORS_DEV_KEYS=true for development)"

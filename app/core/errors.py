@@ -17,7 +17,7 @@ class AppError(Exception):
     code: ClassVar[str] = "internal_error"
     title: ClassVar[str] = "Internal server error"
 
-    def __init__(self, detail: str | None = None, *, status: int | None = None, **extra: str) -> None:
+    def __init__(self, detail: str | None = None, *, status: int | None = None, **extra: object) -> None:
         # ``status`` overrides the class default where the same failure means another status in
         # another place (credentials_rejected is 422 on save but 502 on authorize).
         self.detail = detail or self.title

@@ -1,0 +1,76 @@
+"""Tables. The schema itself is created and changed only by Alembic migrations."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime}
+
+
+class Organization(Base):
+    """One row per organization that ever had a connector; its lock serialises creates."""
+
+    __tablename__ = "organizations"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column()
+
+
+class Connector(Base):
+    __tablename__ = "connectors"
+    __table_args__ = (
+        UniqueConstraint("organization_id", "name_key", name="uq_connectors_org_name"),
+        Index("ix_connectors_org_name", "organization_id", "name"),
+        Index("ix_connectors_key_id", "key_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    organization_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("organizations.id", ondelete="CASCADE")
+    )
+    name: Mapped[str] = mapped_column(String(100))
+    # casefold()ed name: uniqueness per organization is case-insensitive.
+    name_key: Mapped[str] = mapped_column(String(400))
+    resource_domain_url: Mapped[str] = mapped_column(String(2048))
+    auth_type: Mapped[str] = mapped_column(String(32))
+    grant_type: Mapped[str | None] = mapped_column(String(32))
+    # Non-secret auth fields (username, client_id, URLs, scope, ...).
+    auth_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Secret field name -> ciphertext bound to (organization, connector, field).
+    secrets: Mapped[dict[str, str]] = mapped_column(JSON)
+    key_id: Mapped[str] = mapped_column(String(32))
+    status_state: Mapped[str] = mapped_column(String(16))
+    status_checked_at: Mapped[datetime | None] = mapped_column()
+    status_detail: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column()

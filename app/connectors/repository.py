@@ -1,0 +1,161 @@
+"""All SQL about connectors. Every method takes the organization; nothing here commits."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.connectors.models import Connector, Organization
+from app.core.errors import NameTaken
+
+
+class ConnectorRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def lock_organization(self, organization_id: str, now: datetime) -> None:
+        """Create the organization's row if needed and lock it until the transaction ends.
+
+        Creates for one organization queue on this lock, so the count-then-insert that enforces
+        the per-organization limit cannot interleave (SQLite serialises writers already).
+        """
+        dialect = self.session.bind.dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        await self.session.execute(
+            insert(Organization)
+            .values(id=organization_id, created_at=now)
+            .on_conflict_do_nothing(index_elements=["id"])
+        )
+        await self.session.execute(
+            select(Organization.id).where(Organization.id == organization_id).with_for_update()
+        )
+
+    async def count(self, organization_id: str) -> int:
+        result = await self.session.execute(
+            select(func.count()).select_from(Connector).where(Connector.organization_id == organization_id)
+        )
+        return int(result.scalar_one())
+
+    async def list(self, organization_id: str) -> Sequence[Connector]:
+        result = await self.session.execute(
+            select(Connector)
+            .where(Connector.organization_id == organization_id)
+            .order_by(Connector.name_key, Connector.name, Connector.id)
+        )
+        return result.scalars().all()
+
+    async def get(self, organization_id: str, connector_id: uuid.UUID) -> Connector | None:
+        result = await self.session.execute(
+            select(Connector).where(
+                Connector.organization_id == organization_id, Connector.id == connector_id
+            )
+        )
+        return result.scalar_one_or_none()
+
+    async def name_taken(
+        self, organization_id: str, name_key: str, *, except_id: uuid.UUID | None = None
+    ) -> bool:
+        query = select(Connector.id).where(
+            Connector.organization_id == organization_id, Connector.name_key == name_key
+        )
+        if except_id is not None:
+            query = query.where(Connector.id != except_id)
+        result = await self.session.execute(query.limit(1))
+        return result.first() is not None
+
+    async def add(self, connector: Connector) -> None:
+        self.session.add(connector)
+        await self._flush_unique()
+
+    async def update(
+        self, organization_id: str, connector_id: uuid.UUID, expected_version: int, values: dict[str, Any]
+    ) -> bool:
+        """Apply ``values`` if the row is still at ``expected_version``; False if it is not."""
+        result = await self.session.execute(
+            update(Connector)
+            .where(
+                Connector.organization_id == organization_id,
+                Connector.id == connector_id,
+                Connector.version == expected_version,
+            )
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        try:
+            await self.session.flush()
+        except IntegrityError:
+            raise NameTaken() from None
+        return bool(getattr(result, "rowcount", 0))
+
+    async def set_status(
+        self,
+        organization_id: str,
+        connector_id: uuid.UUID,
+        version: int,
+        *,
+        state: str,
+        detail: str | None,
+        checked_at: datetime,
+    ) -> bool:
+        """Record a check's outcome for that version; a newer version is left alone."""
+        result = await self.session.execute(
+            update(Connector)
+            .where(
+                Connector.organization_id == organization_id,
+                Connector.id == connector_id,
+                Connector.version == version,
+            )
+            .values(status_state=state, status_detail=detail, status_checked_at=checked_at)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def delete(self, organization_id: str, connector_id: uuid.UUID) -> bool:
+        result = await self.session.execute(
+            delete(Connector)
+            .where(Connector.organization_id == organization_id, Connector.id == connector_id)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def _flush_unique(self) -> None:
+        try:
+            await self.session.flush()
+        except IntegrityError:
+            raise NameTaken() from None
+
+
+class RotationRepository:
+    """Cross-organization access for key rotation, the one operation that spans tenants."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def batch_not_under(self, key_id: str, size: int) -> Sequence[Connector]:
+        result = await self.session.execute(
+            select(Connector).where(Connector.key_id != key_id).order_by(Connector.id).limit(size)
+        )
+        return result.scalars().all()
+
+    async def replace_secrets(
+        self, organization_id: str, connector_id: uuid.UUID, old_key_id: str, secrets: dict[str, str], key_id: str
+    ) -> bool:
+        """Swap the ciphertexts if nobody changed them meanwhile (the key id is the witness)."""
+        result = await self.session.execute(
+            update(Connector)
+            .where(
+                Connector.organization_id == organization_id,
+                Connector.id == connector_id,
+                Connector.key_id == old_key_id,
+            )
+            .values(secrets=secrets, key_id=key_id)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0))

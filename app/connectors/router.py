@@ -1,0 +1,167 @@
+"""HTTP endpoints of the connector registry. HTTP concerns only; the rules live in the service."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
+
+from app.connectors import schemas
+from app.connectors.service import ConnectorService
+from app.core.errors import ConnectorNotFound, VersionMismatch
+from app.core.http import PROBLEM_JSON
+from app.core.security import Authorizer, Reader, Writer
+
+router = APIRouter(prefix="/connectors", tags=["connectors"])
+
+
+def get_service(request: Request) -> ConnectorService:
+    service: ConnectorService = request.app.state.connectors
+    return service
+
+
+Service = Annotated[ConnectorService, Depends(get_service)]
+
+
+def parse_id(connector_id: str) -> uuid.UUID:
+    # A malformed id is just an id that does not exist: the same 404 as any other.
+    try:
+        return uuid.UUID(connector_id)
+    except ValueError:
+        raise ConnectorNotFound() from None
+
+
+ConnectorId = Annotated[uuid.UUID, Depends(parse_id)]
+
+
+def parse_if_match(if_match: Annotated[str | None, Header()] = None) -> int | None:
+    """The version an ``If-Match`` header names; ``*`` or no header means any version."""
+    if if_match is None or if_match.strip() == "*":
+        return None
+    value = if_match.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    value = value.strip('"')
+    if not value.isdigit() or len(value) > 18:
+        raise VersionMismatch("If-Match must be an ETag returned by this service")
+    return int(value)
+
+
+IfMatch = Annotated[int | None, Depends(parse_if_match)]
+Validate = Annotated[bool, Query(description="false skips the live credential check")]
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM_JSON: {}}}
+
+
+_COMMON: dict[int | str, dict[str, Any]] = {
+    401: _problem("Missing, expired or invalid caller token"),
+    403: _problem("The caller token lacks the scope"),
+    422: _problem("Invalid request"),
+}
+_ONE: dict[int | str, dict[str, Any]] = {**_COMMON, 404: _problem("No such connector")}
+_UPSTREAM: dict[int | str, dict[str, Any]] = {
+    502: _problem("The identity provider or validation URL failed"),
+    504: _problem("The identity provider or validation URL timed out"),
+}
+
+
+def _etag(version: int) -> str:
+    return f'"{version}"'
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={**_COMMON, **_UPSTREAM, 409: _problem("Name taken or limit reached")},
+)
+async def create_connector(
+    body: schemas.ConnectorCreate,
+    principal: Writer,
+    service: Service,
+    response: Response,
+    validate: Validate = True,
+) -> schemas.ConnectorOut:
+    """Create a connector, checking its credentials live unless validate=false."""
+    created = await service.create(principal.organization_id, body, validate=validate)
+    response.headers["ETag"] = _etag(created.version)
+    response.headers["Location"] = f"/connectors/{created.id}"
+    return created
+
+
+@router.get("", responses=_COMMON)
+async def list_connectors(principal: Reader, service: Service) -> schemas.ConnectorList:
+    """List the organization's connectors, ordered by name."""
+    return await service.list(principal.organization_id)
+
+
+@router.get("/{connector_id}", responses=_ONE)
+async def get_connector(
+    connector_id: ConnectorId, principal: Reader, service: Service, response: Response
+) -> schemas.ConnectorOut:
+    """Read one connector; the ETag names its version."""
+    connector = await service.get(principal.organization_id, connector_id)
+    response.headers["ETag"] = _etag(connector.version)
+    return connector
+
+
+@router.patch(
+    "/{connector_id}",
+    responses={**_ONE, **_UPSTREAM, 409: _problem("Name taken"), 412: _problem("Stale version")},
+)
+async def update_connector(
+    connector_id: ConnectorId,
+    body: schemas.ConnectorPatch,
+    principal: Writer,
+    service: Service,
+    response: Response,
+    if_match: IfMatch,
+    validate: Validate = True,
+) -> schemas.ConnectorOut:
+    """Change some fields of a connector; honours If-Match."""
+    updated = await service.update(
+        principal.organization_id, connector_id, body, if_match=if_match, validate=validate
+    )
+    response.headers["ETag"] = _etag(updated.version)
+    return updated
+
+
+@router.delete(
+    "/{connector_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={**_ONE, 412: _problem("Stale version")},
+)
+async def delete_connector(
+    connector_id: ConnectorId, principal: Writer, service: Service, if_match: IfMatch
+) -> Response:
+    """Delete a connector, freeing a place under the limit."""
+    await service.delete(principal.organization_id, connector_id, if_match=if_match)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{connector_id}/validate", responses=_ONE)
+async def validate_connector(
+    connector_id: ConnectorId, principal: Writer, service: Service, response: Response
+) -> schemas.ConnectorOut:
+    """Check the stored credentials live now and record the result in status."""
+    connector = await service.validate(principal.organization_id, connector_id)
+    response.headers["ETag"] = _etag(connector.version)
+    return connector
+
+
+@router.post("/{connector_id}/authorize", responses={**_ONE, **_UPSTREAM})
+async def authorize(
+    connector_id: ConnectorId,
+    principal: Authorizer,
+    service: Service,
+    response: Response,
+    body: Annotated[schemas.AuthorizeRequest | None, Body()] = None,
+) -> schemas.AuthorizeResponse:
+    """The headers for one outbound request to the connector's resource domain."""
+    result = await service.authorize(
+        principal.organization_id, connector_id, body or schemas.AuthorizeRequest()
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return result

@@ -1,0 +1,486 @@
+"""Connector rules: creation under the limit, partial updates, live checks and authorize.
+
+Database transactions are short and never held across an outbound call: a live check runs
+between a read and the write, and the write re-checks what the read saw (limit, name, version).
+
+``authorize`` is the hot path. It answers from an in-process snapshot of the connector (its
+organization, version, URLs and, for Basic, the ready header) and from the token cache, so in
+steady state it makes no database query, no decryption and no outbound call. Every change made
+through this service drops the snapshot and the connector's tokens at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
+
+from app.connectors import schemas
+from app.connectors.kinds import Kind, TokenConfig, kind_for, kind_of
+from app.connectors.models import Connector
+from app.connectors.repository import ConnectorRepository
+from app.connectors.urls import URLRuleError, join_resource_path, origin_of
+from app.core.clock import Clock
+from app.core.crypto import KeyRing, secret_aad
+from app.core.db import Database
+from app.core.errors import (
+    AppError,
+    ConnectorLimitReached,
+    ConnectorNotFound,
+    CredentialsRejected,
+    DestinationNotAllowed,
+    InvalidRequest,
+    NameTaken,
+    PathOutsideResourceDomain,
+    SecretRequired,
+    VersionMismatch,
+)
+from app.core.validation import field_errors
+from app.tokens.basic import basic_header
+from app.tokens.types import CheckState, OAuth2Config, TokenGrant
+
+log = logging.getLogger(__name__)
+
+_AUTH_ADAPTER: TypeAdapter[Any] = TypeAdapter(schemas.AuthIn)
+_MAX_SNAPSHOTS = 10_000
+
+
+class CredentialChecker(Protocol):
+    """Checks credentials live; returns the token an OAuth check obtained, None for Basic."""
+
+    async def __call__(self, config: TokenConfig) -> TokenGrant | None: ...
+
+
+class DestinationChecker(Protocol):
+    """Refuses a URL whose host is, or resolves to, a non-global address."""
+
+    async def __call__(self, url: str) -> None: ...
+
+
+class Tokens(Protocol):
+    """The part of the token cache this service uses."""
+
+    async def get(
+        self, key: tuple[Hashable, int], load: Any, *, stale_token: str | None = None
+    ) -> Any: ...
+
+    def peek(self, key: tuple[Hashable, int]) -> str | None: ...
+
+    def seed(self, key: tuple[Hashable, int], grant: TokenGrant) -> None: ...
+
+    def forget(self, connector_id: Hashable) -> None: ...
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    organization_id: str
+    version: int
+    base_url: str
+    origin: str
+    basic_header: str | None
+    state: str
+
+
+class ConnectorService:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        keyring: KeyRing,
+        tokens: Tokens,
+        check_credentials: CredentialChecker,
+        check_destination: DestinationChecker,
+        clock: Clock,
+        max_per_org: int,
+    ) -> None:
+        self.db = db
+        self.keyring = keyring
+        self.tokens = tokens
+        self.check_credentials = check_credentials
+        self.check_destination = check_destination
+        self.clock = clock
+        self.max_per_org = max_per_org
+        self._snapshots: dict[uuid.UUID, _Snapshot] = {}
+
+    # Reads -------------------------------------------------------------------------------------
+
+    async def list(self, organization_id: str) -> schemas.ConnectorList:
+        async with self.db.read() as session:
+            rows = await ConnectorRepository(session).list(organization_id)
+        return schemas.ConnectorList(items=[self.to_out(row) for row in rows], limit=self.max_per_org)
+
+    async def get(self, organization_id: str, connector_id: uuid.UUID) -> schemas.ConnectorOut:
+        async with self.db.read() as session:
+            row = await self._require(ConnectorRepository(session), organization_id, connector_id)
+        return self.to_out(row)
+
+    # Writes ------------------------------------------------------------------------------------
+
+    async def create(
+        self, organization_id: str, body: schemas.ConnectorCreate, *, validate: bool
+    ) -> schemas.ConnectorOut:
+        kind = kind_for(body.auth)
+        public, secrets = kind.split(body.auth)
+        name_key = body.name.casefold()
+        # Cheap pre-checks, so an impossible create never reaches the identity provider. The
+        # write below checks again under the organization's lock.
+        async with self.db.read() as session:
+            repo = ConnectorRepository(session)
+            await self._check_room(repo, organization_id)
+            if await repo.name_taken(organization_id, name_key):
+                raise NameTaken()
+        await self._check_destinations(body.resource_domain_url, kind, public)
+        grant = await self._live_check(kind, public, secrets) if validate else None
+        connector_id = uuid.uuid4()
+        now = self.clock.now()
+        row = Connector(
+            id=connector_id,
+            organization_id=organization_id,
+            name=body.name,
+            name_key=name_key,
+            resource_domain_url=body.resource_domain_url,
+            auth_type=kind.auth_type,
+            grant_type=kind.grant_type,
+            auth_config=public,
+            secrets=self._encrypt(organization_id, connector_id, secrets),
+            key_id=self.keyring.primary_key_id,
+            status_state="authorized" if validate else "unverified",
+            status_checked_at=now if validate else None,
+            status_detail=None,
+            version=1,
+            created_at=now,
+            updated_at=now,
+        )
+        async with self.db.write() as session:
+            repo = ConnectorRepository(session)
+            await repo.lock_organization(organization_id, now)
+            await self._check_room(repo, organization_id)
+            if await repo.name_taken(organization_id, name_key):
+                raise NameTaken()
+            await repo.add(row)
+        if grant is not None:
+            self.tokens.seed((connector_id, row.version), grant)
+        return self.to_out(row)
+
+    async def update(
+        self,
+        organization_id: str,
+        connector_id: uuid.UUID,
+        patch: schemas.ConnectorPatch,
+        *,
+        if_match: int | None,
+        validate: bool,
+    ) -> schemas.ConnectorOut:
+        async with self.db.read() as session:
+            repo = ConnectorRepository(session)
+            row = await self._require(repo, organization_id, connector_id)
+            if if_match is not None and if_match != row.version:
+                raise VersionMismatch()
+            sent = patch.model_fields_set
+            for field in ("name", "resource_domain_url"):
+                if field in sent and getattr(patch, field) is None:
+                    raise InvalidRequest(errors=[{"field": field, "reason": "may not be null"}])
+            name = patch.name if patch.name is not None else row.name
+            name_key = name.casefold()
+            if name_key != row.name_key and await repo.name_taken(
+                organization_id, name_key, except_id=connector_id
+            ):
+                raise NameTaken()
+        base_url = patch.resource_domain_url or row.resource_domain_url
+        kind, public, secrets, sent_secrets = self._merge_auth(row, patch.auth)
+        old_kind = kind_of(row.auth_type, row.grant_type)
+        credentials_touched = (
+            kind is not old_kind
+            or public != row.auth_config
+            or bool(sent_secrets)
+            or base_url != row.resource_domain_url
+        )
+        url_moved = base_url != row.resource_domain_url or (
+            kind is old_kind and any(public.get(u) != row.auth_config.get(u) for u in kind.guarded_urls)
+        )
+        if url_moved:
+            missing = [name for name in kind.secret_fields if name not in sent_secrets]
+            if missing:
+                raise SecretRequired(
+                    "a change of a URL must send the secrets again",
+                    errors=[{"field": f"auth.{name}", "reason": "required with this change"} for name in missing],
+                )
+        if not credentials_touched and name == row.name:
+            return self.to_out(row)
+
+        values: dict[str, Any] = {"name": name, "name_key": name_key, "version": row.version + 1}
+        grant: TokenGrant | None = None
+        if credentials_touched:
+            await self._check_destinations(base_url, kind, public)
+            if validate:
+                grant = await self._live_check(kind, public, secrets)
+            now = self.clock.now()
+            values.update(
+                resource_domain_url=base_url,
+                auth_type=kind.auth_type,
+                grant_type=kind.grant_type,
+                auth_config=public,
+                secrets=self._encrypt(organization_id, connector_id, secrets),
+                key_id=self.keyring.primary_key_id,
+                status_state="authorized" if validate else "unverified",
+                status_checked_at=now if validate else None,
+                status_detail=None,
+            )
+        values["updated_at"] = self.clock.now()
+        async with self.db.write() as session:
+            repo = ConnectorRepository(session)
+            if not await repo.update(organization_id, connector_id, row.version, values):
+                await self._require(repo, organization_id, connector_id)
+                raise VersionMismatch("the connector changed while this update was processed")
+            updated = await self._require(repo, organization_id, connector_id)
+        self._forget(connector_id)
+        if grant is not None:
+            self.tokens.seed((connector_id, updated.version), grant)
+        return self.to_out(updated)
+
+    async def delete(self, organization_id: str, connector_id: uuid.UUID, *, if_match: int | None) -> None:
+        async with self.db.write() as session:
+            repo = ConnectorRepository(session)
+            row = await self._require(repo, organization_id, connector_id)
+            if if_match is not None and if_match != row.version:
+                raise VersionMismatch()
+            await repo.delete(organization_id, connector_id)
+        self._forget(connector_id)
+
+    async def validate(self, organization_id: str, connector_id: uuid.UUID) -> schemas.ConnectorOut:
+        async with self.db.read() as session:
+            row = await self._require(ConnectorRepository(session), organization_id, connector_id)
+        kind = kind_of(row.auth_type, row.grant_type)
+        secrets = self._decrypt(row)
+        grant: TokenGrant | None = None
+        state: CheckState = "authorized"
+        detail: str | None = None
+        try:
+            grant = await self._live_check(kind, row.auth_config, secrets)
+        except CredentialsRejected as error:
+            state, detail = "rejected", _detail_of(error)
+        except AppError as error:
+            state, detail = "unreachable", _detail_of(error)
+        now = self.clock.now()
+        async with self.db.write() as session:
+            repo = ConnectorRepository(session)
+            await repo.set_status(
+                organization_id, connector_id, row.version, state=state, detail=detail, checked_at=now
+            )
+            updated = await self._require(repo, organization_id, connector_id)
+        self._forget(connector_id)
+        if grant is not None and updated.version == row.version:
+            self.tokens.seed((connector_id, row.version), grant)
+        return self.to_out(updated)
+
+    # Authorize ---------------------------------------------------------------------------------
+
+    async def authorize(
+        self, organization_id: str, connector_id: uuid.UUID, request: schemas.AuthorizeRequest
+    ) -> schemas.AuthorizeResponse:
+        snapshot = self._snapshots.get(connector_id)
+        if snapshot is None or snapshot.organization_id != organization_id:
+            snapshot = await self._load_snapshot(organization_id, connector_id)
+        try:
+            url = join_resource_path(snapshot.base_url, request.path)
+        except URLRuleError as error:
+            raise PathOutsideResourceDomain(str(error)) from None
+        if snapshot.basic_header is not None:
+            return schemas.AuthorizeResponse(
+                url=url,
+                headers={"Authorization": snapshot.basic_header},
+                resource_origin=snapshot.origin,
+                expires_at=None,
+            )
+        if snapshot.state == "rejected":
+            raise CredentialsRejected(status=502)
+        key = (connector_id, snapshot.version)
+        stale = self.tokens.peek(key) if request.force_refresh else None
+        try:
+            token = await self.tokens.get(
+                key, lambda: self._load_oauth_config(organization_id, connector_id, key[1]), stale_token=stale
+            )
+        except (CredentialsRejected, DestinationNotAllowed) as error:
+            # On save these are the caller's input problem (422); here the upstream failed.
+            raise type(error)(error.detail, status=502, **error.extra) from None
+        return schemas.AuthorizeResponse(
+            url=url,
+            headers={"Authorization": f"Bearer {token.access_token}"},
+            resource_origin=snapshot.origin,
+            expires_at=token.expires_at,
+        )
+
+    async def record_outcome(self, key: Hashable, state: CheckState, detail: str | None) -> None:
+        """Record a token request's result, writing only when the state changes."""
+        if not isinstance(key, tuple) or len(key) != 2:
+            return
+        connector_id, version = key
+        snapshot = self._snapshots.get(connector_id)
+        if snapshot is None or snapshot.version != version or snapshot.state == state:
+            return
+        snapshot.state = state
+        async with self.db.write() as session:
+            await ConnectorRepository(session).set_status(
+                snapshot.organization_id,
+                connector_id,
+                version,
+                state=state,
+                detail=detail,
+                checked_at=self.clock.now(),
+            )
+
+    # Helpers -----------------------------------------------------------------------------------
+
+    def to_out(self, row: Connector) -> schemas.ConnectorOut:
+        kind = kind_of(row.auth_type, row.grant_type)
+        return schemas.ConnectorOut.model_validate(
+            {
+                "id": row.id,
+                "name": row.name,
+                "resource_domain_url": row.resource_domain_url,
+                "auth": kind.read_model(row.auth_config, row.secrets).model_dump(),
+                "status": {
+                    "state": row.status_state,
+                    "checked_at": row.status_checked_at,
+                    "detail": row.status_detail,
+                },
+                "version": row.version,
+                "created_at": row.created_at,
+                "updated_at": row.updated_at,
+            }
+        )
+
+    async def _require(
+        self, repo: ConnectorRepository, organization_id: str, connector_id: uuid.UUID
+    ) -> Connector:
+        row = await repo.get(organization_id, connector_id)
+        if row is None:
+            raise ConnectorNotFound()
+        return row
+
+    async def _check_room(self, repo: ConnectorRepository, organization_id: str) -> None:
+        if await repo.count(organization_id) >= self.max_per_org:
+            raise ConnectorLimitReached(f"an organization may have at most {self.max_per_org} connectors")
+
+    async def _check_destinations(self, base_url: str, kind: Kind, public: Mapping[str, Any]) -> None:
+        for url in (base_url, *(public[name] for name in kind.guarded_urls)):
+            await self.check_destination(url)
+
+    async def _live_check(
+        self, kind: Kind, public: Mapping[str, Any], secrets: Mapping[str, SecretStr]
+    ) -> TokenGrant | None:
+        return await self.check_credentials(kind.build_config(public, secrets))
+
+    def _merge_auth(
+        self, row: Connector, patch: schemas.AuthPatch | None
+    ) -> tuple[Kind, dict[str, Any], dict[str, SecretStr], set[str]]:
+        """The auth after a patch: its kind, public fields, all secrets, and the secrets sent."""
+        current = kind_of(row.auth_type, row.grant_type)
+        if patch is None or not patch.model_fields_set:
+            return current, dict(row.auth_config), self._decrypt(row), set()
+        sent = patch.model_fields_set
+        new_type = patch.type or row.auth_type
+        if "grant_type" in sent:
+            new_grant = patch.grant_type
+        elif new_type == row.auth_type:
+            new_grant = row.grant_type
+        else:
+            new_grant = "client_credentials" if new_type == "oauth2" else None
+        raw = _raw_fields(patch)
+        if (new_type, new_grant) != (row.auth_type, row.grant_type):
+            # A change of kind needs the whole new auth object: nothing is carried over.
+            raw.update(type=new_type)
+            if new_type == "oauth2":
+                raw["grant_type"] = new_grant
+            auth = _validate_auth(raw)
+            kind = kind_for(auth)
+            public, secrets = kind.split(auth)
+            return kind, public, secrets, set(secrets)
+        stored = self._decrypt(row)
+        sent_secrets = {name for name in current.secret_fields if name in sent and raw.get(name) is not None}
+        merged: dict[str, Any] = {**row.auth_config, "type": row.auth_type}
+        if row.grant_type:
+            merged["grant_type"] = row.grant_type
+        merged.update({name: value.get_secret_value() for name, value in stored.items()})
+        merged.update({k: v for k, v in raw.items() if k not in ("type", "grant_type")})
+        auth = _validate_auth(merged)
+        public, secrets = current.split(auth)
+        return current, public, secrets, sent_secrets
+
+    def _encrypt(
+        self, organization_id: str, connector_id: uuid.UUID, secrets: Mapping[str, SecretStr]
+    ) -> dict[str, str]:
+        return {
+            name: self.keyring.encrypt(
+                value.get_secret_value(), aad=secret_aad(organization_id, connector_id, name)
+            )
+            for name, value in secrets.items()
+        }
+
+    def _decrypt(self, row: Connector) -> dict[str, SecretStr]:
+        return {
+            name: SecretStr(self.keyring.decrypt(token, aad=secret_aad(row.organization_id, row.id, name)))
+            for name, token in row.secrets.items()
+        }
+
+    async def _load_snapshot(self, organization_id: str, connector_id: uuid.UUID) -> _Snapshot:
+        async with self.db.read() as session:
+            row = await self._require(ConnectorRepository(session), organization_id, connector_id)
+        header: str | None = None
+        if row.auth_type == "basic":
+            secrets = self._decrypt(row)
+            header = basic_header(row.auth_config["username"], secrets["password"])
+        snapshot = _Snapshot(
+            organization_id=row.organization_id,
+            version=row.version,
+            base_url=row.resource_domain_url,
+            origin=origin_of(row.resource_domain_url),
+            basic_header=header,
+            state=row.status_state,
+        )
+        if len(self._snapshots) >= _MAX_SNAPSHOTS:
+            self._snapshots.clear()
+        self._snapshots[connector_id] = snapshot
+        return snapshot
+
+    async def _load_oauth_config(
+        self, organization_id: str, connector_id: uuid.UUID, version: int
+    ) -> OAuth2Config:
+        async with self.db.read() as session:
+            row = await ConnectorRepository(session).get(organization_id, connector_id)
+        if row is None or row.version != version:
+            # Changed or deleted since the snapshot was taken: never fetch for the old version.
+            self._forget(connector_id)
+            raise ConnectorNotFound() if row is None else VersionMismatch("the connector changed; retry")
+        config = kind_of(row.auth_type, row.grant_type).build_config(row.auth_config, self._decrypt(row))
+        assert isinstance(config, OAuth2Config)
+        return config
+
+    def _forget(self, connector_id: uuid.UUID) -> None:
+        self._snapshots.pop(connector_id, None)
+        self.tokens.forget(connector_id)
+
+
+def _raw_fields(patch: BaseModel) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    for name in patch.model_fields_set:
+        value = getattr(patch, name)
+        raw[name] = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return raw
+
+
+def _validate_auth(raw: dict[str, Any]) -> BaseModel:
+    try:
+        auth: BaseModel = _AUTH_ADAPTER.validate_python(raw)
+    except ValidationError as error:
+        raise InvalidRequest(errors=field_errors(error, prefix=("auth",))) from None
+    return auth
+
+
+def _detail_of(error: AppError) -> str:
+    provider = error.extra.get("provider_error")
+    return f"{error.code}: {provider}" if isinstance(provider, str) else error.code

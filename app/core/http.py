@@ -1,0 +1,75 @@
+"""Rendering errors as RFC 9457 ``application/problem+json``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.core.errors import AppError
+from app.core.validation import field_errors
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+_HTTP_CODES = {
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    406: ("not_acceptable", "Not acceptable"),
+    413: ("payload_too_large", "Payload too large"),
+    415: ("unsupported_media_type", "Unsupported media type"),
+}
+
+
+def problem(
+    status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"urn:connectors:problem:{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+async def _app_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, AppError)
+    headers = {"WWW-Authenticate": "Bearer"} if error.http_status == 401 else None
+    return problem(error.http_status, error.code, error.title, error.detail, headers, **error.extra)
+
+
+async def _validation_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return problem(
+        422,
+        "invalid_request",
+        "The request is not valid",
+        "one or more fields are invalid",
+        errors=field_errors(error.errors()),
+    )
+
+
+async def _http_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    code, title = _HTTP_CODES.get(error.status_code, ("http_error", "HTTP error"))
+    return problem(error.status_code, code, title, title, dict(error.headers or {}) or None)
+
+
+async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
+    # The exception's text may hold anything; log its type and traceback, answer nothing of it.
+    log.error("unexpected error", exc_info=error)
+    return problem(500, "internal_error", "Internal server error", "an unexpected error occurred")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,35 @@
+"""FastAPI dependencies that turn the Bearer header into a ``Principal`` with a required scope."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.core.auth import SCOPE_AUTHORIZE, SCOPE_READ, SCOPE_WRITE, Principal, TokenVerifier
+from app.core.errors import Forbidden, Unauthenticated
+
+
+def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
+    async def dependency(request: Request) -> Principal:
+        header = request.headers.get("authorization")
+        if header is None:
+            raise Unauthenticated("missing bearer token")
+        kind, _, token = header.partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("expected a bearer token")
+        verifier: TokenVerifier = request.app.state.verifier
+        principal = await verifier.verify(token.strip())
+        request.state.organization_id = principal.organization_id
+        if scope not in principal.scopes:
+            raise Forbidden(f"this call needs the {scope} scope")
+        return principal
+
+    dependency.__name__ = f"require_{scope.replace(':', '_')}"
+    return dependency
+
+
+Reader = Annotated[Principal, Depends(require_scope(SCOPE_READ))]
+Writer = Annotated[Principal, Depends(require_scope(SCOPE_WRITE))]
+Authorizer = Annotated[Principal, Depends(require_scope(SCOPE_AUTHORIZE))]

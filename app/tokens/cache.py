@@ -1,0 +1,401 @@
+"""The in-process OAuth token cache: absolute expiry, single flight, refresh ahead.
+
+One entry per connector, keyed by ``(connector id, connector version)``. A newer version is a new
+entry and replaces the older one, so a changed connector never gets a token obtained with its old
+configuration and the cache never grows beyond one entry per connector. A request for a version
+older than the newest one seen (a caller holding a stale snapshot) is answered by a token request
+of its own that is shared by its concurrent callers but never cached.
+
+Expiry
+    A token's expiry is absolute and measured on the monotonic clock from the moment its request
+    was *sent*, not from when the answer arrived: ``expires = sent_at + expires_in``. Time spent
+    on the wire only ever shortens what the cache believes, never lengthens it.
+
+    A token is handed out only while ``now < expires - leeway``, with
+    ``leeway = min(60 s, 10 % of the lifetime)``. The caller still has to use the token, and the
+    resource server's clock may run ahead of ours; a minute covers both for ordinary tokens, while
+    the 10 % cap keeps short-lived tokens useful (a 30 s token is handed out for 27 s instead of
+    never, a 3600 s token for 3540 s). ``IssuedToken.expires_at`` is that same last moment,
+    converted to wall-clock time: a caller may rely on it.
+
+Refresh ahead
+    Once a token is past its refresh point, ``min(300 s, 20 % of the lifetime)`` before it stops
+    being handed out (70 % into a 30 s token, 90 % into a 3600 s one), the next caller starts one
+    background renewal and, like every caller after it, gets the cached token at once. Only when
+    the token is no longer usable do callers wait for a token request. A steady stream of calls
+    therefore never waits on the identity provider, and a burst after a quiet period waits once.
+
+Single flight
+    Each entry has at most one token request running, as one asyncio task that every waiting
+    caller awaits through ``asyncio.shield``: a caller that is cancelled (its client went away)
+    stops waiting without cancelling the request for the others, and the result is stored even
+    when nobody waits for it any more. The outcome listener is awaited inside that task, after the
+    entry is updated, so outcomes of one connector are reported in the order they happened.
+
+Refresh tokens
+    When a response carries a ``refresh_token``, the next renewal sends it instead of running the
+    configured grant again. A refresh token is taken out of the entry the moment it is about to be
+    sent, so it is never sent twice after a failure: after a timeout or any other ambiguous
+    failure the provider may or may not have rotated it, and the next renewal runs the original
+    grant. RFC 6749 section 6 lets a provider answer a refresh without a new refresh token, meaning
+    the old one stays valid; that old one is kept, and sent again later, only after the provider
+    accepted it. ``RefreshTokenRejected`` makes the same flight run the original grant at once.
+
+Failures
+    ``CredentialsRejected`` is sticky: the entry drops its tokens and every ``get`` raises the same
+    error at once, without a token request, until ``forget`` (the connector was changed or checked
+    again). A password grant retried in a loop locks the service account at many providers.
+
+    Any other ``AppError`` is transient. The callers of the failed flight all get the error; until
+    the backoff has passed, later callers get the same error at once (or the cached token while
+    one is still usable) and no request is made; then one caller's flight tries again. The backoff
+    starts at ``retry_backoff_initial``, doubles with each consecutive failure up to
+    ``retry_backoff_max`` and resets on success. Waiting is a comparison with the clock, never a
+    sleep. An exception from the fetcher that is not an ``AppError`` is a bug or an unforeseen
+    network failure: it is logged with its traceback, counted as a transient failure and raised
+    to callers as ``UpstreamUnreachable``, so it neither poisons the entry nor surfaces as a 500.
+
+    An error raised by ``load`` reaches the flight's callers unchanged and changes no state: no
+    token request was made. A failed background renewal only delays the next one by the backoff.
+
+Secrets
+    ``load`` (database read and decryption) runs only when a token request is about to be sent,
+    and the configuration it returns lives only for that request: entries hold the access token,
+    the refresh token and timestamps, never the client secret or password. Errors kept for replay
+    are copies without traceback, whose frames would otherwise keep the configuration alive.
+
+What the owner must know
+    ``load`` may run in the background after the caller that supplied it has returned, so it must
+    not depend on that caller's request-scoped resources. Outcomes carry the full key, version
+    included, and may arrive for a version that is no longer current. The cache serves one event
+    loop.
+
+The hot path, a warm hit, is one dict lookup, one monotonic clock reading and two comparisons:
+no task, no await that suspends, no logging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from app.core.clock import Clock
+from app.core.errors import AppError, CredentialsRejected, TokenEndpointError, UpstreamUnreachable
+from app.tokens.types import (
+    CheckState,
+    ConfigLoader,
+    IssuedToken,
+    OAuth2Config,
+    OutcomeListener,
+    RefreshTokenRejected,
+    TokenFetcher,
+    TokenGrant,
+)
+
+log = logging.getLogger(__name__)
+
+CacheKey = tuple[Hashable, int]
+
+LEEWAY_MAX_SECONDS = 60.0
+LEEWAY_FRACTION = 0.1
+REFRESH_AHEAD_MAX_SECONDS = 300.0
+REFRESH_AHEAD_FRACTION = 0.2
+# Longer lifetimes are cut to this, so wall-clock arithmetic cannot overflow.
+MAX_LIFETIME_SECONDS = 366 * 86_400.0
+
+_NEVER = -math.inf
+
+
+def token_schedule(expires_in: float, sent_at: float) -> tuple[float, float]:
+    """The monotonic times until which a token is handed out and from which it is renewed."""
+    lifetime = _clamp_lifetime(expires_in)
+    usable_until = sent_at + lifetime - min(LEEWAY_MAX_SECONDS, lifetime * LEEWAY_FRACTION)
+    refresh_at = usable_until - min(REFRESH_AHEAD_MAX_SECONDS, lifetime * REFRESH_AHEAD_FRACTION)
+    return usable_until, refresh_at
+
+
+def _clamp_lifetime(expires_in: float) -> float:
+    if math.isnan(expires_in) or expires_in <= 0:
+        return 0.0
+    return min(expires_in, MAX_LIFETIME_SECONDS)
+
+
+def _detached(error: AppError) -> AppError:
+    """A copy of ``error`` without traceback, cause or context: safe to keep and to raise again."""
+    cls = type(error)
+    clone = cls.__new__(cls, *error.args)
+    clone.__dict__.update(error.__dict__)
+    return clone
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    issued: IssuedToken
+    usable_until: float
+    refresh_at: float
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    version: int
+    token: _Token | None = None
+    refresh_token: str | None = None
+    flight: asyncio.Task[IssuedToken] | None = None
+    # A caller awaits the flight: it must not be cancelled when the entry is dropped.
+    joined: bool = False
+    rejected: AppError | None = None
+    failure: AppError | None = None
+    failures: int = 0
+    retry_at: float = _NEVER
+
+
+class TokenCache:
+    """Hands out OAuth access tokens per connector version; see the module docstring."""
+
+    def __init__(
+        self,
+        fetcher: TokenFetcher,
+        *,
+        clock: Clock,
+        on_outcome: OutcomeListener | None = None,
+        retry_backoff_initial: float = 1.0,
+        retry_backoff_max: float = 60.0,
+    ) -> None:
+        if not 0 < retry_backoff_initial <= retry_backoff_max:
+            raise ValueError("need 0 < retry_backoff_initial <= retry_backoff_max")
+        self._fetcher = fetcher
+        self._clock = clock
+        self._on_outcome = on_outcome
+        self._backoff_initial = retry_backoff_initial
+        self._backoff_max = retry_backoff_max
+        self._entries: dict[Hashable, _Entry] = {}
+        self._outdated: dict[CacheKey, _Entry] = {}
+        self._tasks: set[asyncio.Task[IssuedToken]] = set()
+        self._closed = False
+
+    async def get(self, key: CacheKey, load: ConfigLoader, *, stale_token: str | None = None) -> IssuedToken:
+        """A token usable now for ``key``; ``stale_token`` is one the resource refused.
+
+        ``load`` is called only when a token request is about to be sent, possibly after this
+        call has returned (for a background renewal).
+        """
+        entry = self._entries.get(key[0])
+        if entry is not None and stale_token is None and entry.version == key[1]:
+            token = entry.token
+            if token is not None and self._clock.monotonic() < token.refresh_at:
+                return token.issued
+        return await self._get_slow(key, load, stale_token)
+
+    def peek(self, key: CacheKey) -> str | None:
+        """The access token ``get`` would hand out for ``key`` right now, without any request."""
+        entry = self._entries.get(key[0])
+        if entry is None or entry.version != key[1] or entry.token is None:
+            return None
+        if self._clock.monotonic() < entry.token.usable_until:
+            return entry.token.issued.access_token
+        return None
+
+    def seed(self, key: CacheKey, grant: TokenGrant, *, sent_at: float | None = None) -> None:
+        """Store a token obtained elsewhere, such as by the live check when a connector is saved.
+
+        ``sent_at`` is the ``clock.monotonic()`` reading taken when that request was sent; without
+        it the token is assumed to have been requested just now. A successful check also clears a
+        rejection and any backoff of that version. A grant for an outdated version is ignored.
+        """
+        entry = self._current_entry(key)
+        if entry is None:
+            return
+        self._store(entry, grant, self._clock.monotonic() if sent_at is None else sent_at, None)
+        self._succeeded(entry)
+        entry.rejected = None
+
+    def forget(self, connector_id: Hashable) -> None:
+        """Drop every entry of the connector, its rejection and backoff included."""
+        entry = self._entries.pop(connector_id, None)
+        if entry is not None:
+            self._retire(entry)
+
+    async def aclose(self) -> None:
+        """Cancel and await every token request; the cache cannot be used afterwards."""
+        self._closed = True
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._entries.clear()
+        self._outdated.clear()
+
+    # The slow path -----------------------------------------------------------------------------
+
+    async def _get_slow(self, key: CacheKey, load: ConfigLoader, stale_token: str | None) -> IssuedToken:
+        entry = self._current_entry(key)
+        if entry is None:
+            return await self._get_outdated(key, load)
+        if entry.rejected is not None:
+            raise _detached(entry.rejected)
+        token = entry.token
+        if token is not None and stale_token is not None and token.issued.access_token == stale_token:
+            entry.token = token = None
+        now = self._clock.monotonic()
+        if token is not None and now < token.usable_until:
+            if (
+                now >= token.refresh_at
+                and entry.flight is None
+                and now >= entry.retry_at
+                and not self._closed
+            ):
+                self._start_flight(key, entry, load)
+            return token.issued
+        if entry.flight is not None:
+            return await self._join(entry, entry.flight)
+        if entry.failure is not None and now < entry.retry_at:
+            raise _detached(entry.failure)
+        return await self._join(entry, self._start_flight(key, entry, load))
+
+    def _current_entry(self, key: CacheKey) -> _Entry | None:
+        """The entry of ``key``, created if needed; None when a newer version has been seen."""
+        connector_id, version = key
+        entry = self._entries.get(connector_id)
+        if entry is not None and entry.version == version:
+            return entry
+        if entry is not None and entry.version > version:
+            return None
+        if entry is not None:
+            self._retire(entry)
+        entry = self._entries[connector_id] = _Entry(version)
+        return entry
+
+    async def _get_outdated(self, key: CacheKey, load: ConfigLoader) -> IssuedToken:
+        entry = self._outdated.get(key)
+        if entry is not None and entry.flight is not None:
+            return await self._join(entry, entry.flight)
+        entry = self._outdated[key] = _Entry(key[1])
+        return await self._join(entry, self._start_flight(key, entry, load))
+
+    def _retire(self, entry: _Entry) -> None:
+        """Forget an entry's tokens and stop its background renewal; awaited requests finish."""
+        if entry.flight is not None and not entry.joined:
+            entry.flight.cancel()
+        entry.token = None
+        entry.refresh_token = None
+
+    # Flights -----------------------------------------------------------------------------------
+
+    def _start_flight(self, key: CacheKey, entry: _Entry, load: ConfigLoader) -> asyncio.Task[IssuedToken]:
+        if self._closed:
+            raise RuntimeError("the token cache is closed")
+        flight = asyncio.create_task(self._renew(key, entry, load), name=f"token request {key!r}")
+        entry.flight = flight
+        self._tasks.add(flight)
+        flight.add_done_callback(functools.partial(self._flight_done, key, entry))
+        return flight
+
+    def _flight_done(self, key: CacheKey, entry: _Entry, flight: asyncio.Task[IssuedToken]) -> None:
+        self._tasks.discard(flight)
+        if entry.flight is flight:
+            entry.flight = None
+            entry.joined = False
+        if self._outdated.get(key) is entry:
+            del self._outdated[key]
+        if not flight.cancelled():
+            # Retrieve it, so a background renewal's failure is never reported as unretrieved;
+            # it was already logged and given to the outcome listener.
+            flight.exception()
+
+    async def _join(self, entry: _Entry, flight: asyncio.Task[IssuedToken]) -> IssuedToken:
+        entry.joined = True
+        try:
+            return await asyncio.shield(flight)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if flight.cancelled() and (current is None or current.cancelling() == 0):
+                # The request was stopped (shutdown) while this caller, not cancelled, waited.
+                raise UpstreamUnreachable("The token request was cancelled") from None
+            raise
+
+    async def _renew(self, key: CacheKey, entry: _Entry, load: ConfigLoader) -> IssuedToken:
+        """Run one flight: load the configuration, request a token, update the entry, report."""
+        config = await load()
+        # Taken out before it is sent: whatever happens next, it is not sent again.
+        refresh_token, entry.refresh_token = entry.refresh_token, None
+        try:
+            try:
+                grant, sent_at, accepted_refresh = await self._request(config, refresh_token)
+            finally:
+                del config
+        except CredentialsRejected as error:
+            entry.rejected = _detached(error)
+            entry.token = None
+            entry.failure = None
+            log.warning("token request rejected", extra={"key": repr(key), "code": error.code})
+            await self._report(key, "rejected", error.code)
+            raise
+        except AppError as error:
+            self._failed(entry, error)
+            log.warning("token request failed", extra={"key": repr(key), "code": error.code})
+            await self._report(key, "unreachable", error.code)
+            raise
+        except Exception as error:
+            log.exception("token request failed unexpectedly", extra={"key": repr(key)})
+            wrapped = UpstreamUnreachable("The token request failed unexpectedly")
+            self._failed(entry, wrapped)
+            await self._report(key, "unreachable", "unexpected_error")
+            raise wrapped from error
+        token = self._store(entry, grant, sent_at, accepted_refresh)
+        if self._clock.monotonic() < token.usable_until:
+            self._succeeded(entry)
+            await self._report(key, "authorized", None)
+            return token.issued
+        # The credentials work, but the token expired before it could be handed out.
+        expired = TokenEndpointError("The token endpoint issued a token that expired before it could be used")
+        self._failed(entry, expired)
+        await self._report(key, "authorized", None)
+        raise expired
+
+    async def _request(
+        self, config: OAuth2Config, refresh_token: str | None
+    ) -> tuple[TokenGrant, float, str | None]:
+        """The grant, when its request was sent, and the refresh token the provider accepted."""
+        if refresh_token is not None:
+            sent_at = self._clock.monotonic()
+            try:
+                return await self._fetcher(config, refresh_token=refresh_token), sent_at, refresh_token
+            except RefreshTokenRejected:
+                log.info("refresh token refused; running the configured grant")
+        sent_at = self._clock.monotonic()
+        return await self._fetcher(config), sent_at, None
+
+    def _store(
+        self, entry: _Entry, grant: TokenGrant, sent_at: float, accepted_refresh: str | None
+    ) -> _Token:
+        usable_until, refresh_at = token_schedule(grant.expires_in, sent_at)
+        expires_at = self._clock.now() + timedelta(seconds=usable_until - self._clock.monotonic())
+        token = _Token(IssuedToken(grant.access_token, expires_at), usable_until, refresh_at)
+        entry.token = token
+        entry.refresh_token = grant.refresh_token if grant.refresh_token is not None else accepted_refresh
+        return token
+
+    def _succeeded(self, entry: _Entry) -> None:
+        entry.failure = None
+        entry.failures = 0
+        entry.retry_at = _NEVER
+
+    def _failed(self, entry: _Entry, error: AppError) -> None:
+        entry.failures += 1
+        delay = self._backoff_initial * 2.0 ** min(entry.failures - 1, 32)
+        entry.retry_at = self._clock.monotonic() + min(delay, self._backoff_max)
+        entry.failure = _detached(error)
+
+    async def _report(self, key: CacheKey, state: CheckState, detail: str | None) -> None:
+        if self._on_outcome is None:
+            return
+        try:
+            await self._on_outcome(key, state, detail)
+        except Exception:
+            log.exception("token outcome listener failed", extra={"key": repr(key)})

@@ -1,0 +1,269 @@
+"""Fixtures shared by the whole suite.
+
+Every database-backed test runs twice, on SQLite and on PostgreSQL. Without a PostgreSQL server
+the PostgreSQL half is skipped with one line, except under ``CI=true``, where it fails.
+
+Every secret a test sends contains ``CANARY``; the ``canary_guard`` fixture fails a test whose
+responses or log lines contain it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from app.core.auth import mint_token
+from app.core.config import Settings
+from app.core.db import build_engine
+from app.main import Overrides, create_app
+from app.migrations import upgrade
+from tests.support.tls import LocalCA
+
+CANARY = "CANARY"
+T = TypeVar("T")
+POSTGRES_URL = os.environ.get(
+    "CONNECTORS_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+ALL_SCOPES = ("connectors:read", "connectors:write", "connectors:authorize")
+
+
+def canary(label: str = "") -> str:
+    """A secret value the canary guard looks for."""
+    return f"{CANARY}-{label}-{secrets.token_hex(4)}"
+
+
+# Canary guard -----------------------------------------------------------------------------------
+
+
+class _CanaryHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from app.core.logs import JSONFormatter
+
+        line = JSONFormatter().format(record)
+        if CANARY in line or (record.exc_info and CANARY in str(record.exc_info[1])):
+            self.leaks.append(line)
+
+
+class CanaryGuard:
+    def __init__(self) -> None:
+        self.leaks: list[str] = []
+
+    def check_response(self, response: httpx.Response) -> None:
+        blob = response.content.decode("utf-8", "replace") + repr(dict(response.headers))
+        if CANARY in blob:
+            self.leaks.append(f"{response.request.method} {response.request.url.path}: {blob[:300]}")
+
+
+@pytest.fixture(autouse=True)
+def canary_guard() -> Iterator[CanaryGuard]:
+    guard = CanaryGuard()
+    handler = _CanaryHandler()
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield guard
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+    leaks = guard.leaks + handler.leaks
+    assert not leaks, f"a secret appeared in a response or log line: {leaks[:3]}"
+
+
+# TLS --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def local_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
+    return LocalCA(tmp_path_factory.mktemp("ca"))
+
+
+# Databases --------------------------------------------------------------------------------------
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, even under a running loop."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def _postgres_reachable() -> bool:
+    import asyncpg
+
+    url = make_url(POSTGRES_URL)
+
+    async def probe() -> bool:
+        try:
+            connection = await asyncpg.connect(
+                host=url.host, port=url.port or 5432, user=url.username, database=url.database, timeout=3
+            )
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return False
+        await connection.close()
+        return True
+
+    return run_sync(probe())
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """A fresh PostgreSQL database for this test session, migrated to the newest revision."""
+    if not _postgres_reachable():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is not reachable at {make_url(POSTGRES_URL).host} and CI=true")
+        pytest.skip("PostgreSQL not reachable: set CONNECTORS_TEST_POSTGRES_URL to run these tests")
+    import asyncpg
+
+    admin = make_url(POSTGRES_URL)
+    name = f"connectors_test_{uuid.uuid4().hex[:12]}"
+
+    async def run(sql: str) -> None:
+        connection = await asyncpg.connect(
+            host=admin.host, port=admin.port or 5432, user=admin.username, database=admin.database
+        )
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    run_sync(run(f'CREATE DATABASE "{name}"'))
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    run_sync(upgrade(url))
+    return url
+
+
+_SQLITE_TEMPLATE: dict[str, bytes] = {}
+
+
+async def _sqlite_database(directory: Path) -> str:
+    path = directory / "connectors.db"
+    if "template" not in _SQLITE_TEMPLATE:
+        template = directory / "template.db"
+        await upgrade(f"sqlite+aiosqlite:///{template}")
+        _SQLITE_TEMPLATE["template"] = template.read_bytes()
+        template.unlink()
+    path.write_bytes(_SQLITE_TEMPLATE["template"])
+    return f"sqlite+aiosqlite:///{path}"
+
+
+async def _truncate_postgres(url: str) -> None:
+    engine = build_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("TRUNCATE connectors, organizations CASCADE"))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database of each supported kind."""
+    if request.param == "sqlite":
+        return run_sync(_sqlite_database(tmp_path))
+    url: str = request.getfixturevalue("postgres_server")
+    run_sync(_truncate_postgres(url))
+    return url
+
+
+# The application --------------------------------------------------------------------------------
+
+
+def _key() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+
+
+@pytest.fixture
+def settings(database_url: str, local_ca: LocalCA, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path,
+        jwt_secret=secrets.token_urlsafe(32),  # type: ignore[arg-type]
+        encryption_keys=f"k1:{_key()}",  # type: ignore[arg-type]
+        ca_bundle=local_ca.ca_bundle,
+        allow_private_destinations=True,
+        outbound_timeout_seconds=2.0,
+    )
+
+
+TokenFactory = Callable[..., str]
+
+
+@pytest.fixture
+def make_token(settings: Settings) -> TokenFactory:
+    def factory(org: str = "org-a", scopes: tuple[str, ...] = ALL_SCOPES, ttl: int = 600) -> str:
+        return mint_token(settings, organization_id=org, scopes=scopes, ttl_seconds=ttl)
+
+    return factory
+
+
+@pytest.fixture
+async def app_factory(
+    canary_guard: CanaryGuard,
+) -> AsyncIterator[Callable[[Settings, Overrides | None], Awaitable[Any]]]:
+    """Start apps (lifespan included); all are shut down at teardown."""
+    stack: list[Any] = []
+
+    async def start(settings: Settings, overrides: Overrides | None = None) -> Any:
+        app = create_app(settings, overrides)
+        context = app.router.lifespan_context(app)
+        await context.__aenter__()
+        stack.append(context)
+        return app
+
+    yield start
+    for context in reversed(stack):
+        await context.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def app(app_factory: Callable[..., Awaitable[Any]], settings: Settings) -> Any:
+    return await app_factory(settings)
+
+
+@pytest.fixture
+async def client_for(
+    app: Any, make_token: TokenFactory, canary_guard: CanaryGuard
+) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
+    """``client_for(org, scopes)``: a client authenticated as that organization."""
+    clients: list[httpx.AsyncClient] = []
+
+    async def check(response: httpx.Response) -> None:
+        await response.aread()
+        canary_guard.check_response(response)
+
+    def factory(org: str = "org-a", scopes: tuple[str, ...] = ALL_SCOPES) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://testserver",
+            headers={"Authorization": f"Bearer {make_token(org, scopes)}"},
+            event_hooks={"response": [check]},
+        )
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.aclose()
+
+
+@pytest.fixture
+def client(client_for: Callable[..., httpx.AsyncClient]) -> httpx.AsyncClient:
+    return client_for("org-a")

@@ -1,0 +1,330 @@
+"""The registry's endpoints through the real app, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.connectors import payloads
+
+ClientFor = Callable[..., httpx.AsyncClient]
+NO_CHECK = {"validate": "false"}
+
+
+async def create(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post("/connectors", json=body, params=NO_CHECK)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["code"] == code
+    assert body["status"] == status
+    assert {"type", "title", "detail"} <= body.keys()
+    return body
+
+
+async def test_create_basic_shows_no_secret(client: httpx.AsyncClient) -> None:
+    response = await client.post("/connectors", json=payloads.basic(name="  Billing API  "), params=NO_CHECK)
+    assert response.status_code == 201
+    body = response.json()
+    assert body["name"] == "Billing API"
+    assert body["auth"] == {
+        "type": "basic",
+        "username": "svc-user",
+        "validation_url": "https://127.0.0.1:9/auth/check",
+        "has_password": True,
+    }
+    assert body["status"] == {"state": "unverified", "checked_at": None, "detail": None}
+    assert body["version"] == 1
+    assert response.headers["etag"] == '"1"'
+    assert response.headers["location"] == f"/connectors/{body['id']}"
+
+
+async def test_oauth_grant_defaults_to_client_credentials(client: httpx.AsyncClient) -> None:
+    body = payloads.client_credentials()
+    del body["auth"]["grant_type"]
+    created = await create(client, body)
+    assert created["auth"]["grant_type"] == "client_credentials"
+    assert created["auth"]["client_auth_method"] == "client_secret_basic"
+    assert created["auth"]["has_client_secret"] is True
+    assert "client_secret" not in created["auth"]
+
+
+async def test_password_grant_round_trip(client: httpx.AsyncClient) -> None:
+    created = await create(
+        client,
+        payloads.password_grant(
+            audience="https://api.example.com/",
+            client_auth_method="client_secret_post",
+            extra_token_params={"resource": "contacts"},
+            token_lifetime_seconds=900,
+        ),
+    )
+    auth = created["auth"]
+    assert auth["grant_type"] == "password"
+    assert auth["username"] == "svc-user"
+    assert auth["has_password"] is True and auth["has_client_secret"] is True
+    assert auth["audience"] == "https://api.example.com/"
+    assert auth["extra_token_params"] == {"resource": "contacts"}
+    assert auth["token_lifetime_seconds"] == 900
+    fetched = await client.get(f"/connectors/{created['id']}")
+    assert fetched.json() == created
+    assert fetched.headers["etag"] == '"1"'
+
+
+async def test_urls_are_normalised(client: httpx.AsyncClient) -> None:
+    body = payloads.client_credentials(token_url="HTTPS://IdP.Example.COM:443/oauth/token")
+    body["resource_domain_url"] = "https://API.example.com:443/v1/"
+    created = await create(client, body)
+    assert created["resource_domain_url"] == "https://api.example.com/v1"
+    assert created["auth"]["token_url"] == "https://idp.example.com/oauth/token"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://api.example.com",
+        "https://user:pw@api.example.com",
+        "https://api.example.com/?q=1",
+        "https://api.example.com/#frag",
+        "https://api.example.com/a/../b",
+        "ftp://api.example.com",
+        "https://",
+        "https://api example.com",
+        "https://api.example.com:0",
+        "https://api.example.com:99999",
+    ],
+)
+async def test_bad_resource_domain_urls_are_refused(client: httpx.AsyncClient, url: str) -> None:
+    body = payloads.basic()
+    body["resource_domain_url"] = url
+    problem = assert_problem(await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request")
+    assert [error["field"] for error in problem["errors"]] == ["resource_domain_url"]
+    assert (await client.get("/connectors")).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"name": "   "}, "name"),
+        ({"name": "x" * 101}, "name"),
+        ({"name": "bad\x07name"}, "name"),
+        ({"auth": {"type": "kerberos", "password": "CANARY-tag"}}, "auth"),
+        ({"auth": {"type": "CANARY-in-type"}}, "auth"),
+    ],
+)
+async def test_invalid_fields_are_listed_without_values(
+    client: httpx.AsyncClient, change: dict[str, Any], field: str
+) -> None:
+    body = {**payloads.basic(), **change}
+    problem = assert_problem(await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request")
+    assert problem["errors"] and problem["errors"][0]["field"].startswith(field)
+
+
+async def test_secret_in_the_wrong_field_is_not_echoed(client: httpx.AsyncClient) -> None:
+    body = payloads.basic()
+    body["auth"]["validation_url"] = body["auth"]["password"]
+    body["auth"]["username"] = "svc\x00" + body["auth"]["password"]
+    body["resource_domain_url"] = body["auth"]["password"]
+    body["auth"]["unexpected"] = body["auth"]["password"]
+    problem = assert_problem(await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request")
+    fields = {error["field"] for error in problem["errors"]}
+    assert {"resource_domain_url", "auth.basic.validation_url", "auth.basic.username"} <= fields or len(fields) >= 3
+
+
+async def test_malformed_json_is_a_problem(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/connectors", content=b'{"name": "CANARY', headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 422, "invalid_request")
+
+
+async def test_list_is_ordered_by_name_and_shows_the_limit(client: httpx.AsyncClient) -> None:
+    for name in ("charlie", "Alpha", "bravo"):
+        await create(client, payloads.basic(name=name))
+    listing = (await client.get("/connectors")).json()
+    assert [item["name"] for item in listing["items"]] == ["Alpha", "bravo", "charlie"]
+    assert listing["limit"] == 5
+
+
+async def test_names_are_unique_case_insensitively(client: httpx.AsyncClient) -> None:
+    await create(client, payloads.basic(name="Billing"))
+    response = await client.post("/connectors", json=payloads.basic(name=" BILLING "), params=NO_CHECK)
+    assert_problem(response, 409, "name_taken")
+
+
+async def test_same_name_in_another_organization_is_fine(client_for: ClientFor) -> None:
+    await create(client_for("org-a"), payloads.basic(name="Billing"))
+    await create(client_for("org-b"), payloads.basic(name="Billing"))
+
+
+async def test_limit_and_delete_frees_a_place(client: httpx.AsyncClient) -> None:
+    ids = [(await create(client, payloads.basic(name=f"c{i}")))["id"] for i in range(5)]
+    response = await client.post("/connectors", json=payloads.basic(name="c5"), params=NO_CHECK)
+    assert_problem(response, 409, "connector_limit_reached")
+    assert (await client.delete(f"/connectors/{ids[0]}")).status_code == 204
+    await create(client, payloads.basic(name="c5"))
+
+
+async def test_concurrent_creates_respect_the_limit(client: httpx.AsyncClient) -> None:
+    responses = await asyncio.gather(
+        *(client.post("/connectors", json=payloads.basic(name=f"n{i}"), params=NO_CHECK) for i in range(20))
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [201] * 5 + [409] * 15
+    assert all(r.json()["code"] == "connector_limit_reached" for r in responses if r.status_code == 409)
+    assert len((await client.get("/connectors")).json()["items"]) == 5
+
+
+async def test_concurrent_creates_with_one_name_make_one_connector(client: httpx.AsyncClient) -> None:
+    responses = await asyncio.gather(
+        *(client.post("/connectors", json=payloads.basic(name=f"Same{'' if i % 2 else ' '}"), params=NO_CHECK)
+          for i in range(10))
+    )
+    assert sorted(r.status_code for r in responses) == [201] + [409] * 9
+    assert len((await client.get("/connectors")).json()["items"]) == 1
+
+
+async def test_other_organizations_connector_is_indistinguishable_from_missing(client_for: ClientFor) -> None:
+    owner, stranger = client_for("org-a"), client_for("org-b")
+    created = await create(owner, payloads.basic())
+    missing = "00000000-0000-4000-8000-000000000000"
+    for method, suffix, body in [
+        ("GET", "", None),
+        ("PATCH", "", {"name": "x"}),
+        ("DELETE", "", None),
+        ("POST", "/validate", None),
+        ("POST", "/authorize", {}),
+    ]:
+        theirs = await stranger.request(method, f"/connectors/{created['id']}{suffix}", json=body)
+        absent = await stranger.request(method, f"/connectors/{missing}{suffix}", json=body)
+        malformed = await stranger.request(method, f"/connectors/not-a-uuid{suffix}", json=body)
+        assert theirs.status_code == absent.status_code == malformed.status_code == 404
+        assert theirs.content == absent.content == malformed.content
+        assert theirs.headers["content-type"] == absent.headers["content-type"]
+    assert (await owner.get(f"/connectors/{created['id']}")).status_code == 200
+
+
+async def test_patch_name_and_etag(client: httpx.AsyncClient) -> None:
+    created = await create(client, payloads.basic(name="Old"))
+    url = f"/connectors/{created['id']}"
+    response = await client.patch(url, json={"name": "New"}, headers={"If-Match": '"1"'})
+    assert response.status_code == 200, response.text
+    assert response.json()["name"] == "New"
+    assert response.json()["version"] == 2
+    assert response.headers["etag"] == '"2"'
+    stale = await client.patch(url, json={"name": "Newer"}, headers={"If-Match": '"1"'})
+    assert_problem(stale, 412, "version_mismatch")
+    assert (await client.get(url)).json()["name"] == "New"
+
+
+async def test_patch_with_nothing_changes_nothing(client: httpx.AsyncClient) -> None:
+    created = await create(client, payloads.basic())
+    response = await client.patch(f"/connectors/{created['id']}", json={})
+    assert response.status_code == 200
+    assert response.json()["version"] == 1
+
+
+async def test_patch_to_a_taken_name(client: httpx.AsyncClient) -> None:
+    await create(client, payloads.basic(name="One"))
+    second = await create(client, payloads.basic(name="Two"))
+    response = await client.patch(f"/connectors/{second['id']}", json={"name": "one"}, params=NO_CHECK)
+    assert_problem(response, 409, "name_taken")
+
+
+async def test_patch_keeps_omitted_secret(client: httpx.AsyncClient) -> None:
+    created = await create(client, payloads.client_credentials())
+    url = f"/connectors/{created['id']}"
+    response = await client.patch(url, json={"auth": {"scope": "read"}}, params=NO_CHECK)
+    assert response.status_code == 200, response.text
+    auth = response.json()["auth"]
+    assert auth["scope"] == "read" and auth["has_client_secret"] is True
+    assert auth["client_id"] == "client-1"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"auth": {"token_url": "https://elsewhere.example.com/token"}}, "auth.client_secret"),
+        ({"resource_domain_url": "https://elsewhere.example.com"}, "auth.client_secret"),
+    ],
+)
+async def test_moving_a_url_needs_the_secret_again(
+    client: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    body = copy.deepcopy(body)
+    created = await create(client, payloads.client_credentials())
+    url = f"/connectors/{created['id']}"
+    problem = assert_problem(await client.patch(url, json=body, params=NO_CHECK), 422, "secret_required")
+    assert problem["errors"][0]["field"] == field
+    assert (await client.get(url)).json() == created
+    body.setdefault("auth", {})["client_secret"] = "CANARY-again"
+    response = await client.patch(url, json=body, params=NO_CHECK)
+    assert response.status_code == 200, response.text
+    assert response.json()["version"] == 2
+
+
+async def test_moving_the_validation_url_needs_the_password(client: httpx.AsyncClient) -> None:
+    created = await create(client, payloads.basic())
+    url = f"/connectors/{created['id']}"
+    body = {"auth": {"validation_url": "https://other.example.com/check"}}
+    assert_problem(await client.patch(url, json=body, params=NO_CHECK), 422, "secret_required")
+
+
+async def test_changing_kind_needs_the_whole_auth(client: httpx.AsyncClient) -> None:
+    created = await create(client, payloads.basic())
+    url = f"/connectors/{created['id']}"
+    partial = {"auth": {"type": "oauth2", "client_id": "x"}}
+    problem = assert_problem(await client.patch(url, json=partial, params=NO_CHECK), 422, "invalid_request")
+    assert any(error["field"].endswith("client_secret") for error in problem["errors"])
+    whole = {"auth": payloads.client_credentials()["auth"]}
+    response = await client.patch(url, json=whole, params=NO_CHECK)
+    assert response.status_code == 200, response.text
+    assert response.json()["auth"]["type"] == "oauth2"
+    assert "has_password" not in response.json()["auth"]
+
+
+async def test_changing_grant_needs_the_whole_auth(client: httpx.AsyncClient) -> None:
+    created = await create(client, payloads.client_credentials())
+    url = f"/connectors/{created['id']}"
+    partial = {"auth": {"grant_type": "password", "username": "u", "password": "CANARY-p"}}
+    assert_problem(await client.patch(url, json=partial, params=NO_CHECK), 422, "invalid_request")
+    response = await client.patch(url, json={"auth": payloads.password_grant()["auth"]}, params=NO_CHECK)
+    assert response.status_code == 200
+    assert response.json()["auth"]["grant_type"] == "password"
+
+
+async def test_null_for_a_required_field_is_refused(client: httpx.AsyncClient) -> None:
+    created = await create(client, payloads.client_credentials())
+    url = f"/connectors/{created['id']}"
+    assert_problem(await client.patch(url, json={"name": None}), 422, "invalid_request")
+    assert_problem(await client.patch(url, json={"auth": {"client_id": None}}), 422, "invalid_request")
+
+
+async def test_delete_honours_if_match(client: httpx.AsyncClient) -> None:
+    created = await create(client, payloads.basic())
+    url = f"/connectors/{created['id']}"
+    assert_problem(await client.delete(url, headers={"If-Match": '"7"'}), 412, "version_mismatch")
+    assert (await client.delete(url, headers={"If-Match": '"1"'})).status_code == 204
+    assert_problem(await client.get(url), 404, "connector_not_found")
+    assert_problem(await client.delete(url), 404, "connector_not_found")
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+
+
+async def test_unknown_route_is_a_problem(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get("/nowhere"), 404, "not_found")
+    assert_problem(await client.put("/connectors"), 405, "method_not_allowed")

@@ -1,0 +1,8 @@
+from tests.support.fixtures import (  # noqa: F401
+    fake_time,
+    local_ca,
+    make_outbound,
+    outbound,
+    scripted_server,
+    server_tls,
+)

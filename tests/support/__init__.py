@@ -1,0 +1,1 @@
+"""Real servers for tests: TLS from a local CA, scripted HTTPS servers, an OAuth 2.0 server."""
