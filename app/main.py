@@ -46,7 +46,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         db = Database(build_engine(settings.effective_database_url, pool_size=settings.database_pool_size))
         outbound = overrides.outbound or OutboundClient.from_settings(settings)
         verifier = TokenVerifier(settings)
-        fetcher = OAuth2TokenClient(outbound, default_token_lifetime_seconds=settings.default_token_lifetime_seconds)
+        fetcher = OAuth2TokenClient(
+            outbound, default_token_lifetime_seconds=settings.default_token_lifetime_seconds
+        )
         service_ref: list[ConnectorService] = []
 
         async def on_outcome(key: object, state: str, detail: str | None) -> None:

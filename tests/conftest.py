@@ -195,8 +195,8 @@ def settings(database_url: str, local_ca: LocalCA, tmp_path: Path) -> Settings:
     return Settings(
         database_url=database_url,
         data_dir=tmp_path,
-        jwt_secret=secrets.token_urlsafe(32),  # type: ignore[arg-type]
-        encryption_keys=f"k1:{_key()}",  # type: ignore[arg-type]
+        jwt_secret=secrets.token_urlsafe(32),
+        encryption_keys=f"k1:{_key()}",
         ca_bundle=local_ca.ca_bundle,
         allow_private_destinations=True,
         outbound_timeout_seconds=2.0,

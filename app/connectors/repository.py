@@ -26,7 +26,7 @@ class ConnectorRepository:
         Creates for one organization queue on this lock, so the count-then-insert that enforces
         the per-organization limit cannot interleave (SQLite serialises writers already).
         """
-        dialect = self.session.bind.dialect.name
+        dialect = self.session.get_bind().dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         await self.session.execute(
             insert(Organization)
@@ -145,7 +145,12 @@ class RotationRepository:
         return result.scalars().all()
 
     async def replace_secrets(
-        self, organization_id: str, connector_id: uuid.UUID, old_key_id: str, secrets: dict[str, str], key_id: str
+        self,
+        organization_id: str,
+        connector_id: uuid.UUID,
+        old_key_id: str,
+        secrets: dict[str, str],
+        key_id: str,
     ) -> bool:
         """Swap the ciphertexts if nobody changed them meanwhile (the key id is the witness)."""
         result = await self.session.execute(

@@ -95,9 +95,7 @@ BaseURL = Annotated[
 ]
 EndpointURL = Annotated[str, StringConstraints(max_length=2048), AfterValidator(_endpoint_url)]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_control)]
-Username = Annotated[
-    str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_control)
-]
+Username = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_control)]
 Scope = Annotated[str, StringConstraints(max_length=1024), AfterValidator(_no_control)]
 Secret = Annotated[SecretStr, AfterValidator(_secret), Field(json_schema_extra={"writeOnly": True})]
 ClientAuthMethod = Literal["client_secret_basic", "client_secret_post"]
@@ -200,9 +198,7 @@ class OAuth2PasswordIn(_OAuth2Common):
     password: Secret
 
 
-OAuth2AuthIn = Annotated[
-    OAuth2ClientCredentialsIn | OAuth2PasswordIn, Field(discriminator="grant_type")
-]
+OAuth2AuthIn = Annotated[OAuth2ClientCredentialsIn | OAuth2PasswordIn, Field(discriminator="grant_type")]
 AuthIn = Annotated[BasicAuthIn | OAuth2AuthIn, Field(discriminator="type")]
 
 

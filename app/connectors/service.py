@@ -64,9 +64,7 @@ class DestinationChecker(Protocol):
 class Tokens(Protocol):
     """The part of the token cache this service uses."""
 
-    async def get(
-        self, key: tuple[Hashable, int], load: Any, *, stale_token: str | None = None
-    ) -> Any: ...
+    async def get(self, key: tuple[Hashable, int], load: Any, *, stale_token: str | None = None) -> Any: ...
 
     def peek(self, key: tuple[Hashable, int]) -> str | None: ...
 
@@ -207,7 +205,9 @@ class ConnectorService:
             if missing:
                 raise SecretRequired(
                     "a change of a URL must send the secrets again",
-                    errors=[{"field": f"auth.{name}", "reason": "required with this change"} for name in missing],
+                    errors=[
+                        {"field": f"auth.{name}", "reason": "required with this change"} for name in missing
+                    ],
                 )
         if not credentials_touched and name == row.name:
             return self.to_out(row)
@@ -384,6 +384,7 @@ class ConnectorService:
             return current, dict(row.auth_config), self._decrypt(row), set()
         sent = patch.model_fields_set
         new_type = patch.type or row.auth_type
+        new_grant: str | None
         if "grant_type" in sent:
             new_grant = patch.grant_type
         elif new_type == row.auth_type:

@@ -108,7 +108,9 @@ async def test_urls_are_normalised(client: httpx.AsyncClient) -> None:
 async def test_bad_resource_domain_urls_are_refused(client: httpx.AsyncClient, url: str) -> None:
     body = payloads.basic()
     body["resource_domain_url"] = url
-    problem = assert_problem(await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request")
+    problem = assert_problem(
+        await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request"
+    )
     assert [error["field"] for error in problem["errors"]] == ["resource_domain_url"]
     assert (await client.get("/connectors")).json()["items"] == []
 
@@ -127,7 +129,9 @@ async def test_invalid_fields_are_listed_without_values(
     client: httpx.AsyncClient, change: dict[str, Any], field: str
 ) -> None:
     body = {**payloads.basic(), **change}
-    problem = assert_problem(await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request")
+    problem = assert_problem(
+        await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request"
+    )
     assert problem["errors"] and problem["errors"][0]["field"].startswith(field)
 
 
@@ -137,9 +141,13 @@ async def test_secret_in_the_wrong_field_is_not_echoed(client: httpx.AsyncClient
     body["auth"]["username"] = "svc\x00" + body["auth"]["password"]
     body["resource_domain_url"] = body["auth"]["password"]
     body["auth"]["unexpected"] = body["auth"]["password"]
-    problem = assert_problem(await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request")
+    problem = assert_problem(
+        await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request"
+    )
     fields = {error["field"] for error in problem["errors"]}
-    assert {"resource_domain_url", "auth.basic.validation_url", "auth.basic.username"} <= fields or len(fields) >= 3
+    assert {"resource_domain_url", "auth.basic.validation_url", "auth.basic.username"} <= fields or len(
+        fields
+    ) >= 3
 
 
 async def test_malformed_json_is_a_problem(client: httpx.AsyncClient) -> None:
@@ -188,8 +196,12 @@ async def test_concurrent_creates_respect_the_limit(client: httpx.AsyncClient) -
 
 async def test_concurrent_creates_with_one_name_make_one_connector(client: httpx.AsyncClient) -> None:
     responses = await asyncio.gather(
-        *(client.post("/connectors", json=payloads.basic(name=f"Same{'' if i % 2 else ' '}"), params=NO_CHECK)
-          for i in range(10))
+        *(
+            client.post(
+                "/connectors", json=payloads.basic(name=f"Same{'' if i % 2 else ' '}"), params=NO_CHECK
+            )
+            for i in range(10)
+        )
     )
     assert sorted(r.status_code for r in responses) == [201] + [409] * 9
     assert len((await client.get("/connectors")).json()["items"]) == 1
