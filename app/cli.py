@@ -20,7 +20,11 @@ log = logging.getLogger("connectors")
 
 
 def _settings() -> Settings:
+    """Settings with keys; configures logging, then notes development keys it generated."""
+    from app.core.logs import configure_logging
+
     settings, note = load_settings()
+    configure_logging(settings.log_level)
     if note:
         log.warning(note)
     return settings
@@ -29,12 +33,10 @@ def _settings() -> Settings:
 def _serve(_args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.core.logs import configure_logging
     from app.main import create_app
     from app.migrations import current_revision, head_revision
 
     settings = _settings()
-    configure_logging(settings.log_level)
     url = settings.effective_database_url
     current, head = asyncio.run(current_revision(url)), head_revision()
     if current != head:
@@ -63,7 +65,7 @@ def _migrate(_args: argparse.Namespace) -> int:
     from app.migrations import current_revision, upgrade
 
     settings = parse_settings()
-    configure_logging("info")
+    configure_logging(settings.log_level)
     url = settings.effective_database_url
     asyncio.run(upgrade(url))
     log.info("database migrated", extra={"revision": asyncio.run(current_revision(url))})
@@ -76,21 +78,24 @@ def _token(args: argparse.Namespace) -> int:
     settings = _settings()
     if settings.jwt_secret is None:
         raise ConfigError("`token` signs with CONNECTORS_JWT_SECRET, which is not set")
-    scopes = args.scope.split()
-    print(
-        mint_token(
-            settings, organization_id=args.org, scopes=scopes, ttl_seconds=args.ttl, subject=args.subject
+    try:
+        token = mint_token(
+            settings,
+            organization_id=args.org,
+            scopes=args.scope.split(),
+            ttl_seconds=args.ttl,
+            subject=args.subject,
         )
-    )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    print(token)
     return 0
 
 
 def _rotate_keys(args: argparse.Namespace) -> int:
-    from app.core.logs import configure_logging
     from app.rotation import rotate_keys
 
     settings = _settings()
-    configure_logging(settings.log_level)
     report = asyncio.run(rotate_keys(settings, batch_size=args.batch_size))
     log.info(
         "key rotation finished",
@@ -124,8 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         code: int = args.func(args)
     except ConfigError as error:

@@ -166,10 +166,10 @@ def _classify_v4(address: ipaddress.IPv4Address) -> str | None:
         return "multicast"
     if address in _SHARED_V4:
         return "shared (carrier-grade NAT)"
-    if address.is_private:
-        return "private"
     if address.is_reserved:
         return "reserved"
+    if address.is_private:
+        return "private"
     if not address.is_global or any(address in net for net in _SPECIAL_IPV4):
         return "non-global"
     return None
@@ -197,10 +197,10 @@ def _classify_v6(address: ipaddress.IPv6Address) -> str | None:
         return "link-local"
     if address.is_multicast:
         return "multicast"
-    if address.is_private:
-        return "private"
     if address.is_reserved:
         return "reserved"
+    if address.is_private:
+        return "private"
     if (
         address not in _GLOBAL_UNICAST_V6
         or not address.is_global

@@ -316,7 +316,7 @@ class TokenCache:
             current = asyncio.current_task()
             if flight.cancelled() and (current is None or current.cancelling() == 0):
                 # The request was stopped (shutdown) while this caller, not cancelled, waited.
-                raise UpstreamUnreachable("The token request was cancelled") from None
+                raise
             raise
 
     async def _renew(self, key: CacheKey, entry: _Entry, load: ConfigLoader) -> IssuedToken:

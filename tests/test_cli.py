@@ -1,0 +1,137 @@
+"""The command line, run as real processes: configuration errors, migrations, serve, token."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+CANARY_SECRET = "CANARY-jwt-secret-0123456789abcdef0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CONNECTORS_")}
+    return {
+        **base,
+        "CONNECTORS_DATA_DIR": str(tmp_path / "data"),
+        "CONNECTORS_DEV_KEYS": "true",
+        "CONNECTORS_PORT": str(_free_port()),
+    }
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("CONNECTORS_PORT", "eighty", "CONNECTORS_PORT"),
+        ("CONNECTORS_DATABASE_URL", "mysql://x", "CONNECTORS_DATABASE_URL"),
+        ("CONNECTORS_ENCRYPTION_KEYS", "k1:CANARYnotbase64", "CONNECTORS_ENCRYPTION_KEYS"),
+        ("CONNECTORS_MAX_CONNECTORS_PER_ORG", "0", "CONNECTORS_MAX_CONNECTORS_PER_ORG"),
+    ],
+)
+def test_a_bad_setting_stops_with_one_line(env: dict[str, str], name: str, value: str, expected: str) -> None:
+    result = run({**env, name: value}, "serve")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert "CANARY" not in result.stderr
+
+
+def test_missing_keys_without_dev_keys(env: dict[str, str]) -> None:
+    result = run({**env, "CONNECTORS_DEV_KEYS": "false"}, "serve")
+    assert result.returncode == 2
+    assert "CONNECTORS_ENCRYPTION_KEYS" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_refuses_an_unmigrated_database(env: dict[str, str]) -> None:
+    result = run(env, "serve")
+    assert result.returncode == 2
+    assert "python -m app migrate" in result.stderr
+
+
+def test_token_command_mints_a_verifiable_token(env: dict[str, str]) -> None:
+    env = {**env, "CONNECTORS_DEV_KEYS": "false", "CONNECTORS_JWT_SECRET": CANARY_SECRET}
+    env["CONNECTORS_ENCRYPTION_KEYS"] = "k1:" + "A" * 43
+    result = run(env, "token", "--org", "acme", "--scope", "connectors:read", "--ttl", "60")
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), CANARY_SECRET, algorithms=["HS256"], audience="connectors")
+    assert claims["org_id"] == "acme"
+    assert claims["scope"] == "connectors:read"
+    assert claims["iss"] == "connectors"
+    assert CANARY_SECRET not in result.stderr
+
+
+@pytest.fixture
+def served(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], str, dict[str, str]]]:
+    migrated = run(env, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    base = f"http://127.0.0.1:{env['CONNECTORS_PORT']}"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the server did not start")
+        yield process, base, env
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_answers_logs_and_stops_on_sigterm(
+    served: tuple[subprocess.Popen[str], str, dict[str, str]],
+) -> None:
+    process, base, env = served
+    token = run(env, "token", "--org", "acme").stdout.strip()
+    listing = httpx.get(f"{base}/connectors", headers={"Authorization": f"Bearer {token}"})
+    assert listing.status_code == 200
+    assert listing.json() == {"items": [], "limit": 5}
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    process.send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught.
+    assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert process.stderr is not None
+    lines = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
+    messages = [line["message"] for line in lines]
+    assert sum("generated development keys" in m for m in messages) == 1
+    assert any("shutdown complete" in m for m in messages)
+    access = [line for line in lines if line["logger"] == "connectors.access"]
+    listed = next(line for line in access if line["route"] == "/connectors")
+    assert listed["method"] == "GET"
+    assert listed["status"] == 200
+    assert listed["organization"] == "acme"
+    assert isinstance(listed["duration_ms"], float)
+    assert token not in json.dumps(lines)
+    assert (Path(env["CONNECTORS_DATA_DIR"]) / "dev-keys.json").stat().st_mode & 0o077 == 0
