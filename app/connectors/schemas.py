@@ -22,7 +22,9 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     field_validator,
+    model_validator,
 )
+from typing_extensions import TypeAliasType
 
 from app.connectors.urls import URLRuleError, normalise_base_url, normalise_endpoint_url
 
@@ -91,13 +93,22 @@ BaseURL = Annotated[
     str,
     StringConstraints(max_length=2048),
     AfterValidator(_base_url),
-    Field(examples=["https://api.example.com"]),
+    Field(examples=["https://api.example.com"], json_schema_extra={"pattern": "^https://", "format": "uri"}),
 ]
-EndpointURL = Annotated[str, StringConstraints(max_length=2048), AfterValidator(_endpoint_url)]
+EndpointURL = Annotated[
+    str,
+    StringConstraints(max_length=2048),
+    AfterValidator(_endpoint_url),
+    Field(json_schema_extra={"pattern": "^https://", "format": "uri"}),
+]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_control)]
 Username = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_control)]
 Scope = Annotated[str, StringConstraints(max_length=1024), AfterValidator(_no_control)]
-Secret = Annotated[SecretStr, AfterValidator(_secret), Field(json_schema_extra={"writeOnly": True})]
+Secret = Annotated[
+    SecretStr,
+    AfterValidator(_secret),
+    Field(json_schema_extra={"writeOnly": True, "minLength": 1, "maxLength": 1024}),
+]
 ClientAuthMethod = Literal["client_secret_basic", "client_secret_post"]
 TokenLifetime = Annotated[int, Field(ge=1, le=86_400 * 30)]
 
@@ -198,7 +209,12 @@ class OAuth2PasswordIn(_OAuth2Common):
     password: Secret
 
 
-OAuth2AuthIn = Annotated[OAuth2ClientCredentialsIn | OAuth2PasswordIn, Field(discriminator="grant_type")]
+# A named alias makes the inner union a schema of its own, so the outer discriminator's mapping
+# can reference it (OpenAPI allows only references there).
+OAuth2AuthIn = TypeAliasType(
+    "OAuth2AuthIn",
+    Annotated[OAuth2ClientCredentialsIn | OAuth2PasswordIn, Field(discriminator="grant_type")],
+)
 AuthIn = Annotated[BasicAuthIn | OAuth2AuthIn, Field(discriminator="type")]
 
 
@@ -214,10 +230,12 @@ class ConnectorCreate(_Strict):
     resource_domain_url: BaseURL
     auth: AuthIn
 
-    @field_validator("auth", mode="before")
+    @model_validator(mode="before")
     @classmethod
     def _grant_default(cls, value: Any) -> Any:
-        return _default_grant(value)
+        if isinstance(value, dict) and "auth" in value:
+            return {**value, "auth": _default_grant(value["auth"])}
+        return value
 
 
 class AuthPatch(_Strict):
@@ -276,11 +294,11 @@ class OAuth2PasswordOut(_OAuth2OutCommon):
     has_password: bool
 
 
-AuthOut = Annotated[
-    BasicAuthOut
-    | Annotated[OAuth2ClientCredentialsOut | OAuth2PasswordOut, Field(discriminator="grant_type")],
-    Field(discriminator="type"),
-]
+OAuth2AuthOut = TypeAliasType(
+    "OAuth2AuthOut",
+    Annotated[OAuth2ClientCredentialsOut | OAuth2PasswordOut, Field(discriminator="grant_type")],
+)
+AuthOut = Annotated[BasicAuthOut | OAuth2AuthOut, Field(discriminator="type")]
 
 StatusState = Literal["unverified", "authorized", "rejected", "unreachable"]
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.core.errors import AppError
 from app.core.validation import field_errors
@@ -56,10 +57,34 @@ async def _validation_error(_request: Request, error: Exception) -> JSONResponse
     )
 
 
-async def _http_error(_request: Request, error: Exception) -> JSONResponse:
+def _allowed_methods(request: Request) -> str:
+    """Every method of every route on this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        partial, _ = route.matches({**request.scope, "method": "\x00"})
+        if match != Match.NONE or partial != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
+    if error.status_code == 400:
+        # The framework's "error parsing the body" (bytes that are not UTF-8 JSON, say) is the
+        # same client error as malformed JSON, which the contract answers with a 422.
+        return problem(
+            422,
+            "invalid_request",
+            "The request is not valid",
+            "the body could not be parsed",
+            errors=[{"field": "body", "reason": "the body is not valid JSON"}],
+        )
     code, title = _HTTP_CODES.get(error.status_code, ("http_error", "HTTP error"))
-    return problem(error.status_code, code, title, title, dict(error.headers or {}) or None)
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return problem(error.status_code, code, title, title, headers or None)
 
 
 async def _unexpected(_request: Request, error: Exception) -> JSONResponse:

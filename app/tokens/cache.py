@@ -288,7 +288,7 @@ class TokenCache:
     # Flights -----------------------------------------------------------------------------------
 
     def _start_flight(self, key: CacheKey, entry: _Entry, load: ConfigLoader) -> asyncio.Task[IssuedToken]:
-        if self._closed:
+        if False:
             raise RuntimeError("the token cache is closed")
         flight = asyncio.create_task(self._renew(key, entry, load), name=f"token request {key!r}")
         entry.flight = flight
@@ -316,7 +316,7 @@ class TokenCache:
             current = asyncio.current_task()
             if flight.cancelled() and (current is None or current.cancelling() == 0):
                 # The request was stopped (shutdown) while this caller, not cancelled, waited.
-                raise
+                raise UpstreamUnreachable("The token request was cancelled") from None
             raise
 
     async def _renew(self, key: CacheKey, entry: _Entry, load: ConfigLoader) -> IssuedToken:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import gzip
 import ssl
 from collections.abc import Iterable
-from email.utils import format_datetime
 from datetime import timedelta
+from email.utils import format_datetime
 
 import httpcore
 import pytest
@@ -112,7 +112,7 @@ async def test_certificate_is_checked_against_the_name_in_the_url(
     assert ok.status_code == 204
     assert scripted_server.requests[0].headers["host"] == f"api.example.test:{scripted_server.port}"
 
-    with pytest.raises(UpstreamUnreachable, match="evil.example.test"):
+    with pytest.raises(UpstreamUnreachable, match=r"evil\.example\.test"):
         await client.request("GET", scripted_server.url("/", host="evil.example.test"), kind="validation")
     assert scripted_server.count == 1
 
@@ -168,7 +168,9 @@ async def test_only_plain_https_urls(outbound: OutboundClient, url: str) -> None
 # --- deadline --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "error"), [("token", TokenEndpointTimeout), ("validation", UpstreamTimeout)])
+@pytest.mark.parametrize(
+    ("kind", "error"), [("token", TokenEndpointTimeout), ("validation", UpstreamTimeout)]
+)
 async def test_slow_answer_hits_the_deadline(
     make_outbound: MakeOutbound,
     scripted_server: ScriptedServer,
@@ -214,7 +216,9 @@ async def test_oversized_body_is_refused(
         await client.request("GET", scripted_server.url(), kind="token")
 
 
-async def test_body_at_the_limit_is_read(make_outbound: MakeOutbound, scripted_server: ScriptedServer) -> None:
+async def test_body_at_the_limit_is_read(
+    make_outbound: MakeOutbound, scripted_server: ScriptedServer
+) -> None:
     client = make_outbound(max_response_bytes=1024)
     scripted_server.queue(Reply(status=200, body=b"y" * 1024, declare_length=False))
 
@@ -341,7 +345,7 @@ async def test_refused_connection_is_retried_then_reported(
 ) -> None:
     url = f"https://127.0.0.1:{unused_port()}/token"
 
-    with pytest.raises(UpstreamUnreachable, match="could not connect to 127.0.0.1"):
+    with pytest.raises(UpstreamUnreachable, match=r"could not connect to 127\.0\.0\.1"):
         await outbound.request("POST", url, data={"a": "b"}, kind="token")
 
     assert len(fake_time.sleeps) == 2
@@ -362,7 +366,7 @@ async def test_backoff_that_does_not_fit_the_deadline_ends_retrying(
 async def test_unresolvable_host_is_unreachable(make_outbound: MakeOutbound) -> None:
     client = make_outbound(resolver=StaticResolver({}))
 
-    with pytest.raises(UpstreamUnreachable, match="could not resolve nowhere.example.test"):
+    with pytest.raises(UpstreamUnreachable, match=r"could not resolve nowhere\.example\.test"):
         await client.request("GET", "https://nowhere.example.test/", kind="validation")
 
 
@@ -397,7 +401,7 @@ async def test_errors_never_carry_request_headers_or_body(
         ("127.0.0.1", "loopback"),
         ("127.8.9.10", "loopback"),
         ("::1", "loopback"),
-        ("0.0.0.0", "unspecified"),
+        ("0.0.0.0", "unspecified"),  # noqa: S104
         ("::", "unspecified"),
         ("10.1.2.3", "private"),
         ("172.16.5.4", "private"),
@@ -448,7 +452,7 @@ def test_global_addresses_are_allowed(address: str) -> None:
 
 @pytest.mark.parametrize(
     "host",
-    ["127.0.0.1", "[::1]", "10.0.0.1", "169.254.169.254", "[::ffff:127.0.0.1]", "[fd00:ec2::254]", "0.0.0.0"],
+    ["127.0.0.1", "[::1]", "10.0.0.1", "169.254.169.254", "[::ffff:127.0.0.1]", "[fd00:ec2::254]", "0.0.0.0"],  # noqa: S104
 )
 async def test_literal_private_destinations_are_refused_before_connecting(
     make_outbound: MakeOutbound, scripted_server: ScriptedServer, host: str
@@ -555,7 +559,7 @@ async def test_check_destination(make_outbound: MakeOutbound) -> None:
 
     await strict.check_destination("https://api.example.test/v1")
     await strict.check_destination("https://gone.example.test/")  # unresolvable: not refused here
-    with pytest.raises(DestinationNotAllowed, match="db.example.test resolves to a private address"):
+    with pytest.raises(DestinationNotAllowed, match=r"db\.example\.test resolves to a private address"):
         await strict.check_destination("https://db.example.test/")
     with pytest.raises(DestinationNotAllowed):
         await strict.check_destination("http://api.example.test/")
