@@ -68,7 +68,7 @@ class Tokens(Protocol):
 
     def peek(self, key: tuple[Hashable, int]) -> str | None: ...
 
-    def seed(self, key: tuple[Hashable, int], grant: TokenGrant) -> None: ...
+    def seed(self, key: tuple[Hashable, int], grant: TokenGrant, *, sent_at: float | None = None) -> None: ...
 
     def forget(self, connector_id: Hashable) -> None: ...
 
@@ -132,6 +132,7 @@ class ConnectorService:
             if await repo.name_taken(organization_id, name_key):
                 raise NameTaken()
         await self._check_destinations(body.resource_domain_url, kind, public)
+        sent_at = self.clock.monotonic()
         grant = await self._live_check(kind, public, secrets) if validate else None
         connector_id = uuid.uuid4()
         now = self.clock.now()
@@ -161,7 +162,7 @@ class ConnectorService:
                 raise NameTaken()
             await repo.add(row)
         if grant is not None:
-            self.tokens.seed((connector_id, row.version), grant)
+            self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
         return self.to_out(row)
 
     async def update(
@@ -216,6 +217,7 @@ class ConnectorService:
         grant: TokenGrant | None = None
         if credentials_touched:
             await self._check_destinations(base_url, kind, public)
+            sent_at = self.clock.monotonic()
             if validate:
                 grant = await self._live_check(kind, public, secrets)
             now = self.clock.now()
@@ -239,7 +241,7 @@ class ConnectorService:
             updated = await self._require(repo, organization_id, connector_id)
         self._forget(connector_id)
         if grant is not None:
-            self.tokens.seed((connector_id, updated.version), grant)
+            self.tokens.seed((connector_id, updated.version), grant, sent_at=sent_at)
         return self.to_out(updated)
 
     async def delete(self, organization_id: str, connector_id: uuid.UUID, *, if_match: int | None) -> None:
@@ -259,6 +261,7 @@ class ConnectorService:
         grant: TokenGrant | None = None
         state: CheckState = "authorized"
         detail: str | None = None
+        sent_at = self.clock.monotonic()
         try:
             grant = await self._live_check(kind, row.auth_config, secrets)
         except CredentialsRejected as error:
@@ -274,7 +277,7 @@ class ConnectorService:
             updated = await self._require(repo, organization_id, connector_id)
         self._forget(connector_id)
         if grant is not None and updated.version == row.version:
-            self.tokens.seed((connector_id, row.version), grant)
+            self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
         return self.to_out(updated)
 
     # Authorize ---------------------------------------------------------------------------------

@@ -288,7 +288,7 @@ class TokenCache:
     # Flights -----------------------------------------------------------------------------------
 
     def _start_flight(self, key: CacheKey, entry: _Entry, load: ConfigLoader) -> asyncio.Task[IssuedToken]:
-        if False:
+        if self._closed:
             raise RuntimeError("the token cache is closed")
         flight = asyncio.create_task(self._renew(key, entry, load), name=f"token request {key!r}")
         entry.flight = flight
@@ -346,7 +346,7 @@ class TokenCache:
             wrapped = UpstreamUnreachable("The token request failed unexpectedly")
             self._failed(entry, wrapped)
             await self._report(key, "unreachable", "unexpected_error")
-            raise wrapped from error
+            raise
         token = self._store(entry, grant, sent_at, accepted_refresh)
         if self._clock.monotonic() < token.usable_until:
             self._succeeded(entry)

@@ -748,6 +748,10 @@ async def test_a_seeded_token_clears_a_rejection(
         await cache.get(KEY, load)
     cache.seed(KEY, grant("checked"))
     assert (await cache.get(KEY, load)).access_token == "checked"
+    clock.advance(3300.0)  # past the refresh point: the slow path must agree
+    assert (await cache.get(KEY, load)).access_token == "checked"
+    await settle()
+    assert (await cache.get(KEY, load)).access_token == "token-1"
 
 
 # 7. Transient failures and backoff --------------------------------------------------------------
@@ -783,6 +787,9 @@ async def test_a_transient_failure_is_shared_then_replayed_until_the_backoff_pas
     with pytest.raises(type(failure)) as replayed:
         await cache.get(KEY, load)
     assert replayed.value.detail == failure.detail
+    with pytest.raises(type(failure)) as again:
+        await cache.get(KEY, load)
+    assert again.value is not replayed.value
     assert len(fetcher.calls) == 1
     assert load.calls == 1
 
@@ -1094,6 +1101,7 @@ async def test_aclose_cancels_every_request_and_leaves_no_task(
         await waiting
     assert asyncio.all_tasks() == {asyncio.current_task()}
     assert fetcher.cancelled == 2
+    fetcher.gate = None
     with pytest.raises(RuntimeError):
         await cache.get(KEY, load)
 
