@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from app import __version__
+from app.connectors.router import hot_routes
 from app.connectors.router import router as connectors_router
 from app.connectors.service import ConnectorService
 from app.core.auth import TokenVerifier
@@ -85,6 +86,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.router.routes.extend(hot_routes)
     app.include_router(connectors_router)
 
     @app.get("/healthz", tags=["health"])

@@ -37,6 +37,7 @@ details nor log lines contain the token or claim values.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -66,6 +67,9 @@ SCOPE_AUTHORIZE = "connectors:authorize"
 
 MAX_ORGANIZATION_ID_LENGTH = 128
 MAX_TOKEN_LENGTH = 8 * 1024
+# Verified caller tokens remembered, and for how long at most.
+VERIFIED_CACHE_SIZE = 4096
+VERIFIED_CACHE_SECONDS = 60.0
 MAX_KEY_ID_LENGTH = 256
 MIN_RSA_KEY_BITS = 2048
 
@@ -295,6 +299,7 @@ class TokenVerifier:
         self._settings = settings
         self._clock: Clock = clock or SystemClock()
         self._static_key: _VerificationKey | None = None
+        self._verified: dict[bytes, tuple[Principal, float, str, _VerificationKey]] = {}
         self._jwks: _JwksCache | None = None
         if settings.jwt_secret is not None:
             secret = settings.jwt_secret.get_secret_value().encode()
@@ -317,9 +322,36 @@ class TokenVerifier:
             )
 
     async def verify(self, token: str) -> Principal:
-        """The caller behind ``token``; ``Unauthenticated`` when it is not acceptable."""
+        """The caller behind ``token``; ``Unauthenticated`` when it is not acceptable.
+
+        A token that passed is remembered (by its SHA-256) until it expires, for at most
+        ``VERIFIED_CACHE_SECONDS``: callers such as a flow's HTTP step send the same token many
+        times, and a signature check costs more than the rest of ``/authorize``. The bound keeps
+        a key removed from the JWKS from being honoured for long.
+        """
         if not token or len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated("invalid token")
+        digest = hashlib.sha256(token.encode()).digest()
+        remembered = self._verified.get(digest)
+        if remembered is not None:
+            principal, valid_until, kid, key = remembered
+            # A JWKS key that was replaced or withdrawn since no longer vouches for the token.
+            if self._clock.now().timestamp() < valid_until and (
+                self._jwks is None or await self._jwks.get(kid) is key
+            ):
+                return principal
+            del self._verified[digest]
+        principal, expires, kid, key = await self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        valid_until = min(
+            expires + self._settings.jwt_leeway_seconds,
+            self._clock.now().timestamp() + VERIFIED_CACHE_SECONDS,
+        )
+        self._verified[digest] = (principal, valid_until, kid, key)
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float, str, _VerificationKey]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -354,7 +386,10 @@ class TokenVerifier:
         if not _valid_organization_id(organization_id):
             raise Unauthenticated("token has no valid organization claim")
         assert isinstance(organization_id, str)
-        return Principal(organization_id=organization_id, subject=claims.get("sub"), scopes=_scopes(claims))
+        principal = Principal(
+            organization_id=organization_id, subject=claims.get("sub"), scopes=_scopes(claims)
+        )
+        return principal, float(claims["exp"]), str(header.get("kid", "")), key
 
     async def _key_for(self, header: Mapping[str, Any]) -> _VerificationKey:
         if self._static_key is not None:

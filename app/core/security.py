@@ -11,20 +11,25 @@ from app.core.auth import SCOPE_AUTHORIZE, SCOPE_READ, SCOPE_WRITE, Principal, T
 from app.core.errors import Forbidden, Unauthenticated
 
 
+async def authenticate(request: Request, scope: str) -> Principal:
+    """The caller of ``request``, who must hold ``scope``."""
+    header = request.headers.get("authorization")
+    if header is None:
+        raise Unauthenticated("missing bearer token")
+    kind, _, token = header.partition(" ")
+    if kind.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("expected a bearer token")
+    verifier: TokenVerifier = request.app.state.verifier
+    principal = await verifier.verify(token.strip())
+    request.state.organization_id = principal.organization_id
+    if scope not in principal.scopes:
+        raise Forbidden(f"this call needs the {scope} scope")
+    return principal
+
+
 def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
     async def dependency(request: Request) -> Principal:
-        header = request.headers.get("authorization")
-        if header is None:
-            raise Unauthenticated("missing bearer token")
-        kind, _, token = header.partition(" ")
-        if kind.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("expected a bearer token")
-        verifier: TokenVerifier = request.app.state.verifier
-        principal = await verifier.verify(token.strip())
-        request.state.organization_id = principal.organization_id
-        if scope not in principal.scopes:
-            raise Forbidden(f"this call needs the {scope} scope")
-        return principal
+        return await authenticate(request, scope)
 
     dependency.__name__ = f"require_{scope.replace(':', '_')}"
     return dependency

@@ -39,7 +39,9 @@ Refresh tokens
     failure the provider may or may not have rotated it, and the next renewal runs the original
     grant. RFC 6749 section 6 lets a provider answer a refresh without a new refresh token, meaning
     the old one stays valid; that old one is kept, and sent again later, only after the provider
-    accepted it. ``RefreshTokenRejected`` makes the same flight run the original grant at once.
+    accepted it. ``RefreshTokenRejected`` makes the same flight run the original grant at once;
+    only that grant's outcome is reported, since a refused refresh token says nothing about the
+    connector's credentials.
 
 Failures
     ``CredentialsRejected`` is sticky: the entry drops its tokens and every ``get`` raises the same
@@ -51,12 +53,16 @@ Failures
     one is still usable) and no request is made; then one caller's flight tries again. The backoff
     starts at ``retry_backoff_initial``, doubles with each consecutive failure up to
     ``retry_backoff_max`` and resets on success. Waiting is a comparison with the clock, never a
-    sleep. An exception from the fetcher that is not an ``AppError`` is a bug or an unforeseen
+    sleep. A token that has already expired when its response arrives counts as a transient
+    ``TokenEndpointError`` (reported as ``authorized``: the credentials were accepted). An
+    exception from the fetcher that is not an ``AppError`` is a bug or an unforeseen
     network failure: it is logged with its traceback, counted as a transient failure and raised
     to callers as ``UpstreamUnreachable``, so it neither poisons the entry nor surfaces as a 500.
 
-    An error raised by ``load`` reaches the flight's callers unchanged and changes no state: no
-    token request was made. A failed background renewal only delays the next one by the backoff.
+    An error raised by ``load`` reaches the flight's callers unchanged and is not reported: no
+    token request was made. It only keeps background renewals from loading again for
+    ``retry_backoff_initial``; a caller without a usable token tries at once. A failed background
+    renewal never takes away a usable token.
 
 Secrets
     ``load`` (database read and decryption) runs only when a token request is about to be sent,
@@ -70,7 +76,7 @@ What the owner must know
     included, and may arrive for a version that is no longer current. The cache serves one event
     loop.
 
-The hot path, a warm hit, is one dict lookup, one monotonic clock reading and two comparisons:
+The hot path, a warm hit, is one dict lookup, one monotonic clock reading and a few comparisons:
 no task, no await that suspends, no logging.
 """
 
@@ -321,7 +327,18 @@ class TokenCache:
 
     async def _renew(self, key: CacheKey, entry: _Entry, load: ConfigLoader) -> IssuedToken:
         """Run one flight: load the configuration, request a token, update the entry, report."""
-        config = await load()
+        try:
+            config = await load()
+        except Exception as error:
+            # No request was made, so nothing is reported and callers get the error as it is; a
+            # renewal in the background waits a little before loading again.
+            log.warning(
+                "loading the token configuration failed",
+                extra={"key": repr(key), "error": type(error).__name__},
+            )
+            entry.failure = None
+            entry.retry_at = self._clock.monotonic() + self._backoff_initial
+            raise
         # Taken out before it is sent: whatever happens next, it is not sent again.
         refresh_token, entry.refresh_token = entry.refresh_token, None
         try:
@@ -346,7 +363,7 @@ class TokenCache:
             wrapped = UpstreamUnreachable("The token request failed unexpectedly")
             self._failed(entry, wrapped)
             await self._report(key, "unreachable", "unexpected_error")
-            raise
+            raise wrapped from error
         token = self._store(entry, grant, sent_at, accepted_refresh)
         if self._clock.monotonic() < token.usable_until:
             self._succeeded(entry)

@@ -360,8 +360,9 @@ async def test_tokens_expire_on_the_injected_clock_and_are_refreshed_ahead(
         # caller still gets the valid token and one renewal runs in the background.
         fake_time.advance(25)
         assert await current() == "Bearer tok-1"
-        for _ in range(100):
-            if scripted_server.count == 2:
+        # The renewal is a real HTTPS request to a server thread: wait for it, boundedly.
+        for _ in range(500):
+            if scripted_server.count == 2 and (await current()) == "Bearer tok-2":
                 break
             await asyncio.sleep(0.01)
         assert await current() == "Bearer tok-2"

@@ -716,3 +716,24 @@ async def test_jwks_document_size_is_bounded(
 ) -> None:
     jwks_server.serve(public_jwk(rsa_key, "k1"), {"kty": "none", "padding": "x" * 300_000})
     assert await refused(jwks_verifier, signed(clock, rsa_key, "k1")) == "signing keys unavailable"
+
+
+async def test_a_verified_token_is_remembered_not_checked_again(
+    clock: FakeClock, hs_verifier: TokenVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real_decode = jwt.decode
+
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
+        calls.append("decode")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting_decode)
+    token = jwt.encode(claims(clock, exp=int(clock.now().timestamp()) + 600), SECRET, algorithm="HS256")
+    for _ in range(5):
+        assert (await hs_verifier.verify(token)).organization_id == ORG
+    assert calls == ["decode"]
+    # Remembered for a bounded time only: then the signature is checked again.
+    clock.advance(61)
+    await hs_verifier.verify(token)
+    assert calls == ["decode", "decode"]

@@ -29,7 +29,7 @@ from tests.support.fixtures import MakeOutbound
 from tests.support.servers import Drop, RecordedRequest, Reply, ScriptedServer, unused_port
 from tests.support.tls import LocalCA
 
-CANARY = "canary-5f2b9d0e-secret"
+CANARY = "CANARY-5f2b9d0e-secret"
 PUBLIC_V4 = "93.184.215.14"
 
 

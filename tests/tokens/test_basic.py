@@ -18,7 +18,7 @@ from app.tokens.types import BasicConfig
 from tests.support.fixtures import MakeOutbound
 from tests.support.servers import Reply, ScriptedServer
 
-PASSWORD = "pässword:with colon"
+PASSWORD = "pässword:with colon CANARY"
 
 
 def _config(url: str) -> BasicConfig:

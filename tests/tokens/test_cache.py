@@ -297,7 +297,11 @@ answers = st.builds(
 
 
 class PropertyFetcher:
-    """Answers from a drawn list; checks single flight and the refresh-token rules as it goes."""
+    """Answers from a drawn list; notes breaches of single flight and of the refresh-token rules.
+
+    Breaches are collected, not raised: the cache would turn an exception from here into
+    ``UpstreamUnreachable``.
+    """
 
     def __init__(self, clock: FakeClock, answers: list[Answer]) -> None:
         self.clock = clock
@@ -307,9 +311,11 @@ class PropertyFetcher:
         self.expiry: dict[str, float] = {}
         # Refresh tokens the provider would accept now.
         self.live_refresh: set[str] = set()
+        self.breaches: list[str] = []
 
     async def __call__(self, config: OAuth2Config, refresh_token: str | None = None) -> TokenGrant:
-        assert self.running == 0, "two token requests ran at once"
+        if self.running:
+            self.breaches.append("two token requests ran at once")
         self.running += 1
         try:
             sent_at = self.clock.monotonic()
@@ -318,7 +324,8 @@ class PropertyFetcher:
             await asyncio.sleep(0)
             self.clock.advance(answer.latency)
             if refresh_token is not None:
-                assert refresh_token in self.live_refresh, "a refresh token was sent twice"
+                if refresh_token not in self.live_refresh:
+                    self.breaches.append(f"{refresh_token} was sent again")
                 self.live_refresh.discard(refresh_token)
                 if answer.kind == "refresh_refused":
                     raise RefreshTokenRejected()
@@ -366,6 +373,7 @@ def test_no_token_is_ever_handed_out_after_its_expiry(plan: list[Step], drawn: l
                 await settle(3)
         finally:
             await cache.aclose()
+        assert fetcher.breaches == []
 
     asyncio.run(scenario())
 
@@ -741,7 +749,7 @@ async def test_a_replayed_error_is_a_fresh_copy_of_the_first(
 
 
 async def test_a_seeded_token_clears_a_rejection(
-    cache: TokenCache, fetcher: FakeFetcher, load: Loader
+    cache: TokenCache, fetcher: FakeFetcher, clock: FakeClock, load: Loader
 ) -> None:
     fetcher.script.append(CredentialsRejected())
     with pytest.raises(CredentialsRejected):
@@ -885,6 +893,24 @@ async def test_a_load_error_reaches_the_callers_and_changes_nothing(
     assert (await cache.get(KEY, load)).access_token == "token-1"
     assert len(fetcher.calls) == 1
     assert outcomes.states() == ["authorized"]
+
+
+async def test_a_load_error_in_the_background_pauses_renewals_briefly(
+    cache: TokenCache, fetcher: FakeFetcher, clock: FakeClock, load: Loader
+) -> None:
+    await cache.get(KEY, load)
+    load.error = RuntimeError("database down")
+    clock.advance(3300.0)
+    for _ in range(20):
+        assert (await cache.get(KEY, load)).access_token == "token-1"
+        await settle()
+    assert load.calls == 2
+    load.error = None
+    clock.advance(1.0)
+    await cache.get(KEY, load)
+    await settle()
+    assert (await cache.get(KEY, load)).access_token == "token-2"
+    assert load.calls == len(fetcher.calls) + 1 == 3
 
 
 # 8. Outcome listener ----------------------------------------------------------------------------

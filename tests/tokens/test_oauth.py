@@ -22,7 +22,7 @@ from tests.support.authserver import AuthorizationServerThread, RegisteredClient
 from tests.support.fixtures import MakeOutbound
 from tests.support.servers import RecordedRequest, Reply, ScriptedServer
 
-CANARY = "canary-0c1d-provider-text"
+CANARY = "CANARY-0c1d-provider-text"
 DEFAULT_LIFETIME = 900
 
 
