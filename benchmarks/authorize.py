@@ -246,8 +246,8 @@ def main() -> None:
     print(f"authorize/healthz p99:        {results['ratio_p99']:.2f}x (target <= 1.50)")
     cb = results["cold_burst"]
     print(
-        f"cold burst: {cb['callers']} callers, {cb['ok']} answered 200, {cb['token_requests']} token request(s)"
-        " (target 1)"
+        f"cold burst: {cb['callers']} callers, {cb['ok']} answered 200,"
+        f" {cb['token_requests']} token request(s) (target 1)"
     )
     st = results["steady_stream"]
     print(

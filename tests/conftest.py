@@ -30,14 +30,10 @@ from app.core.config import Settings
 from app.core.db import build_engine
 from app.main import Overrides, create_app
 from app.migrations import upgrade
-from tests.support.fixtures import (  # noqa: F401  (fixtures used across packages)
-    auth_server,
-    fake_time,
-    local_ca,
-    scripted_server,
-    server_tls,
-)
 from tests.support.tls import LocalCA
+
+# TLS material, real HTTPS test servers and fake time, shared by every test package.
+pytest_plugins = ["tests.support.fixtures"]
 
 CANARY = "CANARY"
 T = TypeVar("T")

@@ -14,14 +14,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import schemathesis
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 import uvicorn
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from app.core.auth import mint_token
 from app.core.config import Settings
@@ -80,6 +81,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
         organization_id="fuzz-org",
         scopes=["connectors:read", "connectors:write", "connectors:authorize"],
     )
+
     # Every name resolves to 127.0.0.1, where nothing listens on 443: live checks and /validate
     # fail fast on loopback, and no generated host name ever reaches a real resolver.
     async def loopback(_host: str, _port: int) -> list[str]:
@@ -104,9 +106,9 @@ schema = schemathesis.openapi.from_dict(_DOCUMENT)
 
 @schema.parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_errors_and_documented_responses(case: schemathesis.Case, live: tuple[str, str]) -> None:
+def test_no_server_errors_and_documented_responses(case: Any, live: tuple[str, str]) -> None:
     base, token = live
-    case.headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
+    case.headers = {**dict(case.headers or {}), "Authorization": f"Bearer {token}"}
     # validate=false keeps generated creates from calling out; every other query value is kept.
     if case.query is not None and "validate" in case.query:
         case.query["validate"] = "false"

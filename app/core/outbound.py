@@ -232,12 +232,19 @@ class _Target:
     port: int
 
 
-def check_url(url: str) -> httpx.URL:
+def check_url(url: str, *, allow_private_destinations: bool = True) -> httpx.URL:
     """Check that ``url`` is a plain ``https://`` URL with a host; raise ``DestinationNotAllowed``.
 
-    Pure and synchronous; does not resolve the host (``OutboundClient.check_destination`` does).
+    Pure and synchronous: it never resolves a name (``OutboundClient.check_destination`` does),
+    but with ``allow_private_destinations=False`` a host written as a non-global IP is refused.
     """
-    return _parse_target(url).url
+    target = _parse_target(url)
+    literal = _literal_address(target.host)
+    if not allow_private_destinations and literal is not None:
+        reason = refusal_reason(literal)
+        if reason is not None:
+            raise DestinationNotAllowed(f"{target.host} is a {reason} address")
+    return target.url
 
 
 def _parse_target(url: str) -> _Target:

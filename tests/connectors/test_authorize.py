@@ -40,9 +40,7 @@ async def create_checked(client: httpx.AsyncClient, body: dict[str, Any]) -> htt
     return await client.post("/connectors", json=body)
 
 
-async def authorize(
-    client: httpx.AsyncClient, connector_id: str, **body: Any
-) -> httpx.Response:
+async def authorize(client: httpx.AsyncClient, connector_id: str, **body: Any) -> httpx.Response:
     return await client.post(f"/connectors/{connector_id}/authorize", json=body)
 
 
@@ -83,7 +81,11 @@ async def test_basic_is_checked_on_create_and_authorized_without_outbound_calls(
         (Reply(status=401), 422, "credentials_rejected"),
         (Reply(status=403), 422, "credentials_rejected"),
         (Reply.html(500), 502, "upstream_unreachable"),
-        (Reply(status=302, headers={"Location": "https://127.0.0.1:1/elsewhere"}), 502, "upstream_unreachable"),
+        (
+            Reply(status=302, headers={"Location": "https://127.0.0.1:1/elsewhere"}),
+            502,
+            "upstream_unreachable",
+        ),
         (Reply(status=404), 502, "upstream_unreachable"),
     ],
 )
@@ -124,9 +126,7 @@ async def test_basic_check_timeout_is_504_and_saves_nothing(
         "http:/x",
     ],
 )
-async def test_paths_leaving_the_resource_domain_are_refused(
-    client: httpx.AsyncClient, path: str
-) -> None:
+async def test_paths_leaving_the_resource_domain_are_refused(client: httpx.AsyncClient, path: str) -> None:
     created = (await client.post("/connectors", json=payloads.basic(), params={"validate": "false"})).json()
     assert_problem(await authorize(client, created["id"], path=path), 422, "path_outside_resource_domain")
 

@@ -471,6 +471,16 @@ async def test_literal_private_destinations_are_refused_before_connecting(
     assert CANARY not in _all_text(caught.value)
 
 
+def test_check_url_refuses_literal_addresses_without_resolving() -> None:
+    assert check_url("https://api.example.test/x").host == "api.example.test"
+    assert check_url("https://10.0.0.1/", allow_private_destinations=True).host == "10.0.0.1"
+    assert check_url("https://8.8.8.8/", allow_private_destinations=False).host == "8.8.8.8"
+    with pytest.raises(DestinationNotAllowed, match="is a cloud metadata address"):
+        check_url("https://169.254.169.254/latest/meta-data", allow_private_destinations=False)
+    with pytest.raises(DestinationNotAllowed, match="is a loopback address"):
+        check_url("https://[::ffff:127.0.0.1]:8443/", allow_private_destinations=False)
+
+
 @pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "127.1"])
 async def test_odd_spellings_of_loopback_are_refused(make_outbound: MakeOutbound, host: str) -> None:
     client = make_outbound(allow_private_destinations=False, resolver=system_resolver)
