@@ -135,3 +135,59 @@ def test_serve_answers_logs_and_stops_on_sigterm(
     assert isinstance(listed["duration_ms"], float)
     assert token not in json.dumps(lines)
     assert (Path(env["CONNECTORS_DATA_DIR"]) / "dev-keys.json").stat().st_mode & 0o077 == 0
+
+
+async def test_rotate_keys_command(env: dict[str, str]) -> None:
+    import base64
+    import secrets
+
+    from sqlalchemy import select
+
+    from app.connectors.models import Connector
+    from app.core.config import Settings
+    from app.core.db import Database, build_engine
+    from app.main import create_app
+
+    old = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    new = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    env = {**env, "CONNECTORS_DEV_KEYS": "false", "CONNECTORS_JWT_SECRET": "s" * 40}
+    assert run(env, "migrate").returncode == 0
+    url = f"sqlite+aiosqlite:///{Path(env['CONNECTORS_DATA_DIR']) / 'connectors.db'}"
+    settings = Settings(database_url=url, jwt_secret="s" * 40, encryption_keys=f"old:{old}")
+    app = create_app(settings)
+    from app.core.auth import mint_token
+
+    token = mint_token(settings, organization_id="acme", scopes=["connectors:write"])
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://t",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as client,
+    ):
+        for i in range(3):
+            body = {
+                "name": f"c{i}",
+                "resource_domain_url": "https://api.example.com",
+                "auth": {
+                    "type": "basic",
+                    "username": "u",
+                    "password": f"CANARY-{i}",
+                    "validation_url": "https://a.example.com/",
+                },
+            }
+            assert (
+                await client.post("/connectors", json=body, params={"validate": "false"})
+            ).status_code == 201
+
+    result = run(
+        {**env, "CONNECTORS_ENCRYPTION_KEYS": f"new:{new},old:{old}"}, "rotate-keys", "--batch-size", "2"
+    )
+    assert result.returncode == 0, result.stderr
+    finished = [json.loads(line) for line in result.stderr.splitlines() if "key rotation finished" in line]
+    assert finished[0]["rotated"] == 3
+    db = Database(build_engine(url))
+    async with db.read() as session:
+        assert {row.key_id for row in (await session.execute(select(Connector))).scalars()} == {"new"}
+    await db.dispose()

@@ -285,6 +285,16 @@ class ConnectorService:
     async def authorize(
         self, organization_id: str, connector_id: uuid.UUID, request: schemas.AuthorizeRequest
     ) -> schemas.AuthorizeResponse:
+        try:
+            return await self._authorize(organization_id, connector_id, request)
+        except VersionMismatch:
+            # The connector changed between its snapshot and the token request: once more, with
+            # the new version (the snapshot was dropped).
+            return await self._authorize(organization_id, connector_id, request)
+
+    async def _authorize(
+        self, organization_id: str, connector_id: uuid.UUID, request: schemas.AuthorizeRequest
+    ) -> schemas.AuthorizeResponse:
         snapshot = self._snapshots.get(connector_id)
         if snapshot is None or snapshot.organization_id != organization_id:
             snapshot = await self._load_snapshot(organization_id, connector_id)

@@ -370,3 +370,41 @@ async def test_tokens_expire_on_the_injected_clock_and_are_refreshed_ahead(
         # Long after every token expired, a call waits for a new one rather than get an old one.
         fake_time.advance(1000)
         assert await current() == "Bearer tok-3"
+
+
+async def test_status_follows_token_requests_and_is_written_on_transitions_only(
+    client: httpx.AsyncClient, scripted_server: ScriptedServer
+) -> None:
+    scripted_server.set_default(counter_tokens())
+    created = await _oauth_connector(client, scripted_server)
+    assert created["status"]["state"] == "unverified"
+    await authorize(client, created["id"])
+    first = (await client.get(f"/connectors/{created['id']}")).json()["status"]
+    assert first["state"] == "authorized"
+    assert first["checked_at"] is not None
+    await authorize(client, created["id"], force_refresh=True)
+    # A second success is no transition: the recorded check is not rewritten.
+    assert (await client.get(f"/connectors/{created['id']}")).json()["status"] == first
+    assert scripted_server.count == 2
+
+
+async def test_a_connector_changed_by_another_process_is_served_in_its_new_version(
+    client: httpx.AsyncClient, scripted_server: ScriptedServer, app: Any, database_url: str
+) -> None:
+    from sqlalchemy import update
+
+    from app.connectors.models import Connector
+    from app.core.db import Database, build_engine
+
+    scripted_server.set_default(counter_tokens())
+    created = await _oauth_connector(client, scripted_server)
+    assert (await authorize(client, created["id"])).json()["headers"]["Authorization"] == "Bearer tok-1"
+    # Another replica bumps the version; this one still holds the old snapshot. The token cache
+    # refuses to fetch for the old version and the request is answered with the new one.
+    db = Database(build_engine(database_url))
+    async with db.write() as session:
+        await session.execute(update(Connector).values(version=Connector.version + 1))
+    await db.dispose()
+    answer = await authorize(client, created["id"], force_refresh=True)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["headers"]["Authorization"] == "Bearer tok-2"

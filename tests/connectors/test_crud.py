@@ -340,3 +340,31 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
 async def test_unknown_route_is_a_problem(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/nowhere"), 404, "not_found")
     assert_problem(await client.put("/connectors"), 405, "method_not_allowed")
+
+
+async def test_an_unexpected_failure_is_a_500_problem_that_reveals_nothing(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("CANARY-internal-detail")
+
+    monkeypatch.setattr(app.state.connectors, "list", broken)
+    response = await client.get("/connectors")
+    problem = assert_problem(response, 500, "internal_error")
+    assert problem["detail"] == "an unexpected error occurred"
+
+
+async def test_one_access_line_per_request_without_secrets(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="connectors.access"):
+        await client.post("/connectors", json=payloads.basic(), params=NO_CHECK)
+        await client.get("/connectors/not-a-uuid")
+    lines = [r for r in caplog.records if r.name == "connectors.access"]
+    assert len(lines) == 2
+    created, missing = (r.__dict__ for r in lines)
+    assert (created["method"], created["route"], created["status"]) == ("POST", "/connectors", 201)
+    assert created["organization"] == "org-a"
+    assert missing["route"] == "/connectors/{connector_id}"
+    assert missing["status"] == 404
+    assert all(isinstance(r.__dict__["duration_ms"], float) for r in lines)
