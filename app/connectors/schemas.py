@@ -27,27 +27,9 @@ from pydantic import (
 from typing_extensions import TypeAliasType
 
 from app.connectors.urls import URLRuleError, normalise_base_url, normalise_endpoint_url
+from app.tokens.oauth import RESERVED_TOKEN_PARAMS
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# Form fields an OAuth request sets itself; extra_token_params may not override them.
-RESERVED_TOKEN_PARAMS = frozenset(
-    {
-        "grant_type",
-        "client_id",
-        "client_secret",
-        "scope",
-        "audience",
-        "username",
-        "password",
-        "refresh_token",
-        "code",
-        "redirect_uri",
-        "code_verifier",
-        "assertion",
-        "client_assertion",
-        "client_assertion_type",
-    }
-)
 
 
 def _name(value: str) -> str:

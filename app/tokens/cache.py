@@ -117,6 +117,16 @@ MAX_LIFETIME_SECONDS = 366 * 86_400.0
 _NEVER = -math.inf
 
 
+def _running(entry: _Entry) -> asyncio.Task[IssuedToken] | None:
+    """The entry's token request if it is still running.
+
+    A finished flight stays on the entry until its done-callback runs on a later turn of the
+    loop; joining it then would hand out the result of a request that may be long past.
+    """
+    flight = entry.flight
+    return flight if flight is not None and not flight.done() else None
+
+
 def token_schedule(expires_in: float, sent_at: float) -> tuple[float, float]:
     """The monotonic times until which a token is handed out and from which it is renewed."""
     lifetime = _clamp_lifetime(expires_in)
@@ -252,14 +262,15 @@ class TokenCache:
         if token is not None and now < token.usable_until:
             if (
                 now >= token.refresh_at
-                and entry.flight is None
+                and _running(entry) is None
                 and now >= entry.retry_at
                 and not self._closed
             ):
                 self._start_flight(key, entry, load)
             return token.issued
-        if entry.flight is not None:
-            return await self._join(entry, entry.flight)
+        flight = _running(entry)
+        if flight is not None:
+            return await self._join(entry, flight)
         if entry.failure is not None and now < entry.retry_at:
             raise _detached(entry.failure)
         return await self._join(entry, self._start_flight(key, entry, load))
@@ -279,8 +290,9 @@ class TokenCache:
 
     async def _get_outdated(self, key: CacheKey, load: ConfigLoader) -> IssuedToken:
         entry = self._outdated.get(key)
-        if entry is not None and entry.flight is not None:
-            return await self._join(entry, entry.flight)
+        flight = _running(entry) if entry is not None else None
+        if entry is not None and flight is not None:
+            return await self._join(entry, flight)
         entry = self._outdated[key] = _Entry(key[1])
         return await self._join(entry, self._start_flight(key, entry, load))
 

@@ -49,7 +49,13 @@ from app.core.errors import AppError, CredentialsRejected, InvalidRequest, Token
 from app.core.outbound import OutboundClient
 from app.tokens.types import OAuth2Config, RefreshTokenRejected, TokenGrant
 
-__all__ = ["MAX_EXPIRES_IN_SECONDS", "RESERVED_TOKEN_PARAMS", "OAuth2TokenClient", "client_basic_header"]
+__all__ = [
+    "MAX_EXPIRES_IN_SECONDS",
+    "RESERVED_TOKEN_PARAMS",
+    "OAuth2TokenClient",
+    "build_token_request",
+    "client_basic_header",
+]
 
 MAX_EXPIRES_IN_SECONDS: Final = 365 * 86_400
 
