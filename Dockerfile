@@ -1,14 +1,19 @@
 # syntax=docker/dockerfile:1
 # The same `serve` command as `make run`, as a non-root user, with the pinned dependencies.
 
-FROM python:3.11-slim AS build
+# Both stages must use the same Python: the virtualenv copied below links to its interpreter.
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
 COPY requirements.lock /tmp/requirements.lock
-RUN /opt/venv/bin/pip install -r /tmp/requirements.lock
+# Exactly the lock: nothing unpinned is pulled in, and a lock missing a dependency fails here.
+RUN /opt/venv/bin/pip install --no-deps -r /tmp/requirements.lock && /opt/venv/bin/pip check
 
-FROM python:3.11-slim
+FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/srv \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CONNECTORS_HOST=0.0.0.0 \

@@ -11,12 +11,12 @@ import asyncio
 from sqlalchemy.engine import Connection
 
 from alembic import context
-from app.connectors.models import Base
 from app.core.config import Settings
 from app.core.db import build_engine
+from app.models import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _run(connection: Connection) -> None:

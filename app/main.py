@@ -6,28 +6,37 @@ verifier, token cache) and closes them on shutdown, after uvicorn has drained re
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
 
 from app import __version__
 from app.connectors.router import hot_routes
 from app.connectors.router import router as connectors_router
 from app.connectors.service import ConnectorService
 from app.core.auth import TokenVerifier
+from app.core.broadcast import Broadcast
 from app.core.clock import Clock, SystemClock
 from app.core.config import Settings
 from app.core.crypto import KeyRing
 from app.core.db import Database, build_engine
 from app.core.http import install_error_handlers, problem
 from app.core.logs import AccessLogMiddleware
+from app.core.metrics import CONTENT_TYPE, Metrics
 from app.core.outbound import OutboundClient
 from app.tokens.cache import TokenCache
 from app.tokens.check import LiveChecker
 from app.tokens.oauth import OAuth2TokenClient
+from app.tokens.shared import SharedTokenStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -38,17 +47,27 @@ class Overrides:
     outbound: OutboundClient | None = None
 
 
+def _drop(service: ConnectorService, message: str) -> None:
+    try:
+        connector_id = uuid.UUID(message)
+    except ValueError:
+        return
+    service.drop_local(connector_id)
+
+
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
     overrides = overrides or Overrides()
     clock = overrides.clock or SystemClock()
+    # One registry per application: several apps in one process (tests) count separately.
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(build_engine(settings.effective_database_url, pool_size=settings.database_pool_size))
-        outbound = overrides.outbound or OutboundClient.from_settings(settings)
+        outbound = overrides.outbound or OutboundClient.from_settings(settings, metrics=metrics)
         verifier = TokenVerifier(settings)
         fetcher = OAuth2TokenClient(
-            outbound, default_token_lifetime_seconds=settings.default_token_lifetime_seconds
+            outbound, default_token_lifetime_seconds=settings.default_token_lifetime_seconds, metrics=metrics
         )
         service_ref: list[ConnectorService] = []
 
@@ -56,24 +75,53 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             if service_ref:
                 await service_ref[0].record_outcome(key, state, detail)  # type: ignore[arg-type]
 
-        tokens = TokenCache(fetcher, clock=clock, on_outcome=on_outcome)
+        keyring = KeyRing.from_settings(settings)
+        redis: Redis | None = None
+        shared: SharedTokenStore | None = None
+        broadcast: Broadcast | None = None
+        if settings.redis_url is not None:
+            # Replicas share tokens and change notices; every Redis call is bounded and a failing
+            # Redis only makes a replica work alone for a while (app.tokens.shared).
+            redis = Redis.from_url(
+                settings.redis_url.get_secret_value(), socket_timeout=2.0, socket_connect_timeout=1.0
+            )
+            shared = SharedTokenStore(
+                redis, keyring, clock=clock, lock_timeout=settings.outbound_timeout_seconds + 2.0
+            )
+            broadcast = Broadcast(redis)
+        tokens = TokenCache(fetcher, clock=clock, on_outcome=on_outcome, shared=shared, metrics=metrics)
         service = ConnectorService(
             db=db,
-            keyring=KeyRing.from_settings(settings),
+            keyring=keyring,
             tokens=tokens,
             check_credentials=LiveChecker(outbound, fetcher),
             check_destination=outbound.check_destination,
             clock=clock,
             max_per_org=settings.max_connectors_per_org,
+            snapshot_max_age=settings.snapshot_max_age_seconds,
+            on_change=(lambda connector_id: broadcast.publish(str(connector_id))) if broadcast else None,
         )
         service_ref.append(service)
+        listener: asyncio.Task[None] | None = None
+        if broadcast is not None:
+            listener = asyncio.create_task(
+                broadcast.listen(lambda message: _drop(service, message), service.drop_all_local),
+                name="connector change notices",
+            )
+        app.state.broadcast = broadcast
         app.state.db = db
         app.state.verifier = verifier
         app.state.connectors = service
         try:
             yield
         finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+            await service.aclose()
             await tokens.aclose()
+            if redis is not None:
+                await redis.aclose()
             await verifier.aclose()
             if overrides.outbound is None:
                 await outbound.aclose()
@@ -85,6 +133,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         summary="Stores connector credentials and hands out ready-made request headers.",
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.router.routes.extend(hot_routes)
     app.include_router(connectors_router)
@@ -103,6 +152,29 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         except Exception:
             return problem(503, "not_ready", "Not ready", "the database is not reachable")
         return {"status": "ready"}
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format 0.0.4",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics; no caller token, for scrapers on the internal network."""
+        service: ConnectorService = app.state.connectors
+        try:
+            counts: dict[str, int] | None = await service.count_by_state()
+        except Exception as error:
+            # The other metrics are worth having while the database is away.
+            log.warning("counting connectors for the metrics failed", extra={"error": type(error).__name__})
+            counts = None
+        metrics.set_connector_states(counts)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     if settings.access_log:
         app.add_middleware(AccessLogMiddleware)

@@ -3,7 +3,8 @@
 Rows are taken in batches of those whose ciphertexts are not under the newest key, each batch in
 its own short transaction. A row is rewritten only if its key id is still the one read (a
 concurrent update already wrote it under the newest key), so the command is safe to interrupt and
-to run again, and safe to run while the service serves.
+to run again, and safe to run while the service serves. Each rewritten row gets a ``rotate_keys``
+audit event in the same transaction.
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from app.audit.repository import AuditRepository
+from app.audit.schemas import SUCCEEDED
 from app.connectors.repository import RotationRepository
+from app.core.clock import Clock, SystemClock
 from app.core.config import Settings
 from app.core.crypto import DecryptionError, KeyRing, secret_aad
 from app.core.db import Database, build_engine
 
 log = logging.getLogger(__name__)
+
+# The actor of the audit events this command records.
+ACTOR = "rotate-keys"
 
 
 @dataclass(slots=True)
@@ -26,13 +33,17 @@ class RotationReport:
     failed: int = 0
 
 
-async def rotate(db: Database, keyring: KeyRing, *, batch_size: int = 100) -> RotationReport:
+async def rotate(
+    db: Database, keyring: KeyRing, *, batch_size: int = 100, clock: Clock | None = None
+) -> RotationReport:
+    clock = clock or SystemClock()
     report = RotationReport()
     primary = keyring.primary_key_id
     failed_ids: set[object] = set()
     while True:
         async with db.write() as session:
             repo = RotationRepository(session)
+            audit = AuditRepository(session)
             rows = [row for row in await repo.batch_not_under(primary, batch_size + len(failed_ids))]
             rows = [row for row in rows if row.id not in failed_ids][:batch_size]
             if not rows:
@@ -53,6 +64,16 @@ async def rotate(db: Database, keyring: KeyRing, *, batch_size: int = 100) -> Ro
                     report.failed += 1
                     continue
                 if await repo.replace_secrets(row.organization_id, row.id, row.key_id, secrets, primary):
+                    await audit.record(
+                        row.organization_id,
+                        row.id,
+                        action="rotate_keys",
+                        actor=ACTOR,
+                        changed_fields=[],
+                        outcome=SUCCEEDED,
+                        detail=f"re-encrypted under key {primary}",
+                        at=clock.now(),
+                    )
                     report.rotated += 1
                 else:
                     report.skipped += 1

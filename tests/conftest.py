@@ -33,7 +33,7 @@ from app.migrations import upgrade
 from tests.support.tls import LocalCA
 
 # TLS material, real HTTPS test servers and fake time, shared by every test package.
-pytest_plugins = ["tests.support.fixtures"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.redis"]
 
 CANARY = "CANARY"
 T = TypeVar("T")
@@ -169,7 +169,7 @@ async def _truncate_postgres(url: str) -> None:
     engine = build_engine(url)
     try:
         async with engine.begin() as connection:
-            await connection.execute(text("TRUNCATE connectors, organizations CASCADE"))
+            await connection.execute(text("TRUNCATE connectors, organizations, audit_events CASCADE"))
     finally:
         await engine.dispose()
 

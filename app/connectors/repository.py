@@ -125,6 +125,18 @@ class ConnectorRepository:
         )
         return bool(getattr(result, "rowcount", 0))
 
+    async def version_and_state(
+        self, organization_id: str, connector_id: uuid.UUID
+    ) -> tuple[int, str] | None:
+        """The connector's version and status state, for a cheap check of a cached copy."""
+        result = await self.session.execute(
+            select(Connector.version, Connector.status_state).where(
+                Connector.organization_id == organization_id, Connector.id == connector_id
+            )
+        )
+        row = result.first()
+        return (int(row[0]), str(row[1])) if row is not None else None
+
     async def _flush_unique(self) -> None:
         try:
             await self.session.flush()
@@ -164,3 +176,17 @@ class RotationRepository:
             .execution_options(synchronize_session=False)
         )
         return bool(getattr(result, "rowcount", 0))
+
+
+class StatsRepository:
+    """Aggregates over every organization, for operators: counts only, never a connector's data."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def count_by_state(self) -> dict[str, int]:
+        """How many connectors are in each status state; states without connectors are absent."""
+        result = await self.session.execute(
+            select(Connector.status_state, func.count()).group_by(Connector.status_state)
+        )
+        return {str(state): int(count) for state, count in result.all()}

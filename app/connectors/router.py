@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Annotated, Any
 
@@ -9,11 +10,13 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from pydantic import ValidationError
 from starlette.routing import Route
 
+from app.audit.schemas import AuditEventList
 from app.connectors import schemas
 from app.connectors.service import ConnectorService
 from app.core.auth import SCOPE_AUTHORIZE
-from app.core.errors import ConnectorNotFound, InvalidRequest, VersionMismatch
+from app.core.errors import AppError, ConnectorNotFound, InvalidRequest, VersionMismatch
 from app.core.http import PROBLEM_JSON
+from app.core.metrics import Metrics
 from app.core.security import Reader, Writer, authenticate
 from app.core.validation import field_errors
 
@@ -98,15 +101,37 @@ async def authorize(connector_id: str, request: Request) -> Response:
     """The headers for one outbound request to the connector's resource domain."""
     # The hot path: no dependencies, the body parsed and the answer serialised once by pydantic.
     # Requests reach it through ``hot_routes`` below; this declaration documents it.
-    principal = await authenticate(request, SCOPE_AUTHORIZE)
-    raw = await request.body()
-    try:
-        body = schemas.AuthorizeRequest.model_validate_json(raw) if raw else schemas.AuthorizeRequest()
-    except ValidationError as error:
-        raise InvalidRequest(errors=field_errors(error)) from None
+    started = time.perf_counter()
     service: ConnectorService = request.app.state.connectors
-    result = await service.authorize(principal.organization_id, _uuid(connector_id), body)
+    asked: tuple[str, uuid.UUID] | None = None
+    try:
+        principal = await authenticate(request, SCOPE_AUTHORIZE)
+        raw = await request.body()
+        try:
+            body = schemas.AuthorizeRequest.model_validate_json(raw) if raw else schemas.AuthorizeRequest()
+        except ValidationError as error:
+            raise InvalidRequest(errors=field_errors(error)) from None
+        asked = (principal.organization_id, _uuid(connector_id))
+        result = await service.authorize(*asked, body)
+    except Exception as error:
+        # A cancelled call is not counted; anything but an AppError is answered as a 500.
+        outcome = error.code if isinstance(error, AppError) else "internal_error"
+        _observe_authorize(request, service, asked, outcome, started)
+        raise
+    _observe_authorize(request, service, asked, "ok", started)
     return Response(result.model_dump_json(), media_type="application/json", headers=_NO_STORE)
+
+
+def _observe_authorize(
+    request: Request,
+    service: ConnectorService,
+    asked: tuple[str, uuid.UUID] | None,
+    outcome: str,
+    started: float,
+) -> None:
+    auth_type = service.auth_type_of(*asked) if asked is not None else None
+    metrics: Metrics = request.app.state.metrics
+    metrics.observe_authorize(outcome, auth_type, time.perf_counter() - started)
 
 
 @router.post(
@@ -122,7 +147,9 @@ async def create_connector(
     validate: Validate = True,
 ) -> schemas.ConnectorOut:
     """Create a connector, checking its credentials live unless validate=false."""
-    created = await service.create(principal.organization_id, body, validate=validate)
+    created = await service.create(
+        principal.organization_id, body, validate=validate, actor=principal.subject
+    )
     response.headers["ETag"] = _etag(created.version)
     response.headers["Location"] = f"/connectors/{created.id}"
     return created
@@ -159,7 +186,12 @@ async def update_connector(
 ) -> schemas.ConnectorOut:
     """Change some fields of a connector; honours If-Match."""
     updated = await service.update(
-        principal.organization_id, connector_id, body, if_match=if_match, validate=validate
+        principal.organization_id,
+        connector_id,
+        body,
+        if_match=if_match,
+        validate=validate,
+        actor=principal.subject,
     )
     response.headers["ETag"] = _etag(updated.version)
     return updated
@@ -174,7 +206,7 @@ async def delete_connector(
     connector_id: ConnectorId, principal: Writer, service: Service, if_match: IfMatch
 ) -> Response:
     """Delete a connector, freeing a place under the limit."""
-    await service.delete(principal.organization_id, connector_id, if_match=if_match)
+    await service.delete(principal.organization_id, connector_id, if_match=if_match, actor=principal.subject)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -183,12 +215,25 @@ async def validate_connector(
     connector_id: ConnectorId, principal: Writer, service: Service, response: Response
 ) -> schemas.ConnectorOut:
     """Check the stored credentials live now and record the result in status."""
-    connector = await service.validate(principal.organization_id, connector_id)
+    connector = await service.validate(principal.organization_id, connector_id, actor=principal.subject)
     response.headers["ETag"] = _etag(connector.version)
     return connector
 
 
+HistoryLimit = Annotated[int, Query(ge=1, le=1000, description="at most this many events, the newest")]
+
+
+@router.get("/{connector_id}/history", responses=_ONE)
+async def connector_history(
+    connector_id: ConnectorId, principal: Reader, service: Service, limit: HistoryLimit = 100
+) -> AuditEventList:
+    """The connector's recorded changes, refused attempts and checks, newest first."""
+    return await service.history(principal.organization_id, connector_id, limit=limit)
+
+
 async def _authorize_endpoint(request: Request) -> Response:
+    # FastAPI records only its own routes in the scope; the access line needs this template.
+    request.scope["route"] = hot_routes[0]
     return await authorize(request.path_params["connector_id"], request)
 
 

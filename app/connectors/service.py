@@ -3,6 +3,10 @@
 Database transactions are short and never held across an outbound call: a live check runs
 between a read and the write, and the write re-checks what the read saw (limit, name, version).
 
+Each change writes its audit event in the write's transaction, so an acknowledged change always
+has its event and a rolled-back one has none. A refused attempt on an existing connector is
+recorded afterwards in a short transaction of its own. Events name fields, never values.
+
 ``authorize`` is the hot path. It answers from an in-process snapshot of the connector (its
 organization, version, URLs and, for Basic, the ready header) and from the token cache, so in
 steady state it makes no database query, no decryption and no outbound call. Every change made
@@ -11,18 +15,23 @@ through this service drops the snapshot and the connector's tokens at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Collection, Coroutine, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.audit.repository import AuditRepository
+from app.audit.schemas import SUCCEEDED, AuditAction, AuditEventList, AuditEventOut
 from app.connectors import schemas
 from app.connectors.kinds import Kind, TokenConfig, kind_for, kind_of
 from app.connectors.models import Connector
-from app.connectors.repository import ConnectorRepository
+from app.connectors.repository import ConnectorRepository, StatsRepository
 from app.connectors.urls import URLRuleError, join_resource_path, origin_of
 from app.core.clock import Clock
 from app.core.crypto import KeyRing, secret_aad
@@ -81,6 +90,11 @@ class _Snapshot:
     origin: str
     basic_header: str | None
     state: str
+    # clock.monotonic() when the database last confirmed this version.
+    checked_at: float
+
+
+ChangeListener = Callable[[uuid.UUID], Coroutine[Any, Any, None]]
 
 
 class ConnectorService:
@@ -94,6 +108,8 @@ class ConnectorService:
         check_destination: DestinationChecker,
         clock: Clock,
         max_per_org: int,
+        snapshot_max_age: float = 1.0,
+        on_change: ChangeListener | None = None,
     ) -> None:
         self.db = db
         self.keyring = keyring
@@ -102,7 +118,13 @@ class ConnectorService:
         self.check_destination = check_destination
         self.clock = clock
         self.max_per_org = max_per_org
+        # How long authorize trusts its copy of a connector before checking the version again:
+        # the bound on serving a change made by another replica when no broadcast arrives.
+        self.snapshot_max_age = snapshot_max_age
+        # Told of every change made here, to tell the other replicas (app.core.broadcast).
+        self.on_change = on_change
         self._snapshots: dict[uuid.UUID, _Snapshot] = {}
+        self._notifications: set[asyncio.Task[None]] = set()
 
     # Reads -------------------------------------------------------------------------------------
 
@@ -116,10 +138,31 @@ class ConnectorService:
             row = await self._require(ConnectorRepository(session), organization_id, connector_id)
         return self.to_out(row)
 
+    async def count_by_state(self) -> dict[str, int]:
+        """Connectors of every organization per status state, for the operators' metrics."""
+        async with self.db.read() as session:
+            return await StatsRepository(session).count_by_state()
+
+    async def history(self, organization_id: str, connector_id: uuid.UUID, *, limit: int) -> AuditEventList:
+        """The connector's audit events, newest first; still readable after a delete.
+
+        Not found only when the organization has neither the connector nor any event for it.
+        """
+        async with self.db.read() as session:
+            events = await AuditRepository(session).for_connector(organization_id, connector_id, limit=limit)
+            if not events:
+                await self._require(ConnectorRepository(session), organization_id, connector_id)
+        return AuditEventList(items=[AuditEventOut.model_validate(event) for event in events])
+
     # Writes ------------------------------------------------------------------------------------
 
     async def create(
-        self, organization_id: str, body: schemas.ConnectorCreate, *, validate: bool
+        self,
+        organization_id: str,
+        body: schemas.ConnectorCreate,
+        *,
+        validate: bool,
+        actor: str | None = None,
     ) -> schemas.ConnectorOut:
         kind = kind_for(body.auth)
         public, secrets = kind.split(body.auth)
@@ -161,6 +204,9 @@ class ConnectorService:
             if await repo.name_taken(organization_id, name_key):
                 raise NameTaken()
             await repo.add(row)
+            await self._audit(
+                session, organization_id, connector_id, "create", actor, _fields_set(body), SUCCEEDED, at=now
+            )
         if grant is not None:
             self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
         return self.to_out(row)
@@ -173,6 +219,27 @@ class ConnectorService:
         *,
         if_match: int | None,
         validate: bool,
+        actor: str | None = None,
+    ) -> schemas.ConnectorOut:
+        try:
+            return await self._update(
+                organization_id, connector_id, patch, if_match=if_match, validate=validate, actor=actor
+            )
+        except AppError as error:
+            await self._record_refusal(
+                organization_id, connector_id, "update", actor, _fields_set(patch), error
+            )
+            raise
+
+    async def _update(
+        self,
+        organization_id: str,
+        connector_id: uuid.UUID,
+        patch: schemas.ConnectorPatch,
+        *,
+        if_match: int | None,
+        validate: bool,
+        actor: str | None,
     ) -> schemas.ConnectorOut:
         async with self.db.read() as session:
             repo = ConnectorRepository(session)
@@ -239,21 +306,46 @@ class ConnectorService:
                 await self._require(repo, organization_id, connector_id)
                 raise VersionMismatch("the connector changed while this update was processed")
             updated = await self._require(repo, organization_id, connector_id)
+            changed = _changed_fields(row, name, base_url, kind, public, sent_secrets)
+            await self._audit(
+                session,
+                organization_id,
+                connector_id,
+                "update",
+                actor,
+                changed,
+                SUCCEEDED,
+                at=values["updated_at"],
+            )
         self._forget(connector_id)
         if grant is not None:
             self.tokens.seed((connector_id, updated.version), grant, sent_at=sent_at)
         return self.to_out(updated)
 
-    async def delete(self, organization_id: str, connector_id: uuid.UUID, *, if_match: int | None) -> None:
-        async with self.db.write() as session:
-            repo = ConnectorRepository(session)
-            row = await self._require(repo, organization_id, connector_id)
-            if if_match is not None and if_match != row.version:
-                raise VersionMismatch()
-            await repo.delete(organization_id, connector_id)
+    async def delete(
+        self,
+        organization_id: str,
+        connector_id: uuid.UUID,
+        *,
+        if_match: int | None,
+        actor: str | None = None,
+    ) -> None:
+        try:
+            async with self.db.write() as session:
+                repo = ConnectorRepository(session)
+                row = await self._require(repo, organization_id, connector_id)
+                if if_match is not None and if_match != row.version:
+                    raise VersionMismatch()
+                await repo.delete(organization_id, connector_id)
+                await self._audit(session, organization_id, connector_id, "delete", actor, [], SUCCEEDED)
+        except AppError as error:
+            await self._record_refusal(organization_id, connector_id, "delete", actor, [], error)
+            raise
         self._forget(connector_id)
 
-    async def validate(self, organization_id: str, connector_id: uuid.UUID) -> schemas.ConnectorOut:
+    async def validate(
+        self, organization_id: str, connector_id: uuid.UUID, *, actor: str | None = None
+    ) -> schemas.ConnectorOut:
         async with self.db.read() as session:
             row = await self._require(ConnectorRepository(session), organization_id, connector_id)
         kind = kind_of(row.auth_type, row.grant_type)
@@ -271,10 +363,15 @@ class ConnectorService:
         now = self.clock.now()
         async with self.db.write() as session:
             repo = ConnectorRepository(session)
-            await repo.set_status(
+            applied = await repo.set_status(
                 organization_id, connector_id, row.version, state=state, detail=detail, checked_at=now
             )
             updated = await self._require(repo, organization_id, connector_id)
+            if not applied:
+                detail = "superseded: the connector changed during the check"
+            await self._audit(
+                session, organization_id, connector_id, "validate", actor, [], state, detail=detail, at=now
+            )
         self._forget(connector_id)
         if grant is not None and updated.version == row.version:
             self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
@@ -298,6 +395,8 @@ class ConnectorService:
         snapshot = self._snapshots.get(connector_id)
         if snapshot is None or snapshot.organization_id != organization_id:
             snapshot = await self._load_snapshot(organization_id, connector_id)
+        elif self.clock.monotonic() - snapshot.checked_at > self.snapshot_max_age:
+            snapshot = await self._recheck_snapshot(snapshot, connector_id)
         try:
             url = join_resource_path(snapshot.base_url, request.path)
         except URLRuleError as error:
@@ -336,6 +435,7 @@ class ConnectorService:
         if snapshot is None or snapshot.version != version or snapshot.state == state:
             return
         snapshot.state = state
+        self._notify(connector_id)
         async with self.db.write() as session:
             await ConnectorRepository(session).set_status(
                 snapshot.organization_id,
@@ -344,6 +444,71 @@ class ConnectorService:
                 state=state,
                 detail=detail,
                 checked_at=self.clock.now(),
+            )
+
+    def auth_type_of(self, organization_id: str, connector_id: uuid.UUID) -> str | None:
+        """``basic`` or ``oauth2`` if authorize holds the connector in memory, else None."""
+        snapshot = self._snapshots.get(connector_id)
+        if snapshot is None or snapshot.organization_id != organization_id:
+            return None
+        return "oauth2" if snapshot.basic_header is None else "basic"
+
+    # Audit -------------------------------------------------------------------------------------
+
+    async def _audit(
+        self,
+        session: AsyncSession,
+        organization_id: str,
+        connector_id: uuid.UUID,
+        action: AuditAction,
+        actor: str | None,
+        changed_fields: Sequence[str],
+        outcome: str,
+        *,
+        detail: str | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        await AuditRepository(session).record(
+            organization_id,
+            connector_id,
+            action=action,
+            actor=actor,
+            changed_fields=changed_fields,
+            outcome=outcome,
+            detail=detail,
+            at=at or self.clock.now(),
+        )
+
+    async def _record_refusal(
+        self,
+        organization_id: str,
+        connector_id: uuid.UUID,
+        action: AuditAction,
+        actor: str | None,
+        attempted_fields: Sequence[str],
+        error: AppError,
+    ) -> None:
+        """Record a refused attempt on an existing connector, in a transaction of its own."""
+        if isinstance(error, ConnectorNotFound):
+            return  # nothing of the caller's organization was touched
+        provider = error.extra.get("provider_error")
+        try:
+            async with self.db.write() as session:
+                await self._audit(
+                    session,
+                    organization_id,
+                    connector_id,
+                    action,
+                    actor,
+                    attempted_fields,
+                    error.code,
+                    detail=provider if isinstance(provider, str) else None,
+                )
+        except Exception as failure:
+            # The caller's answer is the refusal; failing to record it must not replace it.
+            log.warning(
+                "could not record a refused attempt",
+                extra={"connector": str(connector_id), "error": type(failure).__name__},
             )
 
     # Helpers -----------------------------------------------------------------------------------
@@ -455,10 +620,24 @@ class ConnectorService:
             origin=origin_of(row.resource_domain_url),
             basic_header=header,
             state=row.status_state,
+            checked_at=self.clock.monotonic(),
         )
         if len(self._snapshots) >= _MAX_SNAPSHOTS:
             self._snapshots.clear()
         self._snapshots[connector_id] = snapshot
+        return snapshot
+
+    async def _recheck_snapshot(self, snapshot: _Snapshot, connector_id: uuid.UUID) -> _Snapshot:
+        """Confirm a cached copy with one small query; reload it if the version moved."""
+        async with self.db.read() as session:
+            current = await ConnectorRepository(session).version_and_state(
+                snapshot.organization_id, connector_id
+            )
+        if current is None or current[0] != snapshot.version:
+            self.drop_local(connector_id)
+            return await self._load_snapshot(snapshot.organization_id, connector_id)
+        snapshot.state = current[1]
+        snapshot.checked_at = self.clock.monotonic()
         return snapshot
 
     async def _load_oauth_config(
@@ -468,15 +647,37 @@ class ConnectorService:
             row = await ConnectorRepository(session).get(organization_id, connector_id)
         if row is None or row.version != version:
             # Changed or deleted since the snapshot was taken: never fetch for the old version.
-            self._forget(connector_id)
+            self.drop_local(connector_id)
             raise ConnectorNotFound() if row is None else VersionMismatch("the connector changed; retry")
         config = kind_of(row.auth_type, row.grant_type).build_config(row.auth_config, self._decrypt(row))
         assert isinstance(config, OAuth2Config)
         return config
 
     def _forget(self, connector_id: uuid.UUID) -> None:
+        """A change made here: drop what this process holds and tell the other replicas."""
+        self.drop_local(connector_id)
+        self._notify(connector_id)
+
+    def drop_local(self, connector_id: uuid.UUID) -> None:
+        """Drop this process's copy of the connector and its tokens (a change seen elsewhere)."""
         self._snapshots.pop(connector_id, None)
         self.tokens.forget(connector_id)
+
+    def drop_all_local(self) -> None:
+        """Forget every cached copy (notices may have been missed); tokens stay, keyed by version."""
+        self._snapshots.clear()
+
+    def _notify(self, connector_id: uuid.UUID) -> None:
+        if self.on_change is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.on_change(connector_id))
+        self._notifications.add(task)
+        task.add_done_callback(self._notifications.discard)
+
+    async def aclose(self) -> None:
+        """Wait for change notifications still being sent."""
+        if self._notifications:
+            await asyncio.gather(*self._notifications, return_exceptions=True)
 
 
 def _raw_fields(patch: BaseModel) -> dict[str, Any]:
@@ -498,3 +699,52 @@ def _validate_auth(raw: dict[str, Any]) -> BaseModel:
 def _detail_of(error: AppError) -> str:
     provider = error.extra.get("provider_error")
     return f"{error.code}: {provider}" if isinstance(provider, str) else error.code
+
+
+# Audit field names: names only, never values. Auth fields are listed in one fixed order.
+_AUTH_FIELD_ORDER = {name: index for index, name in enumerate(schemas.AuthPatch.model_fields)}
+
+
+def _auth_names(names: Collection[str]) -> list[str]:
+    ordered = sorted(names, key=lambda name: (_AUTH_FIELD_ORDER.get(name, len(_AUTH_FIELD_ORDER)), name))
+    return [f"auth.{name}" for name in ordered]
+
+
+def _fields_set(body: schemas.ConnectorCreate | schemas.ConnectorPatch) -> list[str]:
+    """The fields a request sets, whatever their values (those of a refused attempt included)."""
+    sent = body.model_fields_set
+    names = [name for name in ("name", "resource_domain_url") if name in sent]
+    auth: BaseModel | None = body.auth
+    return names + (_auth_names(auth.model_fields_set) if auth is not None else [])
+
+
+def _changed_fields(
+    row: Connector,
+    name: str,
+    base_url: str,
+    kind: Kind,
+    public: Mapping[str, Any],
+    sent_secrets: Collection[str],
+) -> list[str]:
+    """What an update changed. A secret counts when a new value was sent (or it was dropped)."""
+    names = [
+        field
+        for field, new, old in (
+            ("name", name, row.name),
+            ("resource_domain_url", base_url, row.resource_domain_url),
+        )
+        if new != old
+    ]
+    # An absent field, None and an empty value ({} for extra_token_params) all mean "not set".
+    auth = {
+        key
+        for key in {*public, *row.auth_config}
+        if (public.get(key) or None) != (row.auth_config.get(key) or None)
+    }
+    if kind.auth_type != row.auth_type:
+        auth.add("type")
+    if kind.grant_type != row.grant_type:
+        auth.add("grant_type")
+    auth.update(sent_secrets)
+    auth.update(set(row.secrets) - set(kind.secret_fields))
+    return names + _auth_names(auth)

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None
 
     max_connectors_per_org: int = Field(default=5, ge=1, le=10_000)
+    # How long authorize trusts its cached copy of a connector before re-checking the version.
+    snapshot_max_age_seconds: float = Field(default=1.0, ge=0, le=3600)
 
     # Caller identity. HS256 with a shared secret, or RS256/ES256 with a PEM public key or JWKS URL.
     jwt_secret: SecretStr | None = None

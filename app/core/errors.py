@@ -119,3 +119,14 @@ class UpstreamTimeout(AppError):
     status = 504
     code = "upstream_timeout"
     title = "The upstream service did not answer in time"
+
+
+def _all_subclasses(cls: type[AppError]) -> list[type[AppError]]:
+    found: list[type[AppError]] = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_all_subclasses(sub)]
+    return found
+
+
+# Every error class by its code, for errors that travel as their code alone.
+ERROR_CLASSES: dict[str, type[AppError]] = {cls.code: cls for cls in _all_subclasses(AppError)}

@@ -70,6 +70,7 @@ from app.core.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from app.core.metrics import Metrics, status_class
 
 if TYPE_CHECKING:
     from app.core.config import Settings
@@ -567,6 +568,7 @@ class OutboundClient:
         sleep: Sleep | None = None,
         jitter: Callable[[], float] | None = None,
         network_backend: httpcore.AsyncNetworkBackend | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """Build the client once; ``resolver``, ``clock``, ``sleep``, ``jitter`` and
         ``network_backend`` exist for tests.
@@ -589,6 +591,7 @@ class OutboundClient:
         self._jitter = jitter or secrets.SystemRandom().random
         self._policy = _DestinationPolicy(resolver or system_resolver, allow_private_destinations)
         self._allow_private = allow_private_destinations
+        self._durations = (metrics or Metrics()).outbound_duration
         backend = _PinnedBackend(self._policy, network_backend or httpcore.AnyIOBackend())
         self._client = httpx.AsyncClient(
             transport=_PinnedTransport(build_ssl_context(ca_bundle), backend),
@@ -600,12 +603,13 @@ class OutboundClient:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> OutboundClient:
+    def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> OutboundClient:
         return cls(
             timeout_seconds=settings.outbound_timeout_seconds,
             ca_bundle=settings.ca_bundle,
             allow_private_destinations=settings.allow_private_destinations,
             max_response_bytes=settings.outbound_max_response_bytes,
+            metrics=metrics,
         )
 
     async def aclose(self) -> None:
@@ -654,12 +658,20 @@ class OutboundClient:
         ``TokenEndpointTimeout`` or ``UpstreamTimeout``.
         """
         target = _parse_target(url)
-        deadline = self._clock.monotonic() + self._timeout
+        started = self._clock.monotonic()
+        deadline = started + self._timeout
         try:
             async with asyncio.timeout(self._timeout):
-                return await self._with_retries(method, target, headers, data, kind, deadline)
+                response = await self._with_retries(method, target, headers, data, kind, deadline)
         except TimeoutError:
+            self._observe(kind, "timeout", started)
             raise self._timeout_error(kind, target.host) from None
+        except Exception as error:
+            # A cancelled request (shutdown, a renewal no longer needed) is not counted.
+            self._observe(kind, _error_result(error), started)
+            raise
+        self._observe(kind, status_class(response.status_code), started)
+        return response
 
     async def _with_retries(
         self,
@@ -739,6 +751,9 @@ class OutboundClient:
                 content=content,
             )
 
+    def _observe(self, kind: OutboundKind, result: str, started: float) -> None:
+        self._durations.labels(kind, result).observe(self._clock.monotonic() - started)
+
     def _backoff(self, attempt: int) -> float:
         nominal = self._backoff_base * (2 ** (attempt - 1))
         return float(nominal * (0.5 + self._jitter() / 2))
@@ -753,6 +768,15 @@ class OutboundClient:
                 f"the token endpoint at {host} did not answer within {self._timeout:g}s"
             )
         return UpstreamTimeout(f"{host} did not answer within {self._timeout:g}s")
+
+
+def _error_result(error: Exception) -> str:
+    """The ``result`` label of an outbound request that ended in ``error``."""
+    if isinstance(error, TokenEndpointTimeout | UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, DestinationNotAllowed):
+        return "refused"
+    return "error"
 
 
 def _tls_detail(host: str, error: ssl.SSLError) -> str:

@@ -76,13 +76,14 @@ What the owner must know
     included, and may arrive for a version that is no longer current. The cache serves one event
     loop.
 
-The hot path, a warm hit, is one dict lookup, one monotonic clock reading and a few comparisons:
-no task, no await that suspends, no logging.
+The hot path, a warm hit, is one dict lookup, one monotonic clock reading, a few comparisons and
+one counter increment (``app.core.metrics``): no task, no await that suspends, no logging.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -91,7 +92,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from app.core.clock import Clock
-from app.core.errors import AppError, CredentialsRejected, TokenEndpointError, UpstreamUnreachable
+from app.core.errors import (
+    ERROR_CLASSES,
+    AppError,
+    CredentialsRejected,
+    TokenEndpointError,
+    UpstreamUnreachable,
+)
+from app.core.metrics import Metrics
+from app.tokens.shared import SharedFailure, SharedToken, SharedTokenStore, SharedUnavailable
 from app.tokens.types import (
     CheckState,
     ConfigLoader,
@@ -168,6 +177,8 @@ class _Entry:
     failure: AppError | None = None
     failures: int = 0
     retry_at: float = _NEVER
+    # The last token a caller reported refused: a shared copy of it is not taken over.
+    stale: str | None = None
 
 
 class TokenCache:
@@ -181,6 +192,8 @@ class TokenCache:
         on_outcome: OutcomeListener | None = None,
         retry_backoff_initial: float = 1.0,
         retry_backoff_max: float = 60.0,
+        shared: SharedTokenStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not 0 < retry_backoff_initial <= retry_backoff_max:
             raise ValueError("need 0 < retry_backoff_initial <= retry_backoff_max")
@@ -193,6 +206,11 @@ class TokenCache:
         self._outdated: dict[CacheKey, _Entry] = {}
         self._tasks: set[asyncio.Task[IssuedToken]] = set()
         self._closed = False
+        self._shared = shared
+        metrics = metrics or Metrics()
+        self._hits = metrics.token_cache_hits
+        self._misses = metrics.token_cache_misses
+        self._waits = metrics.token_single_flight_waits
 
     async def get(self, key: CacheKey, load: ConfigLoader, *, stale_token: str | None = None) -> IssuedToken:
         """A token usable now for ``key``; ``stale_token`` is one the resource refused.
@@ -204,6 +222,7 @@ class TokenCache:
         if entry is not None and stale_token is None and entry.version == key[1]:
             token = entry.token
             if token is not None and self._clock.monotonic() < token.refresh_at:
+                self._hits.inc()
                 return token.issued
         return await self._get_slow(key, load, stale_token)
 
@@ -252,12 +271,15 @@ class TokenCache:
     async def _get_slow(self, key: CacheKey, load: ConfigLoader, stale_token: str | None) -> IssuedToken:
         entry = self._current_entry(key)
         if entry is None:
+            self._misses.inc()
             return await self._get_outdated(key, load)
         if entry.rejected is not None:
+            self._misses.inc()
             raise _detached(entry.rejected)
         token = entry.token
         if token is not None and stale_token is not None and token.issued.access_token == stale_token:
             entry.token = token = None
+            entry.stale = stale_token
         now = self._clock.monotonic()
         if token is not None and now < token.usable_until:
             if (
@@ -267,9 +289,12 @@ class TokenCache:
                 and not self._closed
             ):
                 self._start_flight(key, entry, load)
+            self._hits.inc()
             return token.issued
+        self._misses.inc()
         flight = _running(entry)
         if flight is not None:
+            self._waits.inc()
             return await self._join(entry, flight)
         if entry.failure is not None and now < entry.retry_at:
             raise _detached(entry.failure)
@@ -292,6 +317,7 @@ class TokenCache:
         entry = self._outdated.get(key)
         flight = _running(entry) if entry is not None else None
         if entry is not None and flight is not None:
+            self._waits.inc()
             return await self._join(entry, flight)
         entry = self._outdated[key] = _Entry(key[1])
         return await self._join(entry, self._start_flight(key, entry, load))
@@ -338,7 +364,79 @@ class TokenCache:
             raise
 
     async def _renew(self, key: CacheKey, entry: _Entry, load: ConfigLoader) -> IssuedToken:
-        """Run one flight: load the configuration, request a token, update the entry, report."""
+        """Run one flight: through the replicas' shared store when there is one, else alone."""
+        if self._shared is not None and self._shared.available():
+            try:
+                return await self._renew_shared(self._shared, key, entry, load)
+            except SharedUnavailable:
+                pass
+        refresh_token, entry.refresh_token = entry.refresh_token, None
+        return await self._renew_alone(key, entry, load, refresh_token, None)
+
+    async def _renew_shared(
+        self, shared: SharedTokenStore, key: CacheKey, entry: _Entry, load: ConfigLoader
+    ) -> IssuedToken:
+        """Take over a token another replica got, or get one under the replicas' lock."""
+        while True:
+            token, failure = await shared.read(key)
+            adopted = self._adopt(entry, token)
+            if adopted is not None:
+                return adopted
+            if failure is not None:
+                raise self._adopt_failure(entry, failure)
+            owner = await shared.try_lock(key)
+            if owner is None:
+                # Another replica is asking; its answer appears in the store, or its lock
+                # expires (at most lock_timeout, if it died) and this replica asks instead.
+                await shared.sleep(shared.poll_interval)
+                continue
+            try:
+                token, failure = await shared.read(key)
+                adopted = self._adopt(entry, token)
+                if adopted is not None:
+                    return adopted
+                refresh_token = await shared.take_refresh_token(key)
+                # Redis failing from here on must not lead to a second request: the rest of
+                # this flight no longer raises SharedUnavailable.
+                return await self._renew_alone(key, entry, load, refresh_token, shared)
+            finally:
+                with contextlib.suppress(SharedUnavailable):
+                    await shared.release(key, owner)
+
+    def _adopt(self, entry: _Entry, shared: SharedToken | None) -> IssuedToken | None:
+        """Use a token from the shared store if it is not yet due for renewal here."""
+        if shared is None or shared.access_token == entry.stale:
+            return None
+        now = self._clock.monotonic()
+        sent_at = now - (self._clock.now().timestamp() - shared.sent_at)
+        usable_until, refresh_at = token_schedule(shared.expires_in, sent_at)
+        if now >= refresh_at:
+            return None
+        expires_at = self._clock.now() + timedelta(seconds=usable_until - now)
+        entry.token = _Token(IssuedToken(shared.access_token, expires_at), usable_until, refresh_at)
+        self._succeeded(entry)
+        return entry.token.issued
+
+    def _adopt_failure(self, entry: _Entry, failure: SharedFailure) -> AppError:
+        """The error another replica got, kept for its backoff: answered here without a request."""
+        cls = ERROR_CLASSES.get(failure.code, UpstreamUnreachable)
+        error = cls(provider_error=failure.provider_error) if failure.provider_error else cls()
+        if failure.rejected:
+            entry.rejected = _detached(error)
+            entry.token = None
+        else:
+            self._failed(entry, error)
+        return error
+
+    async def _renew_alone(
+        self,
+        key: CacheKey,
+        entry: _Entry,
+        load: ConfigLoader,
+        refresh_token: str | None,
+        shared: SharedTokenStore | None,
+    ) -> IssuedToken:
+        """Load the configuration, request a token, update the entry (and the store), report."""
         try:
             config = await load()
         except Exception as error:
@@ -351,8 +449,7 @@ class TokenCache:
             entry.failure = None
             entry.retry_at = self._clock.monotonic() + self._backoff_initial
             raise
-        # Taken out before it is sent: whatever happens next, it is not sent again.
-        refresh_token, entry.refresh_token = entry.refresh_token, None
+        # The refresh token was taken out before this point: whatever happens, it is not sent again.
         try:
             try:
                 grant, sent_at, accepted_refresh = await self._request(config, refresh_token)
@@ -363,11 +460,14 @@ class TokenCache:
             entry.token = None
             entry.failure = None
             log.warning("token request rejected", extra={"key": repr(key), "code": error.code})
+            await self._share_failure(shared, key, error, rejected=True, ttl=self._backoff_max)
             await self._report(key, "rejected", error.code)
             raise
         except AppError as error:
             self._failed(entry, error)
             log.warning("token request failed", extra={"key": repr(key), "code": error.code})
+            ttl = entry.retry_at - self._clock.monotonic()
+            await self._share_failure(shared, key, error, rejected=False, ttl=ttl)
             await self._report(key, "unreachable", error.code)
             raise
         except Exception as error:
@@ -377,6 +477,15 @@ class TokenCache:
             await self._report(key, "unreachable", "unexpected_error")
             raise wrapped from error
         token = self._store(entry, grant, sent_at, accepted_refresh)
+        if shared is not None:
+            # The refresh token lives in the shared store only, so that no replica can send one
+            # that another already used.
+            next_refresh, entry.refresh_token = entry.refresh_token, None
+            wall_sent_at = self._clock.now().timestamp() - (self._clock.monotonic() - sent_at)
+            with contextlib.suppress(SharedUnavailable):
+                await shared.publish_token(
+                    key, SharedToken(grant.access_token, grant.expires_in, wall_sent_at), next_refresh
+                )
         if self._clock.monotonic() < token.usable_until:
             self._succeeded(entry)
             await self._report(key, "authorized", None)
@@ -420,6 +529,16 @@ class TokenCache:
         delay = self._backoff_initial * 2.0 ** min(entry.failures - 1, 32)
         entry.retry_at = self._clock.monotonic() + min(delay, self._backoff_max)
         entry.failure = _detached(error)
+
+    async def _share_failure(
+        self, shared: SharedTokenStore | None, key: CacheKey, error: AppError, *, rejected: bool, ttl: float
+    ) -> None:
+        if shared is None or ttl <= 0:
+            return
+        provider = error.extra.get("provider_error")
+        failure = SharedFailure(error.code, rejected, provider if isinstance(provider, str) else None)
+        with contextlib.suppress(SharedUnavailable):
+            await shared.publish_failure(key, failure, ttl)
 
     async def _report(self, key: CacheKey, state: CheckState, detail: str | None) -> None:
         if self._on_outcome is None:

@@ -46,6 +46,7 @@ from typing import Final, NoReturn
 from urllib.parse import quote
 
 from app.core.errors import AppError, CredentialsRejected, InvalidRequest, TokenEndpointError
+from app.core.metrics import Metrics
 from app.core.outbound import OutboundClient
 from app.tokens.types import OAuth2Config, RefreshTokenRejected, TokenGrant
 
@@ -96,15 +97,37 @@ def client_basic_header(client_id: str, client_secret: str) -> str:
 class OAuth2TokenClient:
     """Runs token requests through the outbound client; implements ``TokenFetcher``."""
 
-    def __init__(self, outbound: OutboundClient, default_token_lifetime_seconds: int) -> None:
+    def __init__(
+        self,
+        outbound: OutboundClient,
+        default_token_lifetime_seconds: int,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         if default_token_lifetime_seconds <= 0:
             raise ValueError("default_token_lifetime_seconds must be positive")
         self._outbound = outbound
         self._default_lifetime = default_token_lifetime_seconds
+        self._requests = (metrics or Metrics()).token_requests
 
     async def __call__(self, config: OAuth2Config, refresh_token: str | None = None) -> TokenGrant:
         """Run the configured grant, or the refresh grant when ``refresh_token`` is given."""
         form, headers = build_token_request(config, refresh_token)
+        # Counted in the vocabulary of a connector's status; a cancelled request is not counted.
+        try:
+            grant = await self._send(config, form, headers, refreshing=refresh_token is not None)
+        except (CredentialsRejected, RefreshTokenRejected):
+            self._requests.labels(form["grant_type"], "rejected").inc()
+            raise
+        except Exception:
+            self._requests.labels(form["grant_type"], "unreachable").inc()
+            raise
+        self._requests.labels(form["grant_type"], "authorized").inc()
+        return grant
+
+    async def _send(
+        self, config: OAuth2Config, form: dict[str, str], headers: dict[str, str], *, refreshing: bool
+    ) -> TokenGrant:
         response = await self._outbound.request(
             "POST", config.token_url, headers=headers, data=form, kind="token"
         )
@@ -113,7 +136,7 @@ class OAuth2TokenClient:
         if 200 <= status < 300 and (body is None or "error" not in body):
             lifetime = config.token_lifetime_seconds or self._default_lifetime
             return _grant_from(body, status, lifetime)
-        _raise_for_error(status, body, refreshing=refresh_token is not None)
+        _raise_for_error(status, body, refreshing=refreshing)
 
 
 def build_token_request(

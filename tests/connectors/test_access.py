@@ -23,6 +23,7 @@ ENDPOINTS = [
     ("PATCH", f"/connectors/{ID}", "connectors:write"),
     ("DELETE", f"/connectors/{ID}", "connectors:write"),
     ("POST", f"/connectors/{ID}/validate", "connectors:write"),
+    ("GET", f"/connectors/{ID}/history", "connectors:read"),
     ("POST", f"/connectors/{ID}/authorize", "connectors:authorize"),
 ]
 

@@ -1,0 +1,1 @@
+"""The audit trail: who changed or checked which connector, when, which fields, with what outcome."""

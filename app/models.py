@@ -1,0 +1,11 @@
+"""Every table of the service in one metadata, for Alembic and for checking the migrated schema."""
+
+from __future__ import annotations
+
+from app.audit.models import AuditEvent
+from app.connectors.models import Connector, Organization
+from app.core.orm import Base
+
+__all__ = ["AuditEvent", "Connector", "Organization", "metadata"]
+
+metadata = Base.metadata

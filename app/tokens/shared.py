@@ -1,0 +1,238 @@
+"""Tokens shared between replicas through Redis.
+
+Each replica keeps its in-process ``TokenCache`` in front; Redis is consulted only when that cache
+would otherwise ask the identity provider (a cold connector, a token due for renewal). Per
+connector version, Redis holds:
+
+``{prefix}:token:{id}:{version}``
+    the current access token, encrypted with the key ring (bound to connector, version and
+    field), expiring with the token;
+``{prefix}:refresh:{id}:{version}``
+    the refresh token, encrypted likewise; taken with ``GETDEL`` by the one replica about to send
+    it, so it is never sent twice;
+``{prefix}:failure:{id}:{version}``
+    the last failure (its error code only), kept for the backoff, so every replica answers it
+    instead of retrying on its own;
+``{prefix}:lock:{id}:{version}``
+    the single-flight lock: ``SET NX PX`` with a random owner value, released by a script that
+    deletes it only if it still holds that value.
+
+The guarantee
+    While Redis is up and answers within ``op_timeout``, one token request is made per connector
+    version at a time across all replicas: a replica that finds the lock taken polls for the
+    token every ``poll_interval`` until the holder publishes it, the holder's failure appears,
+    or the lock disappears, in which case it takes the lock itself. A holder killed mid-request
+    delays the others by at most ``lock_timeout``, after which the lock expires. The holder's
+    request is bounded by the outbound deadline, which is shorter than ``lock_timeout``.
+
+Its limits
+    The lock lives on one Redis server. On a failover to a replica that had not yet received the
+    lock, or after a lock expired under a holder that was merely slow, two replicas may each
+    request a token once; tokens stay correct, since each is valid, but a rotating refresh token
+    could then be sent by one of them after the other consumed it, and the provider may revoke
+    the grant; the next renewal then runs the configured grant. Clocks of replicas are assumed to
+    agree to within the token leeway (expiry crosses replicas as wall-clock time).
+
+Redis trouble
+    Any error or timeout marks Redis unavailable for ``cooldown`` seconds (one log line, one
+    metric increment): during that time the replica works alone, with its in-process single
+    flight, and tries Redis again afterwards, so sharing resumes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.core.clock import Clock
+from app.core.crypto import DecryptionError, KeyRing
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CacheKey = tuple[Hashable, int]
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+# A refresh token the provider did not renew stays usable for a while; bounded all the same.
+REFRESH_TOKEN_TTL_SECONDS = 30 * 86_400
+
+
+class SharedUnavailable(Exception):
+    """Redis failed or is cooling down; the caller works alone."""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedToken:
+    access_token: str
+    expires_in: float
+    # Wall-clock time (epoch seconds) when its request was sent.
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SharedFailure:
+    code: str
+    rejected: bool
+    provider_error: str | None = None
+
+
+class SharedTokenStore:
+    def __init__(
+        self,
+        redis: Redis,
+        keyring: KeyRing,
+        *,
+        clock: Clock,
+        lock_timeout: float,
+        op_timeout: float = 0.25,
+        poll_interval: float = 0.05,
+        cooldown: float = 5.0,
+        prefix: str = "connectors",
+        on_error: Callable[[str], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.redis = redis
+        self.keyring = keyring
+        self.clock = clock
+        self.lock_timeout = lock_timeout
+        self.op_timeout = op_timeout
+        self.poll_interval = poll_interval
+        self.cooldown = cooldown
+        self.prefix = prefix
+        self.sleep = sleep
+        self._on_error = on_error
+        self._down_until = float("-inf")
+        self._release = redis.register_script(_RELEASE)
+
+    @classmethod
+    def from_url(cls, url: str, keyring: KeyRing, **options: Any) -> SharedTokenStore:
+        client = Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30)
+        return cls(client, keyring, **options)
+
+    def available(self) -> bool:
+        return self.clock.monotonic() >= self._down_until
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    # Operations --------------------------------------------------------------------------------
+
+    async def read(self, key: CacheKey) -> tuple[SharedToken | None, SharedFailure | None]:
+        async def run() -> tuple[SharedToken | None, SharedFailure | None]:
+            token_raw, failure_raw = await self.redis.mget(self._key("token", key), self._key("failure", key))
+            token = self._open(key, "token", token_raw)
+            failure = self._open(key, "failure", failure_raw)
+            return (
+                SharedToken(**token) if token is not None else None,
+                SharedFailure(**failure) if failure is not None else None,
+            )
+
+        return await self._call("read", run)
+
+    async def try_lock(self, key: CacheKey) -> str | None:
+        """The owner value when the lock was taken, None when another replica holds it."""
+        owner = secrets.token_hex(16)
+
+        async def run() -> bool:
+            return bool(
+                await self.redis.set(self._key("lock", key), owner, nx=True, px=int(self.lock_timeout * 1000))
+            )
+
+        return owner if await self._call("lock", run) else None
+
+    async def locked(self, key: CacheKey) -> bool:
+        async def run() -> bool:
+            return bool(await self.redis.exists(self._key("lock", key)))
+
+        return await self._call("lock", run)
+
+    async def release(self, key: CacheKey, owner: str) -> None:
+        async def run() -> None:
+            await self._release(keys=[self._key("lock", key)], args=[owner])
+
+        await self._call("unlock", run)
+
+    async def take_refresh_token(self, key: CacheKey) -> str | None:
+        async def run() -> str | None:
+            opened = self._open(key, "refresh", await self.redis.getdel(self._key("refresh", key)))
+            return str(opened["refresh_token"]) if opened is not None else None
+
+        return await self._call("refresh", run)
+
+    async def publish_token(self, key: CacheKey, token: SharedToken, refresh_token: str | None) -> None:
+        """Store a fresh token (and the refresh token to use next), clearing a stored failure."""
+        ttl = max(1, int((token.sent_at + token.expires_in - self.clock.now().timestamp()) * 1000))
+
+        async def run() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._key("token", key), self._seal(key, "token", dataclasses.asdict(token)), px=ttl)
+                pipe.delete(self._key("failure", key))
+                if refresh_token is not None:
+                    sealed = self._seal(key, "refresh", {"refresh_token": refresh_token})
+                    pipe.set(self._key("refresh", key), sealed, ex=REFRESH_TOKEN_TTL_SECONDS)
+                await pipe.execute()
+
+        await self._call("publish", run)
+
+    async def publish_failure(self, key: CacheKey, failure: SharedFailure, ttl: float) -> None:
+        async def run() -> None:
+            await self.redis.set(
+                self._key("failure", key),
+                self._seal(key, "failure", dataclasses.asdict(failure)),
+                px=max(1, int(ttl * 1000)),
+            )
+
+        await self._call("publish", run)
+
+    # Plumbing ----------------------------------------------------------------------------------
+
+    def _key(self, kind: str, key: CacheKey) -> str:
+        return f"{self.prefix}:{kind}:{key[0]}:{key[1]}"
+
+    def _aad(self, key: CacheKey, field: str) -> bytes:
+        return f"shared-token|{key[0]}|{key[1]}|{field}".encode()
+
+    def _seal(self, key: CacheKey, field: str, value: dict[str, Any]) -> str:
+        return self.keyring.encrypt(json.dumps(value), aad=self._aad(key, field))
+
+    def _open(self, key: CacheKey, field: str, raw: bytes | str | None) -> dict[str, Any] | None:
+        if raw is None:
+            return None
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            value = json.loads(self.keyring.decrypt(text, aad=self._aad(key, field)))
+        except (DecryptionError, ValueError):
+            # Written under a key this replica lacks, or not by this service: ignore it.
+            log.warning("unreadable shared token entry", extra={"field": field})
+            return None
+        return value if isinstance(value, dict) else None
+
+    async def _call(self, operation: str, run: Callable[[], Awaitable[T]]) -> T:
+        if not self.available():
+            raise SharedUnavailable(operation)
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                return await run()
+        except (RedisError, OSError, TimeoutError) as error:
+            self._down_until = self.clock.monotonic() + self.cooldown
+            log.warning(
+                "redis unavailable; tokens are not shared for a while",
+                extra={"operation": operation, "error": type(error).__name__, "cooldown_s": self.cooldown},
+            )
+            if self._on_error is not None:
+                self._on_error(operation)
+            raise SharedUnavailable(operation) from None
