@@ -70,6 +70,16 @@ Secrets
     the refresh token and timestamps, never the client secret or password. Errors kept for replay
     are copies without traceback, whose frames would otherwise keep the configuration alive.
 
+Replicas
+    With a ``SharedTokenStore`` (Redis), a flight first looks for a token another replica got and
+    takes it over if it is not yet due for renewal here (its expiry crosses replicas as wall-clock
+    time); otherwise it takes the replicas' lock, looks once more, and makes the request, taking
+    the refresh token from the store so that no two replicas ever send the same one. The result,
+    or the failure with its backoff, goes back to the store for the others. Refresh tokens then
+    live only in the store: when Redis is unavailable, a replica runs the configured grant rather
+    than send a refresh token another replica may already have used. The hot path is unchanged;
+    see ``app.tokens.shared`` for the guarantee and its limits.
+
 What the owner must know
     ``load`` may run in the background after the caller that supplied it has returned, so it must
     not depend on that caller's request-scoped resources. Outcomes carry the full key, version
