@@ -408,3 +408,60 @@ async def test_a_connector_changed_by_another_process_is_served_in_its_new_versi
     answer = await authorize(client, created["id"], force_refresh=True)
     assert answer.status_code == 200, answer.text
     assert answer.json()["headers"]["Authorization"] == "Bearer tok-2"
+
+
+async def test_non_global_destinations_are_refused_at_save_and_at_connection_time(
+    app_factory: Callable[..., Awaitable[Any]],
+    settings: Settings,
+    make_token: Callable[..., str],
+    client: httpx.AsyncClient,
+    scripted_server: ScriptedServer,
+) -> None:
+    scripted_server.set_default(counter_tokens())
+    strict = await app_factory(settings.model_copy(update={"allow_private_destinations": False}))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=strict),
+        base_url="http://testserver",
+        headers={"Authorization": f"Bearer {make_token()}"},
+    ) as strict_client:
+        body = payloads.client_credentials(token_url=scripted_server.url("/oauth/token"))
+        refused = await strict_client.post("/connectors", json=body, params={"validate": "false"})
+        assert_problem(refused, 422, "destination_not_allowed")
+        # Saved where loopback is allowed, the same connector is refused when this instance
+        # connects: the address is checked at connection time, too.
+        created = await _oauth_connector(client, scripted_server)
+        assert_problem(await authorize(strict_client, created["id"]), 502, "destination_not_allowed")
+    assert scripted_server.count == 0
+
+
+async def test_password_grant_renews_with_the_refresh_token_of_a_real_provider(
+    app_factory: Callable[..., Awaitable[Any]],
+    settings: Settings,
+    make_token: Callable[..., str],
+    idp: AuthorizationServerThread,
+    fake_time: FakeTime,
+) -> None:
+    app = await app_factory(settings, Overrides(clock=fake_time))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://testserver",
+        headers={"Authorization": f"Bearer {make_token()}"},
+    ) as client:
+        body = payloads.password_grant(
+            token_url=idp.token_url, client_id="cc-basic", client_secret="CANARY-cc-secret"
+        )
+        body["auth"]["password"] = "CANARY-user-pw"
+        created = (await client.post("/connectors", json=body)).json()
+        first = (await authorize(client, created["id"])).json()["headers"]["Authorization"]
+        assert idp.request_count == 1
+        # Far past the token's life on the service's clock: the next call needs a new token,
+        # which the service gets with the refresh token, not with the password again.
+        fake_time.advance(7200)
+        second = (await authorize(client, created["id"])).json()["headers"]["Authorization"]
+        assert second != first
+        assert idp.request_count == 2
+        records = idp.store.tokens
+        assert len(records) == 2
+        assert records[0].revoked, "the provider rotated the refresh token it was sent"
+        assert records[1].user == "svc-user"
+        assert idp.store.find_access_token(second.removeprefix("Bearer ")) is records[1]
