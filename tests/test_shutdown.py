@@ -27,7 +27,7 @@ from tests.support.tls import LocalCA
 NO_CHECK = {"validate": "false"}
 # Long enough for the service to answer from the cache while its refresh runs in the background,
 # short enough that the refresh point (70 % of the lifetime) comes quickly.
-SHORT_LIFETIME = 3
+SHORT_LIFETIME = 4
 EXIT_BOUND_SECONDS = 10.0
 WAIT_SECONDS = 20.0
 
