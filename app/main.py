@@ -85,10 +85,17 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             redis = Redis.from_url(
                 settings.redis_url.get_secret_value(), socket_timeout=2.0, socket_connect_timeout=1.0
             )
+            def redis_failed(operation: str) -> None:
+                metrics.redis_errors.labels(operation=operation).inc()
+
             shared = SharedTokenStore(
-                redis, keyring, clock=clock, lock_timeout=settings.outbound_timeout_seconds + 2.0
+                redis,
+                keyring,
+                clock=clock,
+                lock_timeout=settings.outbound_timeout_seconds + 2.0,
+                on_error=redis_failed,
             )
-            broadcast = Broadcast(redis)
+            broadcast = Broadcast(redis, on_error=redis_failed)
         tokens = TokenCache(fetcher, clock=clock, on_outcome=on_outcome, shared=shared, metrics=metrics)
         service = ConnectorService(
             db=db,

@@ -179,3 +179,10 @@ def test_replicas_share_one_token_request_survive_a_dead_holder_see_changes_and_
 
         assert {r.status_code for r in asyncio.run(without_redis())} == {200}
         assert any("redis" in line["message"] for line in replicas[2].log_records())
+        exposition = httpx.get(f"{replicas[2].base_url}/metrics").text
+        errors = [
+            float(line.rsplit(" ", 1)[1])
+            for line in exposition.splitlines()
+            if line.startswith("connectors_redis_errors_total{")
+        ]
+        assert sum(errors) >= 1

@@ -30,8 +30,8 @@ from prometheus_client import (
 
 __all__ = ["CONNECTOR_STATES", "CONTENT_TYPE", "Metrics", "status_class"]
 
-# The text exposition format 0.0.4, which every Prometheus server reads. (The client library's
-# CONTENT_TYPE_LATEST names format 1.0.0 since version 0.22; the output below is 0.0.4.)
+# The text exposition format 0.0.4, which every Prometheus server reads. (Recent client versions
+# point CONTENT_TYPE_LATEST at format 1.0.0; what ``render`` writes is 0.0.4.)
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
 CONNECTOR_STATES: Final = ("unverified", "authorized", "rejected", "unreachable")
@@ -52,7 +52,7 @@ class Metrics:
     """The service's metrics and the registry that exposes them."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         registry = self.registry
         self.authorize_requests = Counter(
             "connectors_authorize_requests",

@@ -387,6 +387,7 @@ class TokenCache:
         self, shared: SharedTokenStore, key: CacheKey, entry: _Entry, load: ConfigLoader
     ) -> IssuedToken:
         """Take over a token another replica got, or get one under the replicas' lock."""
+        waited = False
         while True:
             token, failure = await shared.read(key)
             adopted = self._adopt(entry, token)
@@ -398,6 +399,9 @@ class TokenCache:
             if owner is None:
                 # Another replica is asking; its answer appears in the store, or its lock
                 # expires (at most lock_timeout, if it died) and this replica asks instead.
+                if not waited:
+                    self._waits.inc()
+                    waited = True
                 await shared.sleep(shared.poll_interval)
                 continue
             try:

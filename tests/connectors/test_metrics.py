@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from app.core.config import Settings
 from app.main import create_app
@@ -225,3 +226,17 @@ def test_metrics_are_documented_as_an_operation_without_a_caller_token() -> None
     assert list(operation["responses"]["200"]["content"]) == ["text/plain"]
     assert "security" not in operation
     assert "parameters" not in operation
+
+
+async def test_a_failing_count_leaves_only_the_connectors_gauge_out(
+    app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unavailable() -> dict[str, int]:
+        raise OSError("the database went away")
+
+    assert (await scrape(app)).value(STORED, state="unverified") == 0
+    monkeypatch.setattr(app.state.connectors, "count_by_state", unavailable)
+    result = await scrape(app)
+    assert result.total(STORED) == 0
+    assert "connectors_stored{" not in result.text
+    assert "connectors_authorize_requests" in result.families
