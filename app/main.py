@@ -85,6 +85,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             redis = Redis.from_url(
                 settings.redis_url.get_secret_value(), socket_timeout=2.0, socket_connect_timeout=1.0
             )
+
             def redis_failed(operation: str) -> None:
                 metrics.redis_errors.labels(operation=operation).inc()
 
