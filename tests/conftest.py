@@ -243,14 +243,17 @@ async def app(app_factory: Callable[..., Awaitable[Any]], settings: Settings) ->
 async def client_for(
     app: Any, make_token: TokenFactory, canary_guard: CanaryGuard
 ) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
-    """``client_for(org, scopes)``: a client authenticated as that organization."""
+    """``client_for(org, scopes, app=...)``: a client authenticated as that organization, on the
+    default app or on one started with ``app_factory``."""
     clients: list[httpx.AsyncClient] = []
 
     async def check(response: httpx.Response) -> None:
         await response.aread()
         canary_guard.check_response(response)
 
-    def factory(org: str = "org-a", scopes: tuple[str, ...] = ALL_SCOPES) -> httpx.AsyncClient:
+    def factory(
+        org: str = "org-a", scopes: tuple[str, ...] = ALL_SCOPES, *, app: Any = app
+    ) -> httpx.AsyncClient:
         client = httpx.AsyncClient(
             # Like a real server, answer the 500 instead of raising into the test.
             transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),

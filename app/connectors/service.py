@@ -184,18 +184,12 @@ class ConnectorService:
             organization_id=organization_id,
             name=body.name,
             name_key=name_key,
-            resource_domain_url=body.resource_domain_url,
-            auth_type=kind.auth_type,
-            grant_type=kind.grant_type,
-            auth_config=public,
-            secrets=self._encrypt(organization_id, connector_id, secrets),
-            key_id=self.keyring.primary_key_id,
-            status_state="authorized" if validate else "unverified",
-            status_checked_at=now if validate else None,
-            status_detail=None,
             version=1,
             created_at=now,
             updated_at=now,
+            **self._credential_columns(
+                organization_id, connector_id, body.resource_domain_url, kind, public, secrets, validate, now
+            ),
         )
         async with self.db.write() as session:
             repo = ConnectorRepository(session)
@@ -287,17 +281,10 @@ class ConnectorService:
             sent_at = self.clock.monotonic()
             if validate:
                 grant = await self._live_check(kind, public, secrets)
-            now = self.clock.now()
             values.update(
-                resource_domain_url=base_url,
-                auth_type=kind.auth_type,
-                grant_type=kind.grant_type,
-                auth_config=public,
-                secrets=self._encrypt(organization_id, connector_id, secrets),
-                key_id=self.keyring.primary_key_id,
-                status_state="authorized" if validate else "unverified",
-                status_checked_at=now if validate else None,
-                status_detail=None,
+                self._credential_columns(
+                    organization_id, connector_id, base_url, kind, public, secrets, validate, self.clock.now()
+                )
             )
         values["updated_at"] = self.clock.now()
         async with self.db.write() as session:
@@ -589,6 +576,30 @@ class ConnectorService:
         auth = _validate_auth(merged)
         public, secrets = current.split(auth)
         return current, public, secrets, sent_secrets
+
+    def _credential_columns(
+        self,
+        organization_id: str,
+        connector_id: uuid.UUID,
+        base_url: str,
+        kind: Kind,
+        public: dict[str, Any],
+        secrets: Mapping[str, SecretStr],
+        validated: bool,
+        now: datetime,
+    ) -> dict[str, Any]:
+        """The columns written when URLs or credentials are set, secrets encrypted."""
+        return {
+            "resource_domain_url": base_url,
+            "auth_type": kind.auth_type,
+            "grant_type": kind.grant_type,
+            "auth_config": public,
+            "secrets": self._encrypt(organization_id, connector_id, secrets),
+            "key_id": self.keyring.primary_key_id,
+            "status_state": "authorized" if validated else "unverified",
+            "status_checked_at": now if validated else None,
+            "status_detail": None,
+        }
 
     def _encrypt(
         self, organization_id: str, connector_id: uuid.UUID, secrets: Mapping[str, SecretStr]

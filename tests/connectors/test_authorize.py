@@ -316,60 +316,52 @@ async def test_transient_failures_share_one_retry(
 async def test_token_endpoint_timeout_is_504(
     app_factory: Callable[..., Awaitable[Any]],
     settings: Settings,
-    make_token: Callable[..., str],
+    client_for: ClientFor,
     scripted_server: ScriptedServer,
 ) -> None:
     app = await app_factory(settings.model_copy(update={"outbound_timeout_seconds": 0.3}))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://testserver",
-        headers={"Authorization": f"Bearer {make_token()}"},
-    ) as client:
-        scripted_server.set_default(Reply(status=200, delay=2.0))
-        created = await _oauth_connector(client, scripted_server)
-        assert_problem(await authorize(client, created["id"]), 504, "token_endpoint_timeout")
+    client = client_for(app=app)
+    scripted_server.set_default(Reply(status=200, delay=2.0))
+    created = await _oauth_connector(client, scripted_server)
+    assert_problem(await authorize(client, created["id"]), 504, "token_endpoint_timeout")
 
 
 async def test_tokens_expire_on_the_injected_clock_and_are_refreshed_ahead(
     app_factory: Callable[..., Awaitable[Any]],
     settings: Settings,
-    make_token: Callable[..., str],
+    client_for: ClientFor,
     scripted_server: ScriptedServer,
     fake_time: FakeTime,
 ) -> None:
     app = await app_factory(settings, Overrides(clock=fake_time))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://testserver",
-        headers={"Authorization": f"Bearer {make_token()}"},
-    ) as client:
-        scripted_server.set_default(counter_tokens(expires_in=100))
-        created = await _oauth_connector(client, scripted_server)
+    client = client_for(app=app)
+    scripted_server.set_default(counter_tokens(expires_in=100))
+    created = await _oauth_connector(client, scripted_server)
 
-        async def current() -> str:
-            response = await authorize(client, created["id"])
-            assert response.status_code == 200, response.text
-            value: str = response.json()["headers"]["Authorization"]
-            return value
+    async def current() -> str:
+        response = await authorize(client, created["id"])
+        assert response.status_code == 200, response.text
+        value: str = response.json()["headers"]["Authorization"]
+        return value
 
-        assert await current() == "Bearer tok-1"
-        fake_time.advance(50)
-        assert await current() == "Bearer tok-1"
-        assert scripted_server.count == 1
-        # Past the refresh point (a 100 s token is handed out for 90 s, renewed from 70 s): the
-        # caller still gets the valid token and one renewal runs in the background.
-        fake_time.advance(25)
-        assert await current() == "Bearer tok-1"
-        # The renewal is a real HTTPS request to a server thread: wait for it, boundedly.
-        for _ in range(500):
-            if scripted_server.count == 2 and (await current()) == "Bearer tok-2":
-                break
-            await asyncio.sleep(0.01)
-        assert await current() == "Bearer tok-2"
-        assert scripted_server.count == 2
-        # Long after every token expired, a call waits for a new one rather than get an old one.
-        fake_time.advance(1000)
-        assert await current() == "Bearer tok-3"
+    assert await current() == "Bearer tok-1"
+    fake_time.advance(50)
+    assert await current() == "Bearer tok-1"
+    assert scripted_server.count == 1
+    # Past the refresh point (a 100 s token is handed out for 90 s, renewed from 70 s): the
+    # caller still gets the valid token and one renewal runs in the background.
+    fake_time.advance(25)
+    assert await current() == "Bearer tok-1"
+    # The renewal is a real HTTPS request to a server thread: wait for it, boundedly.
+    for _ in range(500):
+        if scripted_server.count == 2 and (await current()) == "Bearer tok-2":
+            break
+        await asyncio.sleep(0.01)
+    assert await current() == "Bearer tok-2"
+    assert scripted_server.count == 2
+    # Long after every token expired, a call waits for a new one rather than get an old one.
+    fake_time.advance(1000)
+    assert await current() == "Bearer tok-3"
 
 
 async def test_status_follows_token_requests_and_is_written_on_transitions_only(
@@ -413,55 +405,47 @@ async def test_a_connector_changed_by_another_process_is_served_in_its_new_versi
 async def test_non_global_destinations_are_refused_at_save_and_at_connection_time(
     app_factory: Callable[..., Awaitable[Any]],
     settings: Settings,
-    make_token: Callable[..., str],
+    client_for: ClientFor,
     client: httpx.AsyncClient,
     scripted_server: ScriptedServer,
 ) -> None:
     scripted_server.set_default(counter_tokens())
     strict = await app_factory(settings.model_copy(update={"allow_private_destinations": False}))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=strict),
-        base_url="http://testserver",
-        headers={"Authorization": f"Bearer {make_token()}"},
-    ) as strict_client:
-        body = payloads.client_credentials(token_url=scripted_server.url("/oauth/token"))
-        refused = await strict_client.post("/connectors", json=body, params={"validate": "false"})
-        assert_problem(refused, 422, "destination_not_allowed")
-        # Saved where loopback is allowed, the same connector is refused when this instance
-        # connects: the address is checked at connection time, too.
-        created = await _oauth_connector(client, scripted_server)
-        assert_problem(await authorize(strict_client, created["id"]), 502, "destination_not_allowed")
+    strict_client = client_for(app=strict)
+    body = payloads.client_credentials(token_url=scripted_server.url("/oauth/token"))
+    refused = await strict_client.post("/connectors", json=body, params={"validate": "false"})
+    assert_problem(refused, 422, "destination_not_allowed")
+    # Saved where loopback is allowed, the same connector is refused when this instance
+    # connects: the address is checked at connection time, too.
+    created = await _oauth_connector(client, scripted_server)
+    assert_problem(await authorize(strict_client, created["id"]), 502, "destination_not_allowed")
     assert scripted_server.count == 0
 
 
 async def test_password_grant_renews_with_the_refresh_token_of_a_real_provider(
     app_factory: Callable[..., Awaitable[Any]],
     settings: Settings,
-    make_token: Callable[..., str],
+    client_for: ClientFor,
     idp: AuthorizationServerThread,
     fake_time: FakeTime,
 ) -> None:
     app = await app_factory(settings, Overrides(clock=fake_time))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://testserver",
-        headers={"Authorization": f"Bearer {make_token()}"},
-    ) as client:
-        body = payloads.password_grant(
-            token_url=idp.token_url, client_id="cc-basic", client_secret="CANARY-cc-secret"
-        )
-        body["auth"]["password"] = "CANARY-user-pw"
-        created = (await client.post("/connectors", json=body)).json()
-        first = (await authorize(client, created["id"])).json()["headers"]["Authorization"]
-        assert idp.request_count == 1
-        # Far past the token's life on the service's clock: the next call needs a new token,
-        # which the service gets with the refresh token, not with the password again.
-        fake_time.advance(7200)
-        second = (await authorize(client, created["id"])).json()["headers"]["Authorization"]
-        assert second != first
-        assert idp.request_count == 2
-        records = idp.store.tokens
-        assert len(records) == 2
-        assert records[0].revoked, "the provider rotated the refresh token it was sent"
-        assert records[1].user == "svc-user"
-        assert idp.store.find_access_token(second.removeprefix("Bearer ")) is records[1]
+    client = client_for(app=app)
+    body = payloads.password_grant(
+        token_url=idp.token_url, client_id="cc-basic", client_secret="CANARY-cc-secret"
+    )
+    body["auth"]["password"] = "CANARY-user-pw"
+    created = (await client.post("/connectors", json=body)).json()
+    first = (await authorize(client, created["id"])).json()["headers"]["Authorization"]
+    assert idp.request_count == 1
+    # Far past the token's life on the service's clock: the next call needs a new token,
+    # which the service gets with the refresh token, not with the password again.
+    fake_time.advance(7200)
+    second = (await authorize(client, created["id"])).json()["headers"]["Authorization"]
+    assert second != first
+    assert idp.request_count == 2
+    records = idp.store.tokens
+    assert len(records) == 2
+    assert records[0].revoked, "the provider rotated the refresh token it was sent"
+    assert records[1].user == "svc-user"
+    assert idp.store.find_access_token(second.removeprefix("Bearer ")) is records[1]
