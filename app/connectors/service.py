@@ -389,7 +389,7 @@ class ConnectorService:
         except URLRuleError as error:
             raise PathOutsideResourceDomain(str(error)) from None
         if snapshot.basic_header is not None:
-            return schemas.AuthorizeResponse(
+            return schemas.AuthorizeResponse.model_construct(
                 url=url,
                 headers={"Authorization": snapshot.basic_header},
                 resource_origin=snapshot.origin,
@@ -406,7 +406,7 @@ class ConnectorService:
         except (CredentialsRejected, DestinationNotAllowed) as error:
             # On save these are the caller's input problem (422); here the upstream failed.
             raise type(error)(error.detail, status=502, **error.extra) from None
-        return schemas.AuthorizeResponse(
+        return schemas.AuthorizeResponse.model_construct(
             url=url,
             headers={"Authorization": f"Bearer {token.access_token}"},
             resource_origin=snapshot.origin,
