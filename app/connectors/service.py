@@ -10,7 +10,10 @@ recorded afterwards in a short transaction of its own. Events name fields, never
 ``authorize`` is the hot path. It answers from an in-process snapshot of the connector (its
 organization, version, URLs and, for Basic, the ready header) and from the token cache, so in
 steady state it makes no database query, no decryption and no outbound call. Every change made
-through this service drops the snapshot and the connector's tokens at once.
+through this service drops the snapshot and the connector's tokens at once, here and, through
+``on_change``, on the other replicas; independently, a snapshot older than ``snapshot_max_age``
+is confirmed with one small version query before it is used, which bounds how long a change
+made elsewhere can go unseen.
 """
 
 from __future__ import annotations
