@@ -144,6 +144,14 @@ class BasicAuthIn(_Strict):
     password: Secret
     validation_url: EndpointURL
 
+    @field_validator("username")
+    @classmethod
+    def _no_colon(cls, value: str) -> str:
+        # The server splits user-id and password at the first colon (RFC 7617 section 2).
+        if ":" in value:
+            raise ValueError("a Basic authentication username may not contain ':'")
+        return value
+
 
 class OAuth2ClientCredentialsIn(_OAuth2Common):
     """OAuth 2.0 client credentials grant (the default grant)."""

@@ -122,6 +122,17 @@ async def test_bad_resource_domain_urls_are_refused(client: httpx.AsyncClient, u
         ({"name": "x" * 101}, "name"),
         ({"name": "bad\x07name"}, "name"),
         ({"auth": {"type": "kerberos", "password": "CANARY-tag"}}, "auth"),
+        (
+            {
+                "auth": {
+                    "type": "basic",
+                    "username": "svc:user",
+                    "password": "CANARY-colon",
+                    "validation_url": "https://a.example.com/",
+                }
+            },
+            "auth.basic.username",
+        ),
         ({"auth": {"type": "CANARY-in-type"}}, "auth"),
     ],
 )
