@@ -27,7 +27,7 @@ from app.core.clock import Clock, SystemClock
 from app.core.config import Settings
 from app.core.crypto import KeyRing
 from app.core.db import Database, build_engine
-from app.core.http import install_error_handlers, problem
+from app.core.http import BodyLimitMiddleware, install_error_handlers, problem
 from app.core.logs import AccessLogMiddleware
 from app.core.metrics import CONTENT_TYPE, Metrics
 from app.core.outbound import OutboundClient
@@ -184,6 +184,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         metrics.set_connector_states(counts)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    # The largest valid body (a connector with every field at its limit) is far smaller.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=64 * 1024)
     if settings.access_log:
         app.add_middleware(AccessLogMiddleware)
     return app

@@ -63,6 +63,12 @@ class VersionMismatch(AppError):
     title = "If-Match does not match the current version"
 
 
+class PayloadTooLarge(AppError):
+    status = 413
+    code = "payload_too_large"
+    title = "The request body is too large"
+
+
 class InvalidRequest(AppError):
     status = 422
     code = "invalid_request"

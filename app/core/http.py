@@ -10,8 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.errors import AppError
+from app.core.errors import AppError, PayloadTooLarge
 from app.core.validation import field_errors
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ def _allowed_methods(request: Request) -> str:
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
+    if isinstance(error.__cause__, AppError):
+        # The framework wraps what failed while it read the body (a body over the limit).
+        return _app_error_response(error.__cause__)
     if error.status_code == 400:
         # The framework's "error parsing the body" (bytes that are not UTF-8 JSON, say) is the
         # same client error as malformed JSON, which the contract answers with a 422.
@@ -98,3 +102,39 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` with a 413 problem, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.max_bytes:
+                    error = PayloadTooLarge(f"the body may have at most {self.max_bytes} bytes")
+                    await _app_error_response(error)(scope, receive, send)
+                    return
+                break
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(f"the body may have at most {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _app_error_response(error: AppError) -> JSONResponse:
+    return problem(error.http_status, error.code, error.title, error.detail, None, **error.extra)

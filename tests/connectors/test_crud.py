@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -379,3 +379,26 @@ async def test_one_access_line_per_request_without_secrets(
     assert missing["route"] == "/connectors/{connector_id}"
     assert missing["status"] == 404
     assert all(isinstance(r.__dict__["duration_ms"], float) for r in lines)
+
+
+@pytest.mark.parametrize(
+    "path", ["/connectors", "/connectors/00000000-0000-4000-8000-000000000000/authorize"]
+)
+async def test_an_oversized_body_is_a_413_problem(client: httpx.AsyncClient, path: str) -> None:
+    response = await client.post(path, content=b"{" + b" " * (128 * 1024) + b"}")
+    problem = assert_problem(response, 413, "payload_too_large")
+    assert "CANARY" not in response.text
+    assert problem["status"] == 413
+
+
+async def test_an_oversized_streamed_body_is_a_413_problem(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"name": "'
+        for _ in range(100):
+            yield b"x" * 1024
+
+    response = await client.post(
+        "/connectors", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 413, "payload_too_large")
+    assert (await client.get("/connectors")).json()["items"] == []
