@@ -281,8 +281,10 @@ def main() -> None:
     print(f"{'route':<12}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     for name, r in (("healthz", h), ("authorize", a)):
         print(f"{name:<12}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['errors']:>8}")
-    print(f"authorize/healthz throughput: {results['ratio_rps']:.2f}x (target >= 0.80)")
-    print(f"authorize/healthz p99:        {results['ratio_p99']:.2f}x (target <= 1.50)")
+    # The shared cache may cost more than the in-process one: its targets are looser.
+    rps_target, p99_target = (0.5, 2.0) if args.redis else (0.8, 1.5)
+    print(f"authorize/healthz throughput: {results['ratio_rps']:.2f}x (target >= {rps_target:.2f})")
+    print(f"authorize/healthz p99:        {results['ratio_p99']:.2f}x (target <= {p99_target:.2f})")
     cb = results["cold_burst"]
     print(
         f"cold burst: {cb['callers']} callers, {cb['ok']} answered 200,"
