@@ -21,7 +21,8 @@ async def authenticate(request: Request, scope: str) -> Principal:
         raise Unauthenticated("expected a bearer token")
     verifier: TokenVerifier = request.app.state.verifier
     principal = await verifier.verify(token.strip())
-    request.state.organization_id = principal.organization_id
+    # For the access line (app.core.logs); the scope's state dict, without Starlette's wrapper.
+    request.scope.setdefault("state", {})["organization_id"] = principal.organization_id
     if scope not in principal.scopes:
         raise Forbidden(f"this call needs the {scope} scope")
     return principal
