@@ -124,6 +124,24 @@ def _postgres_reachable() -> bool:
     return run_sync(probe())
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """One line on what the suite can reach; tests needing what is missing are skipped."""
+    from tests.support.redis import reachable
+
+    redis_url = os.environ.get("CONNECTORS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    found = {
+        "PostgreSQL": _postgres_reachable(),
+        "Redis": reachable(redis_url),
+    }
+    missing = [name for name, ok in found.items() if not ok]
+    if not missing:
+        return ["services: PostgreSQL and Redis reachable; every test runs"]
+    return [
+        f"services: {' and '.join(missing)} not reachable: the tests needing them are skipped"
+        " (set CONNECTORS_TEST_POSTGRES_URL / CONNECTORS_TEST_REDIS_URL; under CI=true they fail)"
+    ]
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> str:
     """A fresh PostgreSQL database for this test session, migrated to the newest revision."""
