@@ -80,7 +80,9 @@ class Tokens(Protocol):
 
     def peek(self, key: tuple[Hashable, int]) -> str | None: ...
 
-    def seed(self, key: tuple[Hashable, int], grant: TokenGrant, *, sent_at: float | None = None) -> None: ...
+    async def seed(
+        self, key: tuple[Hashable, int], grant: TokenGrant, *, sent_at: float | None = None
+    ) -> None: ...
 
     def forget(self, connector_id: Hashable) -> None: ...
 
@@ -205,7 +207,7 @@ class ConnectorService:
                 session, organization_id, connector_id, "create", actor, _fields_set(body), SUCCEEDED, at=now
             )
         if grant is not None:
-            self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
+            await self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
         return self.to_out(row)
 
     async def update(
@@ -309,7 +311,7 @@ class ConnectorService:
             )
         self._forget(connector_id)
         if grant is not None:
-            self.tokens.seed((connector_id, updated.version), grant, sent_at=sent_at)
+            await self.tokens.seed((connector_id, updated.version), grant, sent_at=sent_at)
         return self.to_out(updated)
 
     async def delete(
@@ -364,7 +366,7 @@ class ConnectorService:
             )
         self._forget(connector_id)
         if grant is not None and updated.version == row.version:
-            self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
+            await self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
         return self.to_out(updated)
 
     # Authorize ---------------------------------------------------------------------------------

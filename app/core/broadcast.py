@@ -1,7 +1,8 @@
 """Change notices between replicas over Redis pub/sub.
 
-A replica that changes a connector publishes its id; every replica (itself included) drops its
-cached copy and tokens of that connector, so a change is served everywhere within the time a
+A replica that changes a connector publishes its id; every other replica drops its cached copy
+and tokens of that connector (the sender already did, and may since have cached the token its
+own live check got), so a change is served everywhere within the time a
 message takes, typically milliseconds. Pub/sub delivers at most once: a replica that was not
 subscribed (Redis down, reconnecting) misses notices, so it drops all its copies when it
 subscribes again, and the version check in ``ConnectorService`` bounds staleness regardless.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable
 
 from redis.asyncio import Redis
@@ -36,13 +38,15 @@ class Broadcast:
         self.retry_max = retry_max
         self._on_error = on_error
         self.subscribed = asyncio.Event()
+        # Tags this process's notices, so that it does not act on its own.
+        self.origin = secrets.token_hex(8)
 
     async def publish(self, message: str) -> None:
         """Send a notice; a failure is logged and counted, never raised (the version check
         still bounds how long other replicas serve the old state)."""
         try:
             async with asyncio.timeout(self.op_timeout):
-                await self.redis.publish(self.channel, message)
+                await self.redis.publish(self.channel, f"{self.origin} {message}")
         except (RedisError, OSError, TimeoutError) as error:
             self._failed("publish", error)
 
@@ -61,10 +65,10 @@ class Broadcast:
                 delay = 0.1
                 async for message in pubsub.listen():
                     data = message.get("data")
-                    if isinstance(data, bytes):
-                        handle(data.decode())
-                    elif isinstance(data, str):
-                        handle(data)
+                    text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+                    origin, _, notice = text.partition(" ")
+                    if origin != self.origin:
+                        handle(notice)
             except (RedisError, OSError) as error:
                 self._failed("subscribe", error)
             finally:

@@ -245,7 +245,7 @@ class TokenCache:
             return entry.token.issued.access_token
         return None
 
-    def seed(self, key: CacheKey, grant: TokenGrant, *, sent_at: float | None = None) -> None:
+    async def seed(self, key: CacheKey, grant: TokenGrant, *, sent_at: float | None = None) -> None:
         """Store a token obtained elsewhere, such as by the live check when a connector is saved.
 
         ``sent_at`` is the ``clock.monotonic()`` reading taken when that request was sent; without
@@ -255,9 +255,18 @@ class TokenCache:
         entry = self._current_entry(key)
         if entry is None:
             return
-        self._store(entry, grant, self._clock.monotonic() if sent_at is None else sent_at, None)
+        sent_at = self._clock.monotonic() if sent_at is None else sent_at
+        self._store(entry, grant, sent_at, None)
         self._succeeded(entry)
         entry.rejected = None
+        if self._shared is not None:
+            # The other replicas take this token over, and forget a failure they shared.
+            refresh_token, entry.refresh_token = entry.refresh_token, None
+            wall_sent_at = self._clock.now().timestamp() - (self._clock.monotonic() - sent_at)
+            with contextlib.suppress(SharedUnavailable):
+                await self._shared.publish_token(
+                    key, SharedToken(grant.access_token, grant.expires_in, wall_sent_at), refresh_token
+                )
 
     def forget(self, connector_id: Hashable) -> None:
         """Drop every entry of the connector, its rejection and backoff included."""
@@ -436,10 +445,11 @@ class TokenCache:
         cls = ERROR_CLASSES.get(failure.code, UpstreamUnreachable)
         error = cls(provider_error=failure.provider_error) if failure.provider_error else cls()
         if failure.rejected:
-            entry.rejected = _detached(error)
+            # Not sticky here: the replica that was refused keeps the rejection (and records it
+            # as the connector's status); this one looks at the shared store again after the
+            # backoff, so a validation elsewhere reaches it.
             entry.token = None
-        else:
-            self._failed(entry, error)
+        self._failed(entry, error)
         return error
 
     async def _renew_alone(

@@ -754,7 +754,7 @@ async def test_a_seeded_token_clears_a_rejection(
     fetcher.script.append(CredentialsRejected())
     with pytest.raises(CredentialsRejected):
         await cache.get(KEY, load)
-    cache.seed(KEY, grant("checked"))
+    await cache.seed(KEY, grant("checked"))
     assert (await cache.get(KEY, load)).access_token == "checked"
     clock.advance(3300.0)  # past the refresh point: the slow path must agree
     assert (await cache.get(KEY, load)).access_token == "checked"
@@ -1050,7 +1050,7 @@ async def test_a_new_version_stops_the_old_versions_renewal(
     clock.advance(3300.0)
     await cache.get(KEY, load)
     await settle()
-    cache.seed(("connector-1", 2), grant("v2"))
+    await cache.seed(("connector-1", 2), grant("v2"))
     await settle()
     assert fetcher.cancelled == 1
     gate.set()
@@ -1092,7 +1092,7 @@ async def test_a_seeded_token_is_served_without_a_request(
 ) -> None:
     sent_at = clock.monotonic()
     clock.advance(3.0)
-    cache.seed(KEY, grant("seeded", 30.0, refresh="R"), sent_at=sent_at)
+    await cache.seed(KEY, grant("seeded", 30.0, refresh="R"), sent_at=sent_at)
     issued = await cache.get(KEY, load)
     assert issued.access_token == "seeded"
     assert issued.expires_at == clock.wall(sent_at + 27.0)
@@ -1105,8 +1105,8 @@ async def test_a_seeded_token_is_served_without_a_request(
 async def test_a_seed_for_an_outdated_version_is_ignored(
     cache: TokenCache, fetcher: FakeFetcher, load: Loader
 ) -> None:
-    cache.seed(("connector-1", 2), grant("v2"))
-    cache.seed(KEY, grant("v1"))
+    await cache.seed(("connector-1", 2), grant("v2"))
+    await cache.seed(KEY, grant("v1"))
     assert cache.peek(KEY) is None
     assert cache.peek(("connector-1", 2)) == "v2"
 
