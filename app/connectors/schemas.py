@@ -61,12 +61,21 @@ def _no_control(value: str) -> str:
     return value
 
 
+def _utf8(value: str) -> bool:
+    # JSON can carry a lone surrogate (\ud800), which no UTF-8 store accepts.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _secret(value: SecretStr) -> SecretStr:
     raw = value.get_secret_value()
     if not 1 <= len(raw) <= 1024:
         raise ValueError("must be 1-1024 characters")
-    if "\x00" in raw:
-        raise ValueError("may not contain NUL")
+    if "\x00" in raw or not _utf8(raw):
+        raise ValueError("may not contain NUL or unpaired surrogates")
     return value
 
 
@@ -118,7 +127,7 @@ class _OAuth2Common(_Strict):
                 raise ValueError("parameter names must be 1-64 letters, digits, '_', '-' or '.'")
             if key in RESERVED_TOKEN_PARAMS:
                 raise ValueError("a parameter name is reserved for the token request itself")
-            if len(item) > 1024 or _CONTROL.search(item):
+            if len(item) > 1024 or _CONTROL.search(item) or not _utf8(item):
                 raise ValueError("parameter values must be at most 1024 characters, no control characters")
         return value
 

@@ -257,17 +257,39 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+def _encodable(value: str) -> bool:
+    # A lone surrogate is a valid JSON string escape but cannot be stored or logged as UTF-8.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _valid_organization_id(value: object) -> bool:
     return (
         isinstance(value, str)
         and 0 < len(value) <= MAX_ORGANIZATION_ID_LENGTH
         and value.isprintable()
         and value.strip() == value
+        and _encodable(value)
+    )
+
+
+def _valid_subject(value: object) -> bool:
+    return value is None or (
+        isinstance(value, str) and 0 < len(value) <= 255 and value.isprintable() and _encodable(value)
     )
 
 
 def _is_time(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        # Beyond any real date; also keeps a huge integer from overflowing float arithmetic.
+        return math.isfinite(value) and abs(value) < 1e12
+    except OverflowError:
+        return False
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -386,6 +408,8 @@ class TokenVerifier:
         if not _valid_organization_id(organization_id):
             raise Unauthenticated("token has no valid organization claim")
         assert isinstance(organization_id, str)
+        if not _valid_subject(claims.get("sub")):
+            raise Unauthenticated("invalid token")
         principal = Principal(
             organization_id=organization_id, subject=claims.get("sub"), scopes=_scopes(claims)
         )

@@ -402,3 +402,21 @@ async def test_an_oversized_streamed_body_is_a_413_problem(client: httpx.AsyncCl
     )
     assert_problem(response, 413, "payload_too_large")
     assert (await client.get("/connectors")).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    "raw_auth",
+    [
+        '"client_secret": "CANARY\\ud800"',
+        '"client_secret": "CANARY-ok", "extra_token_params": {"resource": "v\\ud800"}',
+    ],
+)
+async def test_unpaired_surrogates_are_refused_not_a_500(client: httpx.AsyncClient, raw_auth: str) -> None:
+    body = (
+        '{"name": "s", "resource_domain_url": "https://api.example.com", "auth": {"type": "oauth2",'
+        ' "client_id": "c", "token_url": "https://idp.example.com/t", ' + raw_auth + "}}"
+    )
+    response = await client.post(
+        "/connectors", content=body.encode(), params=NO_CHECK, headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 422, "invalid_request")

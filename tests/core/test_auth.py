@@ -737,3 +737,15 @@ async def test_a_verified_token_is_remembered_not_checked_again(
     clock.advance(61)
     await hs_verifier.verify(token)
     assert calls == ["decode", "decode"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"exp": 10**400}, {"nbf": 10**400}, {"iat": -(10**400)}, {"sub": "me\ud800"}, {"sub": ""}],
+)
+async def test_absurd_claims_are_refused_not_a_crash(
+    clock: FakeClock, hs_verifier: TokenVerifier, change: dict[str, Any]
+) -> None:
+    # Signed correctly: only the claims are wrong.
+    token = handmade_token({"alg": "HS256", "typ": "JWT"}, {**claims(clock), **change}, sign=SECRET.encode())
+    assert await refused(hs_verifier, token) in ("invalid token", "token expired")
