@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import AppError, PayloadTooLarge
@@ -58,13 +59,23 @@ async def _validation_error(_request: Request, error: Exception) -> JSONResponse
     )
 
 
+def _leaf_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    for route in routes:
+        # An included router is one route wrapping its own (FastAPI's ``_IncludedRouter``).
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _leaf_routes(included.routes)
+        else:
+            yield route
+
+
 def _allowed_methods(request: Request) -> str:
     """Every method of every route on this path (Starlette names only the first route's)."""
     methods: set[str] = set()
-    for route in request.app.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        partial, _ = route.matches({**request.scope, "method": "\x00"})
-        if match != Match.NONE or partial != Match.NONE:
+    probe = {**request.scope, "method": "\x00"}
+    for route in _leaf_routes(request.app.routes):
+        match, _ = route.matches(probe)
+        if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())
     return ", ".join(sorted(methods))
 

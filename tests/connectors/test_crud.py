@@ -350,7 +350,13 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
 
 async def test_unknown_route_is_a_problem(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/nowhere"), 404, "not_found")
-    assert_problem(await client.put("/connectors"), 405, "method_not_allowed")
+    not_allowed = await client.put("/connectors")
+    assert_problem(not_allowed, 405, "method_not_allowed")
+    assert not_allowed.headers["allow"] == "GET, POST"
+    on_authorize = await client.get("/connectors/00000000-0000-4000-8000-000000000000/authorize")
+    assert on_authorize.headers["allow"] == "POST"
+    one = await client.put("/connectors/00000000-0000-4000-8000-000000000000")
+    assert one.headers["allow"] == "DELETE, GET, PATCH"
 
 
 async def test_an_unexpected_failure_is_a_500_problem_that_reveals_nothing(
