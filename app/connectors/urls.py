@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from urllib.parse import SplitResult, unquote, urlsplit
+
+import idna
 
 _CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f]")
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _MAX_URL = 2048
+_INVISIBLE = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp"})
 
 
 class URLRuleError(ValueError):
@@ -30,10 +34,18 @@ def _normalise_host(host: str) -> str:
         return str(ipaddress.IPv4Address(host))
     except ValueError:
         pass
-    try:
-        ascii_host = host.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        raise URLRuleError("the host is not a valid domain name") from None
+    if host.isascii():
+        ascii_host = host.lower()
+    else:
+        # IDNA 2008 with UTS 46 mapping, non-transitional, as httpx and browsers encode a name:
+        # Python's own "idna" codec (IDNA 2003) turns faß.de into fass.de, another domain.
+        # Invisible characters are refused rather than silently dropped.
+        if any(unicodedata.category(c) in _INVISIBLE for c in host):
+            raise URLRuleError("the host contains invisible characters")
+        try:
+            ascii_host = idna.encode(host, uts46=True).decode("ascii").lower()
+        except (idna.IDNAError, UnicodeError):
+            raise URLRuleError("the host is not a valid domain name") from None
     ascii_host = ascii_host.rstrip(".")
     labels = ascii_host.split(".")
     if not ascii_host or len(ascii_host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):

@@ -426,3 +426,25 @@ async def test_unpaired_surrogates_are_refused_not_a_500(client: httpx.AsyncClie
         "/connectors", content=body.encode(), params=NO_CHECK, headers={"content-type": "application/json"}
     )
     assert_problem(response, 422, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("url", "stored"),
+    [
+        ("https://faß.de/x", "https://xn--fa-hia.de/x"),
+        ("https://Bu\u0308cher.example", "https://xn--bcher-kva.example"),
+        ("https://xn--fa-hia.de", "https://xn--fa-hia.de"),
+    ],
+)
+async def test_international_hosts_are_stored_as_clients_would_encode_them(
+    client: httpx.AsyncClient, url: str, stored: str
+) -> None:
+    body = payloads.basic()
+    body["resource_domain_url"] = url
+    assert (await create(client, body))["resource_domain_url"] == stored
+
+
+async def test_invisible_characters_in_a_host_are_refused(client: httpx.AsyncClient) -> None:
+    body = payloads.basic()
+    body["resource_domain_url"] = "https://exa\u200bmple.com"
+    assert_problem(await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request")
