@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 
 from app import __version__
+from app.connectors import schemas
 from app.connectors.router import hot_routes
 from app.connectors.router import router as connectors_router
 from app.connectors.service import ConnectorService
@@ -143,6 +144,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     )
     app.state.metrics = metrics
     install_error_handlers(app)
+    app.state.validation_rules = schemas.LOCATIONS
     app.router.routes.extend(hot_routes)
     app.include_router(connectors_router)
 

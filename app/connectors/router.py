@@ -111,7 +111,7 @@ async def authorize(connector_id: str, request: Request) -> Response:
         try:
             body = schemas.AuthorizeRequest.model_validate_json(raw) if raw else schemas.AuthorizeRequest()
         except ValidationError as error:
-            raise InvalidRequest(errors=field_errors(error)) from None
+            raise InvalidRequest(errors=field_errors(error, rules=schemas.LOCATIONS)) from None
         asked = (principal.organization_id, _uuid(connector_id))
         result = await service.authorize(*asked, body)
     except Exception as error:

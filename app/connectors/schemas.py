@@ -27,6 +27,7 @@ from pydantic import (
 from typing_extensions import TypeAliasType
 
 from app.connectors.urls import URLRuleError, normalise_base_url, normalise_endpoint_url
+from app.core.validation import LocationRules
 from app.tokens.oauth import RESERVED_TOKEN_PARAMS
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -334,3 +335,13 @@ class AuthorizeResponse(BaseModel):
     headers: dict[str, str]
     resource_origin: str
     expires_at: datetime | None
+
+
+# How validation errors of these models name their fields (app.core.validation).
+LOCATIONS = LocationRules(
+    tags={
+        "auth": {"basic", "oauth2"},
+        "oauth2": {"client_credentials", "password"},
+    },
+    free_keys={"extra_token_params"},
+)

@@ -708,7 +708,7 @@ def _validate_auth(raw: dict[str, Any]) -> BaseModel:
     try:
         auth: BaseModel = _AUTH_ADAPTER.validate_python(raw)
     except ValidationError as error:
-        raise InvalidRequest(errors=field_errors(error, prefix=("auth",))) from None
+        raise InvalidRequest(errors=field_errors(error, prefix=("auth",), rules=schemas.LOCATIONS)) from None
     return auth
 
 

@@ -14,11 +14,12 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import AppError, PayloadTooLarge
-from app.core.validation import field_errors
+from app.core.validation import LocationRules, field_errors
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+_NO_RULES = LocationRules()
 _HTTP_CODES = {
     404: ("not_found", "Not found"),
     405: ("method_not_allowed", "Method not allowed"),
@@ -48,14 +49,16 @@ async def _app_error(_request: Request, error: Exception) -> JSONResponse:
     return problem(error.http_status, error.code, error.title, error.detail, headers, **error.extra)
 
 
-async def _validation_error(_request: Request, error: Exception) -> JSONResponse:
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     return problem(
         422,
         "invalid_request",
         "The request is not valid",
         "one or more fields are invalid",
-        errors=field_errors(error.errors()),
+        errors=field_errors(
+            error.errors(), rules=getattr(request.app.state, "validation_rules", LocationRules())
+        ),
     )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 # Pydantic messages that quote the input (a discriminator tag, for one) get a fixed text instead.
@@ -29,13 +30,48 @@ def _reason(error: Any) -> str:
     return message
 
 
-def field_errors(errors: Any, prefix: Sequence[str] = ()) -> list[dict[str, str]]:
+@dataclass(frozen=True, slots=True)
+class LocationRules:
+    """What of pydantic's error locations is structure, and what would echo the input.
+
+    ``tags``: for a field (or tag), the discriminator values pydantic inserts after it, which
+    are dropped (``auth.oauth2.password.password`` becomes ``auth.password``). ``free_keys``:
+    mapping fields whose keys are the caller's own; a key is shown as ``*``.
+    """
+
+    tags: Mapping[str, Collection[str]] = field(default_factory=dict)
+    free_keys: Collection[str] = ()
+
+
+_NO_RULES = LocationRules()
+
+
+def field_errors(
+    errors: Any, prefix: Sequence[str] = (), rules: LocationRules = _NO_RULES
+) -> list[dict[str, str]]:
     """Turn pydantic's errors (a ``ValidationError`` or its ``errors()``) into safe entries."""
     items: Iterable[Any] = errors.errors() if hasattr(errors, "errors") else errors
     result: list[dict[str, str]] = []
     for error in items:
-        location = [str(part) for part in (*prefix, *error.get("loc", ())) if part != "body"]
-        # Drop the union member names pydantic inserts ("basic", "oauth2", "client_credentials").
-        location = [part for part in location if not part.startswith(("function-", "tagged-union"))]
-        result.append({"field": ".".join(location) or "body", "reason": _reason(error)})
+        kind = str(error.get("type", ""))
+        raw = [*prefix, *error.get("loc", ())]
+        if kind == "json_invalid":
+            raw = [part for part in raw if not isinstance(part, int)]  # a character offset
+        location: list[str] = []
+        previous: str | None = None
+        for part in raw:
+            text = str(part)
+            if (text == "body" and not location) or text.startswith(("function-", "tagged-union")):
+                continue
+            if previous is not None and text in rules.tags.get(previous, ()):
+                previous = text
+                continue
+            location.append("*" if previous in rules.free_keys else text)
+            previous = text
+        reason = _reason(error)
+        if kind == "extra_forbidden" and location:
+            # The unknown name is the caller's input: name the object it was sent in.
+            location[-1] = "*"
+            reason = "unknown field"
+        result.append({"field": ".".join(location) or "body", "reason": reason})
     return result
