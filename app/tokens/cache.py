@@ -173,6 +173,8 @@ class _Token:
     issued: IssuedToken
     usable_until: float
     refresh_at: float
+    # clock.monotonic() when the token arrived here.
+    received_at: float
 
 
 @dataclass(slots=True, eq=False)
@@ -202,6 +204,7 @@ class TokenCache:
         on_outcome: OutcomeListener | None = None,
         retry_backoff_initial: float = 1.0,
         retry_backoff_max: float = 60.0,
+        stale_min_age: float = 5.0,
         shared: SharedTokenStore | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -217,6 +220,10 @@ class TokenCache:
         self._tasks: set[asyncio.Task[IssuedToken]] = set()
         self._closed = False
         self._shared = shared
+        # A token reported refused is dropped only if it is at least this old: a report about a
+        # token that just arrived most likely concerns the one before it, and a stream of late
+        # reports must not become a stream of token requests.
+        self._stale_min_age = stale_min_age
         metrics = metrics or Metrics()
         self._hits = metrics.token_cache_hits
         self._misses = metrics.token_cache_misses
@@ -296,10 +303,15 @@ class TokenCache:
             self._misses.inc()
             raise _detached(entry.rejected)
         token = entry.token
-        if token is not None and stale_token is not None and token.issued.access_token == stale_token:
+        now = self._clock.monotonic()
+        if (
+            token is not None
+            and stale_token is not None
+            and token.issued.access_token == stale_token
+            and now - token.received_at >= self._stale_min_age
+        ):
             entry.token = token = None
             entry.stale = stale_token
-        now = self._clock.monotonic()
         if token is not None and now < token.usable_until:
             if (
                 now >= token.refresh_at
@@ -436,7 +448,7 @@ class TokenCache:
         if now >= refresh_at:
             return None
         expires_at = self._clock.now() + timedelta(seconds=usable_until - now)
-        entry.token = _Token(IssuedToken(shared.access_token, expires_at), usable_until, refresh_at)
+        entry.token = _Token(IssuedToken(shared.access_token, expires_at), usable_until, refresh_at, now)
         self._succeeded(entry)
         return entry.token.issued
 
@@ -538,7 +550,9 @@ class TokenCache:
     ) -> _Token:
         usable_until, refresh_at = token_schedule(grant.expires_in, sent_at)
         expires_at = self._clock.now() + timedelta(seconds=usable_until - self._clock.monotonic())
-        token = _Token(IssuedToken(grant.access_token, expires_at), usable_until, refresh_at)
+        token = _Token(
+            IssuedToken(grant.access_token, expires_at), usable_until, refresh_at, self._clock.monotonic()
+        )
         entry.token = token
         entry.refresh_token = grant.refresh_token if grant.refresh_token is not None else accepted_refresh
         return token

@@ -223,15 +223,29 @@ async def test_one_token_request_for_a_cold_burst(
     assert form == {"grant_type": "client_credentials", "scope": "read write"}
 
 
+@pytest.fixture
+async def timed(
+    app_factory: Callable[..., Awaitable[Any]], settings: Settings, client_for: ClientFor, fake_time: FakeTime
+) -> httpx.AsyncClient:
+    """A client on an app whose clock the test moves (``fake_time``)."""
+    return client_for(app=await app_factory(settings, Overrides(clock=fake_time)))
+
+
 async def test_force_refresh_from_many_callers_makes_one_request(
-    client: httpx.AsyncClient, scripted_server: ScriptedServer
+    timed: httpx.AsyncClient, scripted_server: ScriptedServer, fake_time: FakeTime
 ) -> None:
     scripted_server.set_default(counter_tokens(delay=0.1))
-    created = await _oauth_connector(client, scripted_server)
-    first = await authorize(client, created["id"])
+    created = await _oauth_connector(timed, scripted_server)
+    first = await authorize(timed, created["id"])
     assert first.json()["headers"]["Authorization"] == "Bearer tok-1"
-    answers = await asyncio.gather(*(authorize(client, created["id"], force_refresh=True) for _ in range(50)))
+    fake_time.advance(10)
+    answers = await asyncio.gather(*(authorize(timed, created["id"], force_refresh=True) for _ in range(50)))
     assert {a.json()["headers"]["Authorization"] for a in answers} == {"Bearer tok-2"}
+    assert scripted_server.count == 2
+    # Reports arriving late, within seconds of the new token, do not throw it away.
+    fake_time.advance(1)
+    late = await authorize(timed, created["id"], force_refresh=True)
+    assert late.json()["headers"]["Authorization"] == "Bearer tok-2"
     assert scripted_server.count == 2
 
 
@@ -365,41 +379,68 @@ async def test_tokens_expire_on_the_injected_clock_and_are_refreshed_ahead(
 
 
 async def test_status_follows_token_requests_and_is_written_on_transitions_only(
-    client: httpx.AsyncClient, scripted_server: ScriptedServer
+    timed: httpx.AsyncClient, scripted_server: ScriptedServer, fake_time: FakeTime
 ) -> None:
     scripted_server.set_default(counter_tokens())
-    created = await _oauth_connector(client, scripted_server)
+    created = await _oauth_connector(timed, scripted_server)
     assert created["status"]["state"] == "unverified"
-    await authorize(client, created["id"])
-    first = (await client.get(f"/connectors/{created['id']}")).json()["status"]
+    await authorize(timed, created["id"])
+    first = (await timed.get(f"/connectors/{created['id']}")).json()["status"]
     assert first["state"] == "authorized"
     assert first["checked_at"] is not None
-    await authorize(client, created["id"], force_refresh=True)
+    fake_time.advance(10)
+    await authorize(timed, created["id"], force_refresh=True)
     # A second success is no transition: the recorded check is not rewritten.
-    assert (await client.get(f"/connectors/{created['id']}")).json()["status"] == first
+    assert (await timed.get(f"/connectors/{created['id']}")).json()["status"] == first
     assert scripted_server.count == 2
 
 
-async def test_a_connector_changed_by_another_process_is_served_in_its_new_version(
-    client: httpx.AsyncClient, scripted_server: ScriptedServer, app: Any, database_url: str
-) -> None:
+async def _bump_version(database_url: str) -> None:
+    """What another replica's PATCH does to the row, without this process hearing of it."""
     from sqlalchemy import update
 
     from app.connectors.models import Connector
     from app.core.db import Database, build_engine
 
-    scripted_server.set_default(counter_tokens())
-    created = await _oauth_connector(client, scripted_server)
-    assert (await authorize(client, created["id"])).json()["headers"]["Authorization"] == "Bearer tok-1"
-    # Another replica bumps the version; this one still holds the old snapshot. The token cache
-    # refuses to fetch for the old version and the request is answered with the new one.
     db = Database(build_engine(database_url))
     async with db.write() as session:
         await session.execute(update(Connector).values(version=Connector.version + 1))
     await db.dispose()
+
+
+async def test_a_token_request_for_an_outdated_copy_is_made_for_the_new_version(
+    app_factory: Callable[..., Awaitable[Any]],
+    settings: Settings,
+    client_for: ClientFor,
+    fake_time: FakeTime,
+    scripted_server: ScriptedServer,
+    database_url: str,
+) -> None:
+    # The copy is trusted for an hour here, so only the token request can notice the change.
+    app = await app_factory(
+        settings.model_copy(update={"snapshot_max_age_seconds": 3600}), Overrides(clock=fake_time)
+    )
+    client = client_for(app=app)
+    scripted_server.set_default(counter_tokens())
+    created = await _oauth_connector(client, scripted_server)
+    assert (await authorize(client, created["id"])).json()["headers"]["Authorization"] == "Bearer tok-1"
+    await _bump_version(database_url)
+    fake_time.advance(10)
     answer = await authorize(client, created["id"], force_refresh=True)
     assert answer.status_code == 200, answer.text
     assert answer.json()["headers"]["Authorization"] == "Bearer tok-2"
+
+
+async def test_a_change_made_elsewhere_is_seen_within_the_snapshot_age(
+    timed: httpx.AsyncClient, scripted_server: ScriptedServer, fake_time: FakeTime, database_url: str
+) -> None:
+    scripted_server.set_default(counter_tokens())
+    created = await _oauth_connector(timed, scripted_server)
+    assert (await authorize(timed, created["id"])).json()["headers"]["Authorization"] == "Bearer tok-1"
+    await _bump_version(database_url)
+    # Within the 1 s the copy is trusted, the old version may still be served; past it, never.
+    fake_time.advance(1.5)
+    assert (await authorize(timed, created["id"])).json()["headers"]["Authorization"] == "Bearer tok-2"
 
 
 async def test_non_global_destinations_are_refused_at_save_and_at_connection_time(

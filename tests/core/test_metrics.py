@@ -217,8 +217,9 @@ async def test_cache_hits_misses_and_single_flight_waits() -> None:
         result = scraped(metrics)
         assert (result.value(lookups, result="miss"), result.value(lookups, result="hit")) == (5, 2)
 
-        # A caller reporting the token refused waits for a new one: a miss.
+        # A caller reporting the token refused (old enough to be dropped) waits for a new one: a miss.
         current = await cache.get(KEY, load)
+        clock.advance(10.0)
         await cache.get(KEY, load, stale_token=current.access_token)
         result = scraped(metrics)
         assert (result.value(lookups, result="miss"), result.value(lookups, result="hit")) == (6, 3)

@@ -174,7 +174,8 @@ def outcomes() -> Outcomes:
 
 @pytest.fixture
 async def cache(fetcher: FakeFetcher, clock: FakeClock, outcomes: Outcomes) -> AsyncIterator[TokenCache]:
-    cache = TokenCache(fetcher, clock=clock, on_outcome=outcomes)
+    # Any token may be reported stale here; the minimum age of a dropped token has its own test.
+    cache = TokenCache(fetcher, clock=clock, on_outcome=outcomes, stale_min_age=0.0)
     yield cache
     await cache.aclose()
 
@@ -1150,3 +1151,28 @@ def test_the_backoff_settings_are_checked(fetcher: FakeFetcher, clock: FakeClock
         TokenCache(fetcher, clock=clock, retry_backoff_initial=0.0)
     with pytest.raises(ValueError, match="backoff"):
         TokenCache(fetcher, clock=clock, retry_backoff_initial=5.0, retry_backoff_max=1.0)
+
+
+async def test_a_token_reported_stale_right_after_it_arrived_is_kept(
+    fetcher: FakeFetcher, clock: FakeClock, load: Loader
+) -> None:
+    cache = TokenCache(fetcher, clock=clock, stale_min_age=5.0)
+    try:
+        first = await cache.get(KEY, load)
+        clock.advance(10)
+        # Old enough: the report is believed, the token replaced once for all reporters.
+        tasks = spawn(cache, load, 20, stale_token=first.access_token)
+        second = {t.access_token for t in await asyncio.gather(*tasks)}
+        assert len(second) == 1
+        assert len(fetcher.calls) == 2
+        (replacement,) = second
+        # Late reports, about the new token or the old one, within 5 s of its arrival: no request.
+        clock.advance(1)
+        assert (await cache.get(KEY, load, stale_token=replacement)).access_token == replacement
+        assert (await cache.get(KEY, load, stale_token=first.access_token)).access_token == replacement
+        assert len(fetcher.calls) == 2
+        clock.advance(5)
+        assert (await cache.get(KEY, load, stale_token=replacement)).access_token != replacement
+        assert len(fetcher.calls) == 3
+    finally:
+        await cache.aclose()

@@ -96,7 +96,7 @@ class Replicas:
                 poll_interval=0.01,
             )
             self.clients.append(client)
-            self.caches.append(TokenCache(provider, clock=SystemClock(), shared=store))
+            self.caches.append(TokenCache(provider, clock=SystemClock(), shared=store, stale_min_age=0.0))
 
     async def close(self) -> None:
         for cache in self.caches:
