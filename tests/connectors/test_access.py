@@ -70,3 +70,14 @@ async def test_expired_and_foreign_tokens(client: httpx.AsyncClient, settings: S
 async def test_healthz_needs_no_token(client: httpx.AsyncClient) -> None:
     response = await client.get("/healthz", headers={"Authorization": ""})
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path", "scope"), ENDPOINTS)
+async def test_the_caller_is_checked_before_the_connector_id(
+    client_for: ClientFor, method: str, path: str, scope: str
+) -> None:
+    malformed = path.replace(ID, "not-a-uuid")
+    anonymous = await client_for().request(method, malformed, headers={"Authorization": ""}, json={})
+    assert_problem(anonymous, 401, "unauthenticated")
+    others = tuple(s for s in ("connectors:read", "connectors:write", "connectors:authorize") if s != scope)
+    assert_problem(await client_for("org-a", others).request(method, malformed, json={}), 403, "forbidden")
