@@ -37,9 +37,18 @@ def _name(value: str) -> str:
     value = value.strip()
     if not 1 <= len(value) <= 100:
         raise ValueError("must be 1-100 characters after trimming")
-    if _CONTROL.search(value) or any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
-        raise ValueError("may not contain control characters")
+    # Control characters, and the invisible ones (format, line and paragraph separators, bidi
+    # overrides) that make two names look alike or reorder what an admin reads.
+    if _CONTROL.search(value) or any(
+        unicodedata.category(c) in ("Cc", "Cs", "Cf", "Zl", "Zp") for c in value
+    ):
+        raise ValueError("may not contain control or invisible characters")
     return value
+
+
+def name_key(name: str) -> str:
+    """What names are compared by: compatibility-normalised and case-folded."""
+    return unicodedata.normalize("NFKC", name).casefold()
 
 
 def _base_url(value: str) -> str:

@@ -171,7 +171,7 @@ class ConnectorService:
     ) -> schemas.ConnectorOut:
         kind = kind_for(body.auth)
         public, secrets = kind.split(body.auth)
-        name_key = body.name.casefold()
+        name_key = schemas.name_key(body.name)
         # Cheap pre-checks, so an impossible create never reaches the identity provider. The
         # write below checks again under the organization's lock.
         async with self.db.read() as session:
@@ -250,7 +250,7 @@ class ConnectorService:
                 if field in sent and getattr(patch, field) is None:
                     raise InvalidRequest(errors=[{"field": field, "reason": "may not be null"}])
             name = patch.name if patch.name is not None else row.name
-            name_key = name.casefold()
+            name_key = schemas.name_key(name)
             if name_key != row.name_key and await repo.name_taken(
                 organization_id, name_key, except_id=connector_id
             ):

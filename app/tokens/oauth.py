@@ -79,6 +79,23 @@ RESERVED_TOKEN_PARAMS: Final = frozenset(
     }
 )
 
+# RFC 6749 section 5.2, RFC 8707 and RFC 9449 token endpoint errors, and two common extensions.
+_KNOWN_ERROR_CODES: Final = frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "invalid_target",
+        "invalid_dpop_proof",
+        "use_dpop_nonce",
+        "temporarily_unavailable",
+        "server_error",
+        "access_denied",
+    }
+)
 _REJECTED_CODES: Final = frozenset({"invalid_client", "invalid_grant", "unauthorized_client"})
 _REFRESH_REJECTED_CODES: Final = frozenset({"invalid_grant", "unauthorized_client", "unsupported_grant_type"})
 _SAFE_ERROR_CODE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -223,9 +240,10 @@ def _provider_error(body: Mapping[str, object] | None) -> str | None:
     if body is None:
         return None
     code = body.get("error")
-    if isinstance(code, str) and _SAFE_ERROR_CODE.fullmatch(code):
-        return code
-    return None
+    if not isinstance(code, str) or not _SAFE_ERROR_CODE.fullmatch(code):
+        return None
+    # Only registered codes pass: a provider's free-form "code" could carry anything.
+    return code if code in _KNOWN_ERROR_CODES else "other"
 
 
 def _raise_for_error(status: int, body: Mapping[str, object] | None, *, refreshing: bool) -> NoReturn:

@@ -470,3 +470,17 @@ async def test_invisible_characters_in_a_host_are_refused(client: httpx.AsyncCli
     body = payloads.basic()
     body["resource_domain_url"] = "https://exa\u200bmple.com"
     assert_problem(await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request")
+
+
+@pytest.mark.parametrize("name", ["alpha\u200b", "a\u202eb", "line\u2028sep", "wo\u2029rd"])
+async def test_invisible_characters_in_names_are_refused(client: httpx.AsyncClient, name: str) -> None:
+    response = await client.post("/connectors", json=payloads.basic(name=name), params=NO_CHECK)
+    assert_problem(response, 422, "invalid_request")
+
+
+async def test_names_compare_after_compatibility_normalisation(client: httpx.AsyncClient) -> None:
+    await create(client, payloads.basic(name="Billing"))
+    fullwidth = await client.post(
+        "/connectors", json=payloads.basic(name="\uff22\uff49lling"), params=NO_CHECK
+    )
+    assert_problem(fullwidth, 409, "name_taken")
