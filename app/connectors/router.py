@@ -49,20 +49,28 @@ async def parse_id(connector_id: str) -> uuid.UUID:
 ConnectorId = Annotated[uuid.UUID, Depends(parse_id)]
 
 
-async def parse_if_match(if_match: Annotated[str | None, Header()] = None) -> int | None:
-    """The version an ``If-Match`` header names; ``*`` or no header means any version."""
-    if if_match is None or if_match.strip() == "*":
+async def parse_if_match(if_match: Annotated[str | None, Header()] = None) -> frozenset[int] | None:
+    """The version an ``If-Match`` header names; ``*`` or no header means any version.
+
+    A list names several; the current version must be one of them. Weak tags never match
+    (RFC 9110 compares If-Match strongly), nor does anything this service did not issue.
+    """
+    if if_match is None:
         return None
-    value = if_match.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    value = value.strip('"')
-    if not value.isdigit() or len(value) > 18:
-        raise VersionMismatch("If-Match must be an ETag returned by this service")
-    return int(value)
+    tags = [tag.strip() for tag in if_match.split(",") if tag.strip()]
+    if "*" in tags:
+        return None
+    versions = frozenset(
+        int(tag[1:-1])
+        for tag in tags
+        if len(tag) <= 20 and tag[:1] == tag[-1:] == '"' and tag[1:-1].isdigit()
+    )
+    if not versions:
+        raise VersionMismatch("If-Match must name an ETag returned by this service")
+    return versions
 
 
-IfMatch = Annotated[int | None, Depends(parse_if_match)]
+IfMatch = Annotated[frozenset[int] | None, Depends(parse_if_match)]
 Validate = Annotated[bool, Query(description="false skips the live credential check")]
 
 

@@ -216,7 +216,7 @@ class ConnectorService:
         connector_id: uuid.UUID,
         patch: schemas.ConnectorPatch,
         *,
-        if_match: int | None,
+        if_match: Collection[int] | None,
         validate: bool,
         actor: str | None = None,
     ) -> schemas.ConnectorOut:
@@ -236,14 +236,14 @@ class ConnectorService:
         connector_id: uuid.UUID,
         patch: schemas.ConnectorPatch,
         *,
-        if_match: int | None,
+        if_match: Collection[int] | None,
         validate: bool,
         actor: str | None,
     ) -> schemas.ConnectorOut:
         async with self.db.read() as session:
             repo = ConnectorRepository(session)
             row = await self._require(repo, organization_id, connector_id)
-            if if_match is not None and if_match != row.version:
+            if if_match is not None and row.version not in if_match:
                 raise VersionMismatch()
             sent = patch.model_fields_set
             for field in ("name", "resource_domain_url"):
@@ -319,14 +319,14 @@ class ConnectorService:
         organization_id: str,
         connector_id: uuid.UUID,
         *,
-        if_match: int | None,
+        if_match: Collection[int] | None,
         actor: str | None = None,
     ) -> None:
         try:
             async with self.db.write() as session:
                 repo = ConnectorRepository(session)
                 row = await self._require(repo, organization_id, connector_id)
-                if if_match is not None and if_match != row.version:
+                if if_match is not None and row.version not in if_match:
                     raise VersionMismatch()
                 await repo.delete(organization_id, connector_id)
                 await self._audit(session, organization_id, connector_id, "delete", actor, [], SUCCEEDED)

@@ -128,6 +128,8 @@ def join_resource_path(base_url: str, path: str | None) -> str:
         return base_url
     if len(path) > _MAX_URL or _CONTROL.search(path) or "\\" in path:
         raise URLRuleError("the path contains forbidden characters")
+    if not path.isascii() and any(unicodedata.category(c) in _INVISIBLE for c in path):
+        raise URLRuleError("the path contains invisible or space characters")
     if "#" in path:
         raise URLRuleError("the path may not contain a fragment")
     raw_path, question, query = path.partition("?")
@@ -140,7 +142,8 @@ def join_resource_path(base_url: str, path: str | None) -> str:
     if "@" in raw_path.split("/", 1)[0]:
         raise URLRuleError("the path may not contain userinfo")
     segments = raw_path.lstrip("/").split("/")
-    if any(segment in (".", "..") for segment in segments):
+    # "..;x" is a dot segment to servers that strip path parameters (Tomcat, Jetty).
+    if any(segment.split(";", 1)[0] in (".", "..") for segment in segments):
         raise URLRuleError("the path may not contain dot segments")
     joined = base_url + "/" + raw_path.lstrip("/") if raw_path.lstrip("/") else base_url
     if question:

@@ -124,6 +124,11 @@ async def test_basic_check_timeout_is_504_and_saves_nothing(
         "@evil.example.com",
         "/x#frag",
         "http:/x",
+        "/..;/admin",
+        "/a/.;x/b",
+        "/x\u00a0y",
+        "/x\u2028y",
+        "/\ufeffx",
     ],
 )
 async def test_paths_leaving_the_resource_domain_are_refused(client: httpx.AsyncClient, path: str) -> None:

@@ -484,3 +484,15 @@ async def test_names_compare_after_compatibility_normalisation(client: httpx.Asy
         "/connectors", json=payloads.basic(name="\uff22\uff49lling"), params=NO_CHECK
     )
     assert_problem(fullwidth, 409, "name_taken")
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [('"1"', 200), ('"7", "1"', 200), ("*", 200), ('W/"1"', 412), ("1", 412), ('"7"', 412)],
+)
+async def test_if_match_forms(client: httpx.AsyncClient, header: str, status: int) -> None:
+    created = await create(client, payloads.basic())
+    response = await client.patch(
+        f"/connectors/{created['id']}", json={"name": "renamed"}, headers={"If-Match": header}
+    )
+    assert response.status_code == status, response.text
