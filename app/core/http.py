@@ -13,12 +13,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.errors import AppError, PayloadTooLarge
+from app.core.errors import AppError, PayloadTooLarge, Unauthenticated
+from app.core.security import authenticate
 from app.core.validation import LocationRules, field_errors
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+# Paths whose every endpoint needs a caller token.
+PROTECTED_PREFIX = "/connectors"
 _NO_RULES = LocationRules()
 _HTTP_CODES = {
     404: ("not_found", "Not found"),
@@ -49,8 +52,28 @@ async def _app_error(_request: Request, error: Exception) -> JSONResponse:
     return problem(error.http_status, error.code, error.title, error.detail, headers, **error.extra)
 
 
+async def _unauthenticated(request: Request) -> JSONResponse | None:
+    """A 401 for a caller without a valid token on a protected path, else None.
+
+    The framework reads and validates a body before it runs the dependencies that check the
+    caller, so without this a bad body would be judged before a missing token.
+    """
+    if getattr(request.app.state, "verifier", None) is None or not request.url.path.startswith(
+        PROTECTED_PREFIX
+    ):
+        return None
+    try:
+        await authenticate(request, None)
+    except Unauthenticated as error:
+        return await _app_error(request, error)
+    return None
+
+
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
+    refused = await _unauthenticated(request)
+    if refused is not None:
+        return refused
     return problem(
         422,
         "invalid_request",
@@ -89,6 +112,9 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
         # The framework wraps what failed while it read the body (a body over the limit).
         return _app_error_response(error.__cause__)
     if error.status_code == 400:
+        refused = await _unauthenticated(request)
+        if refused is not None:
+            return refused
         # The framework's "error parsing the body" (bytes that are not UTF-8 JSON, say) is the
         # same client error as malformed JSON, which the contract answers with a 422.
         return problem(

@@ -81,3 +81,14 @@ async def test_the_caller_is_checked_before_the_connector_id(
     assert_problem(anonymous, 401, "unauthenticated")
     others = tuple(s for s in ("connectors:read", "connectors:write", "connectors:authorize") if s != scope)
     assert_problem(await client_for("org-a", others).request(method, malformed, json={}), 403, "forbidden")
+
+
+@pytest.mark.parametrize(
+    "body", [b"{bad", b'{"name": 1}', b"\xff\xfe"], ids=["malformed", "invalid", "not-utf8"]
+)
+async def test_a_bad_body_without_a_token_is_a_401(client: httpx.AsyncClient, body: bytes) -> None:
+    for method, path in (("POST", "/connectors"), ("PATCH", f"/connectors/{ID}")):
+        response = await client.request(
+            method, path, content=body, headers={"Authorization": "", "content-type": "application/json"}
+        )
+        assert_problem(response, 401, "unauthenticated")
