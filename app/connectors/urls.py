@@ -145,7 +145,8 @@ def join_resource_path(base_url: str, path: str | None) -> str:
     # "..;x" is a dot segment to servers that strip path parameters (Tomcat, Jetty).
     if any(segment.split(";", 1)[0] in (".", "..") for segment in segments):
         raise URLRuleError("the path may not contain dot segments")
-    joined = base_url + "/" + raw_path.lstrip("/") if raw_path.lstrip("/") else base_url
+    # "/" is the base path itself with its slash; an empty path (a query alone) adds nothing.
+    joined = base_url + "/" + raw_path.lstrip("/") if raw_path else base_url
     if question:
         joined += "?" + query
     # Belt and braces: whatever the rules above missed, the result must parse back to the origin.

@@ -495,3 +495,26 @@ async def test_password_grant_renews_with_the_refresh_token_of_a_real_provider(
     assert records[0].revoked, "the provider rotated the refresh token it was sent"
     assert records[1].user == "svc-user"
     assert idp.store.find_access_token(second.removeprefix("Bearer ")) is records[1]
+
+
+@pytest.mark.parametrize(
+    ("path", "url"),
+    [
+        ("/", "https://api.example.com/base/"),
+        ("", "https://api.example.com/base"),
+        ("?q=1", "https://api.example.com/base?q=1"),
+        ("items/7", "https://api.example.com/base/items/7"),
+        ("//", None),
+    ],
+)
+async def test_paths_join_as_an_http_client_would(
+    client: httpx.AsyncClient, path: str, url: str | None
+) -> None:
+    body = payloads.basic()
+    body["resource_domain_url"] = "https://api.example.com/base"
+    created = (await client.post("/connectors", json=body, params={"validate": "false"})).json()
+    response = await authorize(client, created["id"], path=path)
+    if url is None:
+        assert_problem(response, 422, "path_outside_resource_domain")
+    else:
+        assert response.json()["url"] == url
