@@ -78,21 +78,9 @@ class ConnectorRepository:
         self, organization_id: str, connector_id: uuid.UUID, expected_version: int, values: dict[str, Any]
     ) -> bool:
         """Apply ``values`` if the row is still at ``expected_version``; False if it is not."""
-        result = await self.session.execute(
-            update(Connector)
-            .where(
-                Connector.organization_id == organization_id,
-                Connector.id == connector_id,
-                Connector.version == expected_version,
-            )
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        try:
-            await self.session.flush()
-        except IntegrityError:
-            raise NameTaken() from None
-        return bool(getattr(result, "rowcount", 0))
+        changed = await self._update_version(organization_id, connector_id, expected_version, values)
+        await self._flush_unique()
+        return changed
 
     async def set_status(
         self,
@@ -105,6 +93,12 @@ class ConnectorRepository:
         checked_at: datetime,
     ) -> bool:
         """Record a check's outcome for that version; a newer version is left alone."""
+        values = {"status_state": state, "status_detail": detail, "status_checked_at": checked_at}
+        return await self._update_version(organization_id, connector_id, version, values)
+
+    async def _update_version(
+        self, organization_id: str, connector_id: uuid.UUID, version: int, values: dict[str, Any]
+    ) -> bool:
         result = await self.session.execute(
             update(Connector)
             .where(
@@ -112,7 +106,7 @@ class ConnectorRepository:
                 Connector.id == connector_id,
                 Connector.version == version,
             )
-            .values(status_state=state, status_detail=detail, status_checked_at=checked_at)
+            .values(**values)
             .execution_options(synchronize_session=False)
         )
         return bool(getattr(result, "rowcount", 0))

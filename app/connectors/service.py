@@ -53,7 +53,7 @@ from app.core.errors import (
 )
 from app.core.validation import field_errors
 from app.tokens.basic import basic_header
-from app.tokens.types import CheckState, OAuth2Config, TokenGrant
+from app.tokens.types import CheckState, ConfigLoader, IssuedToken, OAuth2Config, TokenGrant
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,9 @@ class DestinationChecker(Protocol):
 class Tokens(Protocol):
     """The part of the token cache this service uses."""
 
-    async def get(self, key: tuple[Hashable, int], load: Any, *, stale_token: str | None = None) -> Any: ...
+    async def get(
+        self, key: tuple[Hashable, int], load: ConfigLoader, *, stale_token: str | None = None
+    ) -> IssuedToken: ...
 
     def peek(self, key: tuple[Hashable, int]) -> str | None: ...
 
