@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from app.core.clock import Clock, SystemClock
 from app.core.config import Settings
 from app.core.crypto import KeyRing
 from app.core.db import Database, build_engine
-from app.core.http import BodyLimitMiddleware, install_error_handlers, problem
+from app.core.errors import DatabaseUnavailable
+from app.core.http import BodyLimitMiddleware, UnexpectedErrorMiddleware, install_error_handlers, problem
 from app.core.logs import AccessLogMiddleware
 from app.core.metrics import CONTENT_TYPE, Metrics
 from app.core.outbound import OutboundClient
@@ -46,14 +46,6 @@ class Overrides:
 
     clock: Clock | None = None
     outbound: OutboundClient | None = None
-
-
-def _drop(service: ConnectorService, message: str) -> None:
-    try:
-        connector_id = uuid.UUID(message)
-    except ValueError:
-        return
-    service.drop_local(connector_id)
 
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
@@ -98,7 +90,14 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 on_error=redis_failed,
             )
             broadcast = Broadcast(redis, on_error=redis_failed)
-        tokens = TokenCache(fetcher, clock=clock, on_outcome=on_outcome, shared=shared, metrics=metrics)
+        tokens = TokenCache(
+            fetcher,
+            clock=clock,
+            on_outcome=on_outcome,
+            shared=shared,
+            metrics=metrics,
+            capacity=settings.token_cache_size,
+        )
         service = ConnectorService(
             db=db,
             keyring=keyring,
@@ -107,15 +106,22 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             check_destination=outbound.check_destination,
             clock=clock,
             max_per_org=settings.max_connectors_per_org,
-            snapshot_max_age=settings.snapshot_max_age_seconds,
+            held_capacity=settings.connector_cache_size,
+            max_staleness=settings.max_staleness_seconds,
+            poll_interval=settings.change_poll_interval_seconds,
             on_change=(lambda connector_id: broadcast.publish(str(connector_id))) if broadcast else None,
         )
         service_ref.append(service)
-        listener: asyncio.Task[None] | None = None
+        await service.start()  # tolerates a database that is away: the follower keeps trying
+        background = [asyncio.create_task(service.follower.run(), name="connector change follower")]
         if broadcast is not None:
-            listener = asyncio.create_task(
-                broadcast.listen(lambda message: _drop(service, message), service.drop_all_local),
-                name="connector change notices",
+            # A notice (or a resubscription, after which notices may have been missed) makes the
+            # follower read the changes at once.
+            wake = service.follower.wake
+            background.append(
+                asyncio.create_task(
+                    broadcast.listen(lambda _message: wake(), wake), name="connector change notices"
+                )
             )
         app.state.broadcast = broadcast
         app.state.db = db
@@ -124,9 +130,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         try:
             yield
         finally:
-            if listener is not None:
-                listener.cancel()
-                await asyncio.gather(listener, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await service.aclose()
             await tokens.aclose()
             if redis is not None:
@@ -154,13 +160,28 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], response_model=None)
-    async def readyz() -> dict[str, str] | JSONResponse:
-        """Readiness: the database answers."""
+    async def readyz() -> dict[str, str | float] | JSONResponse:
+        """Readiness: the database answers, or authorize can still answer from memory."""
         db: Database = app.state.db
+        service: ConnectorService = app.state.connectors
         try:
             await db.ping()
-        except Exception:
-            return problem(503, "not_ready", "Not ready", "the database is not reachable")
+        except DatabaseUnavailable as error:
+            remaining = service.max_staleness - service.follower.age()
+            if remaining <= 0:
+                return problem(
+                    503,
+                    error.code,
+                    error.title,
+                    "the database is not reachable and what this process holds may be out of date",
+                    error.headers,
+                )
+            # Still worth routing to: authorize answers for the connectors held.
+            return {
+                "status": "degraded",
+                "database": "unavailable",
+                "memory_valid_for_s": round(remaining, 1),
+            }
         return {"status": "ready"}
 
     @app.get(
@@ -186,6 +207,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         metrics.set_connector_states(counts)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    app.add_middleware(UnexpectedErrorMiddleware)
     # The largest valid body (a connector with every field at its limit) is far smaller.
     app.add_middleware(BodyLimitMiddleware, max_bytes=64 * 1024)
     if settings.access_log:

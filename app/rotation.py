@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from app.audit.repository import AuditRepository
 from app.audit.schemas import SUCCEEDED
-from app.connectors.repository import RotationRepository
+from app.connectors.repository import ConnectorRepository, RotationRepository
 from app.core.clock import Clock, SystemClock
 from app.core.config import Settings
 from app.core.crypto import DecryptionError, KeyRing, secret_aad
@@ -74,6 +74,8 @@ async def rotate(
                         detail=f"re-encrypted under key {primary}",
                         at=clock.now(),
                     )
+                    # Processes holding the old ciphertexts read the new ones.
+                    await ConnectorRepository(session).record_change(row.organization_id, row.id, clock.now())
                     report.rotated += 1
                 else:
                     report.skipped += 1

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.orm import Base
@@ -48,5 +48,31 @@ class Connector(Base):
     status_checked_at: Mapped[datetime | None] = mapped_column()
     status_detail: Mapped[str | None] = mapped_column(Text)
     version: Mapped[int] = mapped_column(Integer)
+    # The number of the last change written to this row (app.connectors.follower).
+    change_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column()
+
+
+class ChangeSequence(Base):
+    """One row: the number of the last change. Its row lock orders changes by commit."""
+
+    __tablename__ = "change_sequence"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class ConnectorChange(Base):
+    """A committed change of a connector (configuration, status or existence), by number.
+
+    Rows name the connector only; followers read the connector itself. Old rows are pruned.
+    """
+
+    __tablename__ = "connector_changes"
+    __table_args__ = (Index("ix_connector_changes_changed_at", "changed_at"),)
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    organization_id: Mapped[str] = mapped_column(String(255))
+    connector_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    changed_at: Mapped[datetime] = mapped_column()

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.connectors.models import Connector, Organization
+from app.connectors.models import ChangeSequence, Connector, ConnectorChange, Organization
 from app.core.errors import NameTaken
 
 
@@ -33,8 +33,10 @@ class ConnectorRepository:
             .values(id=organization_id, created_at=now)
             .on_conflict_do_nothing(index_elements=["id"])
         )
+        # FOR NO KEY UPDATE: it queues creates, but not the foreign-key checks (FOR KEY SHARE) that
+        # other writes to the organization's connectors make while they hold the change counter.
         await self.session.execute(
-            select(Organization.id).where(Organization.id == organization_id).with_for_update()
+            select(Organization.id).where(Organization.id == organization_id).with_for_update(key_share=True)
         )
 
     async def count(self, organization_id: str) -> int:
@@ -119,23 +121,104 @@ class ConnectorRepository:
         )
         return bool(getattr(result, "rowcount", 0))
 
-    async def version_and_state(
-        self, organization_id: str, connector_id: uuid.UUID
-    ) -> tuple[int, str] | None:
-        """The connector's version and status state, for a cheap check of a cached copy."""
+    async def record_change(self, organization_id: str, connector_id: uuid.UUID, at: datetime) -> int:
+        """Number the change this transaction made to the connector; call it last, after the change.
+
+        Takes the next number from the one-row counter, whose row lock is then held until the
+        transaction ends: numbers are taken in commit order, and a rollback gives its number
+        back. Writes it into the connector's row (if it still exists) and the change log.
+        """
         result = await self.session.execute(
-            select(Connector.version, Connector.status_state).where(
-                Connector.organization_id == organization_id, Connector.id == connector_id
+            update(ChangeSequence)
+            .where(ChangeSequence.id == 1)
+            .values(last_seq=ChangeSequence.last_seq + 1)
+            .returning(ChangeSequence.last_seq)
+        )
+        seq = int(result.scalar_one())
+        await self.session.execute(
+            update(Connector)
+            .where(Connector.organization_id == organization_id, Connector.id == connector_id)
+            .values(change_seq=seq)
+            .execution_options(synchronize_session=False)
+        )
+        await self.session.execute(
+            insert(ConnectorChange).values(
+                seq=seq, organization_id=organization_id, connector_id=connector_id, changed_at=at
             )
         )
-        row = result.first()
-        return (int(row[0]), str(row[1])) if row is not None else None
+        return seq
 
     async def _flush_unique(self) -> None:
         try:
             await self.session.flush()
         except IntegrityError:
             raise NameTaken() from None
+
+
+class ChangeRepository:
+    """The change log, read across organizations by each process's follower.
+
+    Rows name connectors, never their content; ``connectors`` reads the current rows of the
+    changed connectors a process holds, each by its organization and id.
+    """
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def last_seq(self) -> int:
+        result = await self.session.execute(select(ChangeSequence.last_seq).where(ChangeSequence.id == 1))
+        return int(result.scalar_one())
+
+    async def since(self, cursor: int, limit: int) -> Sequence[tuple[int, str, uuid.UUID]]:
+        """Changes numbered above ``cursor``, in order: (seq, organization id, connector id)."""
+        result = await self.session.execute(
+            select(ConnectorChange.seq, ConnectorChange.organization_id, ConnectorChange.connector_id)
+            .where(ConnectorChange.seq > cursor)
+            .order_by(ConnectorChange.seq)
+            .limit(limit)
+        )
+        return [(int(seq), str(org), connector_id) for seq, org, connector_id in result.all()]
+
+    async def connectors(self, keys: Sequence[tuple[str, uuid.UUID]]) -> Sequence[Connector]:
+        """The current rows of these (organization id, connector id) pairs; deleted ones are absent."""
+        if not keys:
+            return []
+        result = await self.session.execute(
+            select(Connector).where(tuple_(Connector.organization_id, Connector.id).in_(keys))
+        )
+        return result.scalars().all()
+
+    async def prune(self, before: datetime) -> int:
+        """Delete changes older than ``before``; a follower that far behind reloads what it holds."""
+        result = await self.session.execute(
+            delete(ConnectorChange)
+            .where(ConnectorChange.changed_at < before)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+class BulkRepository:
+    """Adds many connectors of many organizations at once (imports, benchmarks).
+
+    Rows arrive complete, secrets already encrypted. No change is numbered: nobody can hold a
+    connector that did not exist.
+    """
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add_all(
+        self, organizations: Sequence[dict[str, Any]], connectors: Sequence[dict[str, Any]]
+    ) -> None:
+        dialect = self.session.get_bind().dialect.name
+        upsert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        if organizations:
+            await self.session.execute(
+                upsert(Organization).on_conflict_do_nothing(index_elements=["id"]), list(organizations)
+            )
+        if connectors:
+            await self.session.execute(insert(Connector), list(connectors))
 
 
 class RotationRepository:

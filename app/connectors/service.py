@@ -7,22 +7,23 @@ Each change writes its audit event in the write's transaction, so an acknowledge
 has its event and a rolled-back one has none. A refused attempt on an existing connector is
 recorded afterwards in a short transaction of its own. Events name fields, never values.
 
-``authorize`` is the hot path. It answers from an in-process snapshot of the connector (its
-organization, version, URLs and, for Basic, the ready header) and from the token cache, so in
-steady state it makes no database query, no decryption and no outbound call. Every change made
-through this service drops the snapshot and the connector's tokens at once, here and, through
-``on_change``, on the other replicas; independently, a snapshot older than ``snapshot_max_age``
-is confirmed with one small version query before it is used, which bounds how long a change
-made elsewhere can go unseen.
+``authorize`` is the hot path. It answers from the connectors this process holds in memory
+(``app.connectors.memory``: organization, version, status, URLs, for Basic the ready header, for
+OAuth the encrypted secrets a renewal needs) and from the token cache: in steady state no
+database query, no decryption and no outbound call. A connector not held is loaded once, shared
+by all who wait for it. Each write made here holds its new copy at once and tells the other
+replicas; the change follower (``app.connectors.follower``) brings every other change in within
+its interval. While the database is away, what is held keeps being served, renewals included,
+until the follower has not heard from the database for ``max_staleness`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Hashable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -32,7 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.audit.repository import AuditRepository
 from app.audit.schemas import SUCCEEDED, AuditAction, AuditEventList, AuditEventOut
 from app.connectors import schemas
+from app.connectors.follower import ChangeFollower
 from app.connectors.kinds import Kind, TokenConfig, kind_for, kind_of
+from app.connectors.memory import ConnectorMemory, HeldConnector
 from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository, StatsRepository
 from app.connectors.urls import URLRuleError, join_resource_path, origin_of
@@ -44,6 +47,7 @@ from app.core.errors import (
     ConnectorLimitReached,
     ConnectorNotFound,
     CredentialsRejected,
+    DatabaseUnavailable,
     DestinationNotAllowed,
     InvalidRequest,
     NameTaken,
@@ -58,7 +62,6 @@ from app.tokens.types import CheckState, ConfigLoader, IssuedToken, OAuth2Config
 log = logging.getLogger(__name__)
 
 _AUTH_ADAPTER: TypeAdapter[Any] = TypeAdapter(schemas.AuthIn)
-_MAX_SNAPSHOTS = 10_000
 
 
 class CredentialChecker(Protocol):
@@ -89,18 +92,6 @@ class Tokens(Protocol):
     def forget(self, connector_id: Hashable) -> None: ...
 
 
-@dataclass(slots=True)
-class _Snapshot:
-    organization_id: str
-    version: int
-    base_url: str
-    origin: str
-    basic_header: str | None
-    state: str
-    # clock.monotonic() when the database last confirmed this version.
-    checked_at: float
-
-
 ChangeListener = Callable[[uuid.UUID], Coroutine[Any, Any, None]]
 
 
@@ -115,7 +106,9 @@ class ConnectorService:
         check_destination: DestinationChecker,
         clock: Clock,
         max_per_org: int,
-        snapshot_max_age: float = 1.0,
+        held_capacity: int = 100_000,
+        max_staleness: float = 300.0,
+        poll_interval: float = 1.0,
         on_change: ChangeListener | None = None,
     ) -> None:
         self.db = db
@@ -125,12 +118,19 @@ class ConnectorService:
         self.check_destination = check_destination
         self.clock = clock
         self.max_per_org = max_per_org
-        # How long authorize trusts its copy of a connector before checking the version again:
-        # the bound on serving a change made by another replica when no broadcast arrives.
-        self.snapshot_max_age = snapshot_max_age
+        # How long after the follower last heard from the database what is held is still served.
+        self.max_staleness = max_staleness
         # Told of every change made here, to tell the other replicas (app.core.broadcast).
         self.on_change = on_change
-        self._snapshots: dict[uuid.UUID, _Snapshot] = {}
+        self.memory = ConnectorMemory(held_capacity)
+        self.follower = ChangeFollower(
+            db,
+            clock=clock,
+            interval=poll_interval,
+            select=self._changed,
+            apply=self._refresh,
+            held=self._held_keys,
+        )
         self._notifications: set[asyncio.Task[None]] = set()
 
     # Reads -------------------------------------------------------------------------------------
@@ -208,6 +208,8 @@ class ConnectorService:
             await self._audit(
                 session, organization_id, connector_id, "create", actor, _fields_set(body), SUCCEEDED, at=now
             )
+            row.change_seq = await repo.record_change(organization_id, connector_id, now)
+        self._changed_here(row)
         if grant is not None:
             await self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
         return self.to_out(row)
@@ -311,7 +313,8 @@ class ConnectorService:
                 SUCCEEDED,
                 at=values["updated_at"],
             )
-        self._forget(connector_id)
+            updated.change_seq = await repo.record_change(organization_id, connector_id, values["updated_at"])
+        self._changed_here(updated)
         if grant is not None:
             await self.tokens.seed((connector_id, updated.version), grant, sent_at=sent_at)
         return self.to_out(updated)
@@ -332,10 +335,13 @@ class ConnectorService:
                     raise VersionMismatch()
                 await repo.delete(organization_id, connector_id)
                 await self._audit(session, organization_id, connector_id, "delete", actor, [], SUCCEEDED)
+                await repo.record_change(organization_id, connector_id, self.clock.now())
         except AppError as error:
             await self._record_refusal(organization_id, connector_id, "delete", actor, [], error)
             raise
-        self._forget(connector_id)
+        self.memory.drop(connector_id)
+        self.tokens.forget(connector_id)
+        self._notify(connector_id)
 
     async def validate(
         self, organization_id: str, connector_id: uuid.UUID, *, actor: str | None = None
@@ -366,7 +372,11 @@ class ConnectorService:
             await self._audit(
                 session, organization_id, connector_id, "validate", actor, [], state, detail=detail, at=now
             )
-        self._forget(connector_id)
+            if applied:
+                updated.change_seq = await repo.record_change(organization_id, connector_id, now)
+        # A check clears what the token cache remembers of the connector (a rejection included).
+        self.tokens.forget(connector_id)
+        self._changed_here(updated)
         if grant is not None and updated.version == row.version:
             await self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
         return self.to_out(updated)
@@ -376,39 +386,34 @@ class ConnectorService:
     async def authorize(
         self, organization_id: str, connector_id: uuid.UUID, request: schemas.AuthorizeRequest
     ) -> schemas.AuthorizeResponse:
+        if self.follower.age() > self.max_staleness:
+            # What is held may be out of date by now.
+            raise DatabaseUnavailable("connector changes could not be followed for too long")
+        held = self.memory.get(connector_id)
+        if held is None:
+            held = await self.memory.load(connector_id, lambda: self._load(organization_id, connector_id))
+            if held is None:
+                raise ConnectorNotFound()
+        if held.organization_id != organization_id:
+            raise ConnectorNotFound()
         try:
-            return await self._authorize(organization_id, connector_id, request)
-        except VersionMismatch:
-            # The connector changed between its snapshot and the token request: once more, with
-            # the new version (the snapshot was dropped).
-            return await self._authorize(organization_id, connector_id, request)
-
-    async def _authorize(
-        self, organization_id: str, connector_id: uuid.UUID, request: schemas.AuthorizeRequest
-    ) -> schemas.AuthorizeResponse:
-        snapshot = self._snapshots.get(connector_id)
-        if snapshot is None or snapshot.organization_id != organization_id:
-            snapshot = await self._load_snapshot(organization_id, connector_id)
-        elif self.clock.monotonic() - snapshot.checked_at > self.snapshot_max_age:
-            snapshot = await self._recheck_snapshot(snapshot, connector_id)
-        try:
-            url = join_resource_path(snapshot.base_url, request.path)
+            url = join_resource_path(held.base_url, request.path)
         except URLRuleError as error:
             raise PathOutsideResourceDomain(str(error)) from None
-        if snapshot.basic_header is not None:
+        if held.basic_header is not None:
             return schemas.AuthorizeResponse.model_construct(
                 url=url,
-                headers={"Authorization": snapshot.basic_header},
-                resource_origin=snapshot.origin,
+                headers={"Authorization": held.basic_header},
+                resource_origin=held.origin,
                 expires_at=None,
             )
-        if snapshot.state == "rejected":
+        if held.state == "rejected":
             raise CredentialsRejected(status=502)
-        key = (connector_id, snapshot.version)
+        key = (connector_id, held.version)
         stale = self.tokens.peek(key) if request.force_refresh else None
         try:
             token = await self.tokens.get(
-                key, lambda: self._load_oauth_config(organization_id, connector_id, key[1]), stale_token=stale
+                key, lambda: self._oauth_config(connector_id, held), stale_token=stale
             )
         except (CredentialsRejected, DestinationNotAllowed) as error:
             # On save these are the caller's input problem (422); here the upstream failed.
@@ -416,7 +421,7 @@ class ConnectorService:
         return schemas.AuthorizeResponse.model_construct(
             url=url,
             headers={"Authorization": f"Bearer {token.access_token}"},
-            resource_origin=snapshot.origin,
+            resource_origin=held.origin,
             expires_at=token.expires_at,
         )
 
@@ -425,27 +430,114 @@ class ConnectorService:
         if not isinstance(key, tuple) or len(key) != 2:
             return
         connector_id, version = key
-        snapshot = self._snapshots.get(connector_id)
-        if snapshot is None or snapshot.version != version or snapshot.state == state:
+        held = self.memory.peek(connector_id)
+        if held is None or held.version != version or held.state == state:
             return
-        snapshot.state = state
+        held.state = state
+        try:
+            async with self.db.write() as session:
+                repo = ConnectorRepository(session)
+                applied = await repo.set_status(
+                    held.organization_id,
+                    connector_id,
+                    version,
+                    state=state,
+                    detail=detail,
+                    checked_at=self.clock.now(),
+                )
+                if applied:
+                    held.change_seq = await repo.record_change(
+                        held.organization_id, connector_id, self.clock.now()
+                    )
+        except DatabaseUnavailable:
+            return  # kept in memory; the stored status catches up with the next change
         self._notify(connector_id)
-        async with self.db.write() as session:
-            await ConnectorRepository(session).set_status(
-                snapshot.organization_id,
-                connector_id,
-                version,
-                state=state,
-                detail=detail,
-                checked_at=self.clock.now(),
-            )
 
     def auth_type_of(self, organization_id: str, connector_id: uuid.UUID) -> str | None:
         """``basic`` or ``oauth2`` if authorize holds the connector in memory, else None."""
-        snapshot = self._snapshots.get(connector_id)
-        if snapshot is None or snapshot.organization_id != organization_id:
+        held = self.memory.peek(connector_id)
+        if held is None or held.organization_id != organization_id:
             return None
-        return "oauth2" if snapshot.basic_header is None else "basic"
+        return held.auth_type
+
+    # Memory ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take the follower's starting point, if the database answers (else it keeps trying)."""
+        with contextlib.suppress(DatabaseUnavailable):
+            await self.follower.poll()
+
+    async def _load(self, organization_id: str, connector_id: uuid.UUID) -> HeldConnector | None:
+        async with self.db.read() as session:
+            row = await ConnectorRepository(session).get(organization_id, connector_id)
+        return self._held_from(row) if row is not None else None
+
+    def _held_from(self, row: Connector) -> HeldConnector:
+        header: str | None = None
+        if row.auth_type == "basic":
+            header = basic_header(row.auth_config["username"], self._decrypt(row)["password"])
+        return HeldConnector(
+            organization_id=row.organization_id,
+            version=row.version,
+            change_seq=row.change_seq,
+            base_url=row.resource_domain_url,
+            origin=origin_of(row.resource_domain_url),
+            state=row.status_state,
+            auth_type=row.auth_type,
+            grant_type=row.grant_type,
+            public=dict(row.auth_config),
+            # Basic needs only its header; OAuth decrypts these when a token request is sent.
+            sealed={} if header is not None else dict(row.secrets),
+            basic_header=header,
+        )
+
+    async def _oauth_config(self, connector_id: uuid.UUID, held: HeldConnector) -> OAuth2Config:
+        """The token request's configuration, decrypted from the held copy just before use."""
+        secrets = {
+            name: SecretStr(
+                self.keyring.decrypt(token, aad=secret_aad(held.organization_id, connector_id, name))
+            )
+            for name, token in held.sealed.items()
+        }
+        config = kind_of(held.auth_type, held.grant_type).build_config(held.public, secrets)
+        assert isinstance(config, OAuth2Config)
+        return config
+
+    def _changed_here(self, row: Connector) -> None:
+        """A change committed here: hold the new copy at once and tell the other replicas."""
+        self._replace(row)
+        self._notify(row.id)
+
+    def _replace(self, row: Connector) -> None:
+        """Hold ``row`` unless a later change is held; drop tokens its change made useless."""
+        old = self.memory.peek(row.id)
+        if old is not None and old.change_seq >= row.change_seq:
+            return
+        self.memory.changed(row.id)
+        self.memory.offer(row.id, self._held_from(row))
+        if old is not None and (old.version != row.version or old.state == "rejected"):
+            # A new version needs new tokens; a rejection that was cleared is not sticky any more.
+            self.tokens.forget(row.id)
+
+    def _changed(self, keys: Sequence[tuple[str, uuid.UUID]]) -> Sequence[tuple[str, uuid.UUID]]:
+        """The follower's question: which of these changed connectors must be read again."""
+        return list({key for key in keys if self.memory.changed(key[1])})
+
+    def _refresh(self, rows: Sequence[Connector], asked: Sequence[tuple[str, uuid.UUID]]) -> None:
+        """The follower's answer: current rows of held connectors; an absent one was deleted."""
+        found = {row.id for row in rows}
+        for row in rows:
+            held = self.memory.peek(row.id)
+            if held is not None and held.organization_id == row.organization_id:
+                self._replace(row)
+        for _, connector_id in asked:
+            if connector_id not in found and self.memory.peek(connector_id) is not None:
+                self.memory.drop(connector_id)
+                self.tokens.forget(connector_id)
+
+    def _held_keys(self) -> Sequence[tuple[str, uuid.UUID]]:
+        held = ((self.memory.peek(connector_id), connector_id) for connector_id in self.memory.held_ids())
+        return [(copy.organization_id, connector_id) for copy, connector_id in held if copy is not None]
 
     # Audit -------------------------------------------------------------------------------------
 
@@ -624,67 +716,6 @@ class ConnectorService:
             for name, token in row.secrets.items()
         }
 
-    async def _load_snapshot(self, organization_id: str, connector_id: uuid.UUID) -> _Snapshot:
-        async with self.db.read() as session:
-            row = await self._require(ConnectorRepository(session), organization_id, connector_id)
-        header: str | None = None
-        if row.auth_type == "basic":
-            secrets = self._decrypt(row)
-            header = basic_header(row.auth_config["username"], secrets["password"])
-        snapshot = _Snapshot(
-            organization_id=row.organization_id,
-            version=row.version,
-            base_url=row.resource_domain_url,
-            origin=origin_of(row.resource_domain_url),
-            basic_header=header,
-            state=row.status_state,
-            checked_at=self.clock.monotonic(),
-        )
-        if len(self._snapshots) >= _MAX_SNAPSHOTS:
-            self._snapshots.clear()
-        self._snapshots[connector_id] = snapshot
-        return snapshot
-
-    async def _recheck_snapshot(self, snapshot: _Snapshot, connector_id: uuid.UUID) -> _Snapshot:
-        """Confirm a cached copy with one small query; reload it if the version moved."""
-        async with self.db.read() as session:
-            current = await ConnectorRepository(session).version_and_state(
-                snapshot.organization_id, connector_id
-            )
-        if current is None or current[0] != snapshot.version:
-            self.drop_local(connector_id)
-            return await self._load_snapshot(snapshot.organization_id, connector_id)
-        snapshot.state = current[1]
-        snapshot.checked_at = self.clock.monotonic()
-        return snapshot
-
-    async def _load_oauth_config(
-        self, organization_id: str, connector_id: uuid.UUID, version: int
-    ) -> OAuth2Config:
-        async with self.db.read() as session:
-            row = await ConnectorRepository(session).get(organization_id, connector_id)
-        if row is None or row.version != version:
-            # Changed or deleted since the snapshot was taken: never fetch for the old version.
-            self.drop_local(connector_id)
-            raise ConnectorNotFound() if row is None else VersionMismatch("the connector changed; retry")
-        config = kind_of(row.auth_type, row.grant_type).build_config(row.auth_config, self._decrypt(row))
-        assert isinstance(config, OAuth2Config)
-        return config
-
-    def _forget(self, connector_id: uuid.UUID) -> None:
-        """A change made here: drop what this process holds and tell the other replicas."""
-        self.drop_local(connector_id)
-        self._notify(connector_id)
-
-    def drop_local(self, connector_id: uuid.UUID) -> None:
-        """Drop this process's copy of the connector and its tokens (a change seen elsewhere)."""
-        self._snapshots.pop(connector_id, None)
-        self.tokens.forget(connector_id)
-
-    def drop_all_local(self) -> None:
-        """Forget every cached copy (notices may have been missed); tokens stay, keyed by version."""
-        self._snapshots.clear()
-
     def _notify(self, connector_id: uuid.UUID) -> None:
         if self.on_change is None:
             return
@@ -693,7 +724,8 @@ class ConnectorService:
         task.add_done_callback(self._notifications.discard)
 
     async def aclose(self) -> None:
-        """Wait for change notifications still being sent."""
+        """Stop loads and wait for change notifications still being sent."""
+        await self.memory.aclose()
         if self._notifications:
             await asyncio.gather(*self._notifications, return_exceptions=True)
 

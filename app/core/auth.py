@@ -58,6 +58,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from app.core.clock import Clock, SystemClock
 from app.core.config import ConfigError, Settings
 from app.core.errors import Unauthenticated
+from app.core.lru import LRU
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ SCOPE_AUTHORIZE = "connectors:authorize"
 
 MAX_ORGANIZATION_ID_LENGTH = 128
 MAX_TOKEN_LENGTH = 8 * 1024
-# Verified caller tokens remembered, and for how long at most.
-VERIFIED_CACHE_SIZE = 4096
+# How long a verified caller token is remembered at most (how many: a setting).
 VERIFIED_CACHE_SECONDS = 60.0
 MAX_KEY_ID_LENGTH = 256
 MIN_RSA_KEY_BITS = 2048
@@ -321,7 +321,10 @@ class TokenVerifier:
         self._settings = settings
         self._clock: Clock = clock or SystemClock()
         self._static_key: _VerificationKey | None = None
-        self._verified: dict[bytes, tuple[Principal, float, str, _VerificationKey]] = {}
+        # The least recently used goes first when full.
+        self._verified: LRU[bytes, tuple[Principal, float, str, _VerificationKey]] = LRU(
+            settings.caller_token_cache_size
+        )
         self._jwks: _JwksCache | None = None
         if settings.jwt_secret is not None:
             secret = settings.jwt_secret.get_secret_value().encode()
@@ -362,15 +365,13 @@ class TokenVerifier:
                 self._jwks is None or await self._jwks.get(kid) is key
             ):
                 return principal
-            del self._verified[digest]
+            self._verified.pop(digest)
         principal, expires, kid, key = await self._verify(token)
-        if len(self._verified) >= VERIFIED_CACHE_SIZE:
-            self._verified.clear()
         valid_until = min(
             expires + self._settings.jwt_leeway_seconds,
             self._clock.now().timestamp() + VERIFIED_CACHE_SECONDS,
         )
-        self._verified[digest] = (principal, valid_until, kid, key)
+        self._verified.put(digest, (principal, valid_until, kid, key))
         return principal
 
     async def _verify(self, token: str) -> tuple[Principal, float, str, _VerificationKey]:

@@ -6,6 +6,12 @@ own live check got), so a change is served everywhere within the time a
 message takes, typically milliseconds. Pub/sub delivers at most once: a replica that was not
 subscribed (Redis down, reconnecting) misses notices, so it drops all its copies when it
 subscribes again, and the version check in ``ConnectorService`` bounds staleness regardless.
+
+A publish is bounded by the Redis client's socket timeouts, not by a timer of its own: a slow
+reply is waited for (the notice was most likely delivered; cutting the command short would only
+turn it into a false error and leave its connection to be thrown away), and only a real failure
+(connection refused or reset, the client's socket timeout, any other ``RedisError``) is logged
+and counted.
 """
 
 from __future__ import annotations
@@ -28,13 +34,11 @@ class Broadcast:
         redis: Redis,
         *,
         channel: str = "connectors:changes",
-        op_timeout: float = 0.5,
         retry_max: float = 5.0,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.redis = redis
         self.channel = channel
-        self.op_timeout = op_timeout
         self.retry_max = retry_max
         self._on_error = on_error
         self.subscribed = asyncio.Event()
@@ -45,9 +49,8 @@ class Broadcast:
         """Send a notice; a failure is logged and counted, never raised (the version check
         still bounds how long other replicas serve the old state)."""
         try:
-            async with asyncio.timeout(self.op_timeout):
-                await self.redis.publish(self.channel, f"{self.origin} {message}")
-        except (RedisError, OSError, TimeoutError) as error:
+            await self.redis.publish(self.channel, f"{self.origin} {message}")
+        except (RedisError, OSError) as error:
             self._failed("publish", error)
 
     async def listen(self, handle: Callable[[str], None], resync: Callable[[], None]) -> None:

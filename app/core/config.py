@@ -62,8 +62,15 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None
 
     max_connectors_per_org: int = Field(default=5, ge=1, le=10_000)
-    # How long authorize trusts its cached copy of a connector before re-checking the version.
-    snapshot_max_age_seconds: float = Field(default=1.0, ge=0, le=3600)
+
+    # What each process holds in memory for authorize (least recently used entries go first).
+    connector_cache_size: int = Field(default=100_000, ge=1, le=10_000_000)
+    token_cache_size: int = Field(default=100_000, ge=1, le=10_000_000)
+    caller_token_cache_size: int = Field(default=100_000, ge=1, le=10_000_000)
+    # How often each process reads the changes made elsewhere (at once when told over Redis).
+    change_poll_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    # How long after it last heard from the database a process still serves what it holds.
+    max_staleness_seconds: float = Field(default=300.0, ge=0, le=86_400)
 
     # Caller identity. HS256 with a shared secret, or RS256/ES256 with a PEM public key or JWKS URL.
     jwt_secret: SecretStr | None = None

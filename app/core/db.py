@@ -7,20 +7,33 @@ instead. On PostgreSQL both are ordinary transactions and row locks do the seria
 
 Transactions are short and never span an outbound call: a service opens one with
 ``async with db.write() as session`` and the block commits on success, rolls back on error.
+
+A database that cannot be reached (refused or dropped connections, a server shutting down, a
+connect that times out, SQLite's lock wait running out) surfaces as ``DatabaseUnavailable``,
+which callers answer with a 503 and ``Retry-After``; errors of the statements themselves
+(constraint violations, bugs) pass unchanged. The first such failure logs one line, and the
+first success after it another: an outage is two lines in the log, not one per request.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from app.core.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+CONNECT_TIMEOUT_SECONDS = 5.0
 
 
 def build_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -31,7 +44,13 @@ def build_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         _configure_sqlite(engine)
         return engine
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, hide_parameters=True
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_timeout=CONNECT_TIMEOUT_SECONDS,
+        hide_parameters=True,
+        connect_args={"timeout": CONNECT_TIMEOUT_SECONDS},
     )
 
 
@@ -62,6 +81,8 @@ class Database:
         self._write = async_sessionmaker(
             engine.execution_options(sqlite_immediate=True), expire_on_commit=False
         )
+        # False between the first failure to reach the database and the next success.
+        self.available = True
 
     @property
     def is_sqlite(self) -> bool:
@@ -69,17 +90,41 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        async with self._read() as session, session.begin():
+        async with self._reachable(), self._read() as session, session.begin():
             yield session
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
-        async with self._write() as session, session.begin():
+        async with self._reachable(), self._write() as session, session.begin():
             yield session
 
     async def ping(self) -> None:
-        async with self.engine.connect() as connection:
+        async with self._reachable(), self.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
+
+    @asynccontextmanager
+    async def _reachable(self) -> AsyncIterator[None]:
+        """Turn a database that cannot be reached into ``DatabaseUnavailable``; log changes once."""
+        try:
+            yield
+        except Exception as error:
+            if not _unreachable(error):
+                raise
+            if self.available:
+                self.available = False
+                log.warning("database unavailable", extra={"error": type(error).__name__})
+            raise DatabaseUnavailable() from None
+        if not self.available:
+            self.available = True
+            log.warning("database reachable again")
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the database could not be reached, rather than refused a statement."""
+    if isinstance(error, DBAPIError):
+        return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+    # Raised as they are by drivers while connecting (refused, reset, timed out).
+    return isinstance(error, OSError | TimeoutError)

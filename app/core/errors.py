@@ -26,6 +26,11 @@ class AppError(Exception):
         self.extra = extra
         super().__init__(self.detail)
 
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """Response headers that go with this error."""
+        return None
+
 
 class Unauthenticated(AppError):
     status = 401
@@ -125,6 +130,20 @@ class UpstreamTimeout(AppError):
     status = 504
     code = "upstream_timeout"
     title = "The upstream service did not answer in time"
+
+
+class DatabaseUnavailable(AppError):
+    """The answer needs the database and it cannot be reached (or did not answer in time)."""
+
+    status = 503
+    code = "database_unavailable"
+    title = "The database is unavailable"
+    # Seconds a caller is asked to wait before trying again.
+    retry_after = 5
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
 
 
 def _all_subclasses(cls: type[AppError]) -> list[type[AppError]]:

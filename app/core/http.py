@@ -48,8 +48,7 @@ def problem(
 
 async def _app_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, AppError)
-    headers = {"WWW-Authenticate": "Bearer"} if error.http_status == 401 else None
-    return problem(error.http_status, error.code, error.title, error.detail, headers, **error.extra)
+    return _app_error_response(error)
 
 
 async def _unauthenticated(request: Request) -> JSONResponse | None:
@@ -131,17 +130,43 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     return problem(error.status_code, code, title, title, headers or None)
 
 
-async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
-    # The exception's text may hold anything; log its type and traceback, answer nothing of it.
-    log.error("unexpected error", exc_info=error)
-    return problem(500, "internal_error", "Internal server error", "an unexpected error occurred")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+
+
+class UnexpectedErrorMiddleware:
+    """Answers an exception no handler took with a 500 problem, and keeps the connection open.
+
+    Starlette's last-resort handler answers and then raises again, so that the server logs a
+    second traceback and closes the caller's keep-alive connection. Here the error is logged once
+    (its type and traceback: its text may hold anything) and the request simply ends. Add it
+    before the other middleware, so that it sits inside them and they see the 500.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as error:
+            if started:
+                raise  # too late to answer: the server ends the response
+            log.error("unexpected error", exc_info=error)
+            response = problem(500, "internal_error", "Internal server error", "an unexpected error occurred")
+            await response(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -177,4 +202,5 @@ class BodyLimitMiddleware:
 
 
 def _app_error_response(error: AppError) -> JSONResponse:
-    return problem(error.http_status, error.code, error.title, error.detail, None, **error.extra)
+    headers = {"WWW-Authenticate": "Bearer"} if error.http_status == 401 else error.headers
+    return problem(error.http_status, error.code, error.title, error.detail, headers, **error.extra)

@@ -109,6 +109,7 @@ from app.core.errors import (
     TokenEndpointError,
     UpstreamUnreachable,
 )
+from app.core.lru import LRU
 from app.core.metrics import Metrics
 from app.tokens.shared import SharedFailure, SharedToken, SharedTokenStore, SharedUnavailable
 from app.tokens.types import (
@@ -207,6 +208,7 @@ class TokenCache:
         stale_min_age: float = 5.0,
         shared: SharedTokenStore | None = None,
         metrics: Metrics | None = None,
+        capacity: int = 100_000,
     ) -> None:
         if not 0 < retry_backoff_initial <= retry_backoff_max:
             raise ValueError("need 0 < retry_backoff_initial <= retry_backoff_max")
@@ -215,7 +217,8 @@ class TokenCache:
         self._on_outcome = on_outcome
         self._backoff_initial = retry_backoff_initial
         self._backoff_max = retry_backoff_max
-        self._entries: dict[Hashable, _Entry] = {}
+        # One entry per connector; the least recently used goes first when the cache is full.
+        self._entries: LRU[Hashable, _Entry] = LRU(capacity, on_evict=lambda _key, entry: self._retire(entry))
         self._outdated: dict[CacheKey, _Entry] = {}
         self._tasks: set[asyncio.Task[IssuedToken]] = set()
         self._closed = False
@@ -245,7 +248,7 @@ class TokenCache:
 
     def peek(self, key: CacheKey) -> str | None:
         """The access token ``get`` would hand out for ``key`` right now, without any request."""
-        entry = self._entries.get(key[0])
+        entry = self._entries.peek(key[0])
         if entry is None or entry.version != key[1] or entry.token is None:
             return None
         if self._clock.monotonic() < entry.token.usable_until:
@@ -277,7 +280,7 @@ class TokenCache:
 
     def forget(self, connector_id: Hashable) -> None:
         """Drop every entry of the connector, its rejection and backoff included."""
-        entry = self._entries.pop(connector_id, None)
+        entry = self._entries.pop(connector_id)
         if entry is not None:
             self._retire(entry)
 
@@ -341,7 +344,8 @@ class TokenCache:
             return None
         if entry is not None:
             self._retire(entry)
-        entry = self._entries[connector_id] = _Entry(version)
+        entry = _Entry(version)
+        self._entries.put(connector_id, entry)
         return entry
 
     async def _get_outdated(self, key: CacheKey, load: ConfigLoader) -> IssuedToken:

@@ -18,12 +18,15 @@ connector version, Redis holds:
     deletes it only if it still holds that value.
 
 The guarantee
-    While Redis is up and answers within ``op_timeout``, one token request is made per connector
-    version at a time across all replicas: a replica that finds the lock taken polls for the
-    token every ``poll_interval`` until the holder publishes it, the holder's failure appears,
-    or the lock disappears, in which case it takes the lock itself. A holder killed mid-request
-    delays the others by at most ``lock_timeout``, after which the lock expires. The holder's
-    request is bounded by the outbound deadline, which is shorter than ``lock_timeout``.
+    While Redis is up, one token request is made per connector version at a time across all
+    replicas: a replica that finds the lock taken polls for the token every ``poll_interval``
+    until the holder publishes it, the holder's failure appears, or the lock disappears, in which
+    case it takes the lock itself. The script that takes the refresh token, the holder's last
+    Redis call before its request, also sets the lock's timeout to ``lock_timeout`` again (if the
+    lock is still its own), so the request runs under the lock however long Redis took to answer
+    before it: the request is bounded by the outbound deadline, which is shorter than
+    ``lock_timeout``. A holder killed mid-request delays the others by at most ``lock_timeout``,
+    after which the lock expires.
 
 Its limits
     The lock lives on one Redis server. On a failover to a replica that had not yet received the
@@ -34,9 +37,24 @@ Its limits
     agree to within the token leeway (expiry crosses replicas as wall-clock time).
 
 Redis trouble
-    Any error or timeout marks Redis unavailable for ``cooldown`` seconds (one log line, one
-    metric increment): during that time the replica works alone, with its in-process single
-    flight, and tries Redis again afterwards, so sharing resumes by itself.
+    A slow reply is not a dead Redis. The store sets no timer of its own: every call is bounded by
+    the Redis client's socket timeouts (``socket_timeout`` for each write and read,
+    ``socket_connect_timeout`` for a new connection; a client without a socket timeout is
+    refused), and a reply within them is simply waited for. A busy event loop or a Redis that
+    pauses for a moment therefore never makes a replica go alone, and a replica polling another
+    one's lock keeps waiting for that replica's token instead of asking the provider itself.
+
+    A real failure (connection refused or reset, the client's socket timeout, any other
+    ``RedisError``) marks Redis unavailable for ``cooldown`` seconds (one log line, one metric
+    increment): during that time the replica works alone, with its in-process single flight, and
+    tries Redis again afterwards, so sharing resumes by itself.
+
+    Commands are never cancelled. A command cut off between sending and reading can leave its
+    connection out of step with the server, and a cancellation landing in the connection pool's
+    bookkeeping can lose the connection from the pool; so each command runs in a task of its own
+    that a caller's cancellation (a flight stopped at shutdown or when its connector changed)
+    does not reach: the command finishes, bounded by the socket timeout, and its connection goes
+    back to the pool in order. A lock is thus still released when its holder stops waiting.
 """
 
 from __future__ import annotations
@@ -46,6 +64,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -66,6 +85,15 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
 end
 return 0
+"""
+# KEYS: lock, refresh token; ARGV: owner ('' for none), lock timeout in milliseconds.
+_TAKE_REFRESH = """
+local held = 0
+if ARGV[1] ~= '' and redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  held = 1
+end
+return {held, redis.call('getdel', KEYS[2])}
 """
 # A refresh token the provider did not renew stays usable for a while; bounded all the same.
 REFRESH_TOKEN_TTL_SECONDS = 30 * 86_400
@@ -98,18 +126,20 @@ class SharedTokenStore:
         *,
         clock: Clock,
         lock_timeout: float,
-        op_timeout: float = 0.25,
         poll_interval: float = 0.05,
         cooldown: float = 5.0,
         prefix: str = "connectors",
         on_error: Callable[[str], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        if redis.connection_pool.connection_kwargs.get("socket_timeout", 1.0) is None:
+            # The socket timeout is the only bound on a call: without it a stalled connection
+            # would hold a flight, and every replica waiting on its lock, indefinitely.
+            raise ValueError("the Redis client needs a socket_timeout")
         self.redis = redis
         self.keyring = keyring
         self.clock = clock
         self.lock_timeout = lock_timeout
-        self.op_timeout = op_timeout
         self.poll_interval = poll_interval
         self.cooldown = cooldown
         self.prefix = prefix
@@ -117,16 +147,30 @@ class SharedTokenStore:
         self._on_error = on_error
         self._down_until = float("-inf")
         self._release = redis.register_script(_RELEASE)
+        self._take_refresh = redis.register_script(_TAKE_REFRESH)
+        # The locks each flight (task) holds, by key: its owner values.
+        self._owners: weakref.WeakKeyDictionary[asyncio.Task[Any], dict[CacheKey, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # Commands still running, some perhaps no longer awaited by anyone.
+        self._commands: set[asyncio.Task[Any]] = set()
 
     @classmethod
     def from_url(cls, url: str, keyring: KeyRing, **options: Any) -> SharedTokenStore:
-        client = Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30)
+        client = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=30)
         return cls(client, keyring, **options)
 
     def available(self) -> bool:
         return self.clock.monotonic() >= self._down_until
 
+    async def drain(self) -> None:
+        """Wait for commands still running whose callers stopped waiting (each is bounded by the
+        client's socket timeout)."""
+        while self._commands:
+            await asyncio.gather(*self._commands, return_exceptions=True)
+
     async def aclose(self) -> None:
+        await self.drain()
         await self.redis.aclose()
 
     # Operations --------------------------------------------------------------------------------
@@ -148,11 +192,14 @@ class SharedTokenStore:
         owner = secrets.token_hex(16)
 
         async def run() -> bool:
-            return bool(
-                await self.redis.set(self._key("lock", key), owner, nx=True, px=int(self.lock_timeout * 1000))
-            )
+            return bool(await self.redis.set(self._key("lock", key), owner, nx=True, px=self._lock_ms()))
 
-        return owner if await self._call("lock", run) else None
+        if not await self._call("lock", run):
+            return None
+        flight = asyncio.current_task()
+        if flight is not None:
+            self._owners.setdefault(flight, {})[key] = owner
+        return owner
 
     async def locked(self, key: CacheKey) -> bool:
         async def run() -> bool:
@@ -161,14 +208,32 @@ class SharedTokenStore:
         return await self._call("lock", run)
 
     async def release(self, key: CacheKey, owner: str) -> None:
+        held = self._held_by_this_flight()
+        if held is not None and held.get(key) == owner:
+            del held[key]
+
         async def run() -> None:
             await self._release(keys=[self._key("lock", key)], args=[owner])
 
         await self._call("unlock", run)
 
     async def take_refresh_token(self, key: CacheKey) -> str | None:
+        """The refresh token, taken out of the store; called by the lock holder just before its
+        token request, it also gives the lock its full ``lock_timeout`` again."""
+        held = self._held_by_this_flight()
+        owner = held.get(key, "") if held is not None else ""
+
         async def run() -> str | None:
-            opened = self._open(key, "refresh", await self.redis.getdel(self._key("refresh", key)))
+            still_held, raw = await self._take_refresh(
+                keys=[self._key("lock", key), self._key("refresh", key)], args=[owner, self._lock_ms()]
+            )
+            if owner and not still_held:
+                log.warning(
+                    "the single-flight lock expired before the token request; another replica may "
+                    "request a token too",
+                    extra={"key": repr(key), "lock_timeout_s": self.lock_timeout},
+                )
+            opened = self._open(key, "refresh", raw)
             return str(opened["refresh_token"]) if opened is not None else None
 
         return await self._call("refresh", run)
@@ -203,6 +268,13 @@ class SharedTokenStore:
     def _key(self, kind: str, key: CacheKey) -> str:
         return f"{self.prefix}:{kind}:{key[0]}:{key[1]}"
 
+    def _lock_ms(self) -> int:
+        return max(1, int(self.lock_timeout * 1000))
+
+    def _held_by_this_flight(self) -> dict[CacheKey, str] | None:
+        flight = asyncio.current_task()
+        return self._owners.get(flight) if flight is not None else None
+
     def _aad(self, key: CacheKey, field: str) -> bytes:
         return f"shared-token|{key[0]}|{key[1]}|{field}".encode()
 
@@ -222,12 +294,22 @@ class SharedTokenStore:
         return value if isinstance(value, dict) else None
 
     async def _call(self, operation: str, run: Callable[[], Awaitable[T]]) -> T:
+        """Run one command, waiting as long as the client's socket timeouts allow; see "Redis
+        trouble" in the module docstring."""
         if not self.available():
             raise SharedUnavailable(operation)
+        command = asyncio.create_task(self._run(operation, run), name=f"redis {operation}")
+        self._commands.add(command)
+        command.add_done_callback(self._finished)
+        # A cancelled caller stops waiting; the command itself runs to its end.
+        return await asyncio.shield(command)
+
+    async def _run(self, operation: str, run: Callable[[], Awaitable[T]]) -> T:
         try:
-            async with asyncio.timeout(self.op_timeout):
-                return await run()
+            return await run()
         except (RedisError, OSError, TimeoutError) as error:
+            # Only failures of the connection or the server reach here: the store sets no timer,
+            # so a TimeoutError is the client's socket timeout, not a slow reply cut short.
             self._down_until = self.clock.monotonic() + self.cooldown
             log.warning(
                 "redis unavailable; tokens are not shared for a while",
@@ -236,3 +318,10 @@ class SharedTokenStore:
             if self._on_error is not None:
                 self._on_error(operation)
             raise SharedUnavailable(operation) from None
+
+    def _finished(self, command: asyncio.Task[Any]) -> None:
+        self._commands.discard(command)
+        if not command.cancelled():
+            # Retrieved, so that a command nobody awaits any more is not reported as unretrieved;
+            # a failure was logged when it happened.
+            command.exception()

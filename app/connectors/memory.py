@@ -1,0 +1,122 @@
+"""The connectors a process holds in memory for authorize, and how a miss is loaded.
+
+A held connector is everything authorize and a token renewal need: the organization, version and
+status, the URLs, for Basic the ready header, and for OAuth the public fields with the secrets
+still encrypted (they are decrypted only when a token request is about to be sent). Authorize
+therefore answers from memory alone, and keeps answering, renewals included, while the database
+is away.
+
+``ConnectorMemory`` is a bounded LRU (``app.core.lru``). A miss starts one load per connector,
+shared by every caller waiting for it. Copies are kept current by ``app.connectors.follower``
+and by the service's own writes; ``change_seq``, the number of the last change a copy reflects,
+keeps an older copy from replacing a newer one whichever arrives last. A change seen while a
+load of that connector is running marks the load stale: it loads again before anyone gets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from app.core.lru import LRU
+
+
+@dataclass(slots=True)
+class HeldConnector:
+    organization_id: str
+    version: int
+    change_seq: int
+    base_url: str
+    origin: str
+    state: str
+    auth_type: str
+    grant_type: str | None
+    # Non-secret auth fields, and the secrets as stored (ciphertexts bound to this connector).
+    public: Mapping[str, Any]
+    sealed: Mapping[str, str]
+    # Basic only: the ready Authorization header.
+    basic_header: str | None
+
+
+Loader = Callable[[], Awaitable[HeldConnector | None]]
+
+
+@dataclass(slots=True, eq=False)
+class _Load:
+    task: asyncio.Task[HeldConnector | None] | None = None
+    stale: bool = False
+
+
+class ConnectorMemory:
+    def __init__(self, capacity: int, *, on_evict: Callable[[uuid.UUID], None] | None = None) -> None:
+        self._held: LRU[uuid.UUID, HeldConnector] = LRU(
+            capacity, on_evict=(lambda key, _value: on_evict(key)) if on_evict is not None else None
+        )
+        self._loads: dict[uuid.UUID, _Load] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self._held.capacity
+
+    def get(self, connector_id: uuid.UUID) -> HeldConnector | None:
+        return self._held.get(connector_id)
+
+    def peek(self, connector_id: uuid.UUID) -> HeldConnector | None:
+        return self._held.peek(connector_id)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def held_ids(self) -> list[uuid.UUID]:
+        return list(self._held.keys())
+
+    async def load(self, connector_id: uuid.UUID, load: Loader) -> HeldConnector | None:
+        """The connector, loaded by one ``load`` shared with every concurrent caller."""
+        pending = self._loads.get(connector_id)
+        if pending is None or pending.task is None:
+            pending = self._loads[connector_id] = _Load()
+            pending.task = asyncio.get_running_loop().create_task(self._run(connector_id, pending, load))
+        # Shielded: a caller that gives up does not cancel the load the others wait for.
+        return await asyncio.shield(pending.task)
+
+    async def _run(self, connector_id: uuid.UUID, pending: _Load, load: Loader) -> HeldConnector | None:
+        try:
+            while True:
+                pending.stale = False
+                held = await load()
+                if not pending.stale:
+                    break
+            if held is not None:
+                self.offer(connector_id, held)
+            return held
+        finally:
+            if self._loads.get(connector_id) is pending:
+                del self._loads[connector_id]
+
+    def offer(self, connector_id: uuid.UUID, held: HeldConnector) -> bool:
+        """Hold ``held`` unless the copy already held reflects a later change."""
+        current = self._held.peek(connector_id)
+        if current is not None and current.change_seq > held.change_seq:
+            return False
+        self._held.put(connector_id, held)
+        return True
+
+    def changed(self, connector_id: uuid.UUID) -> bool:
+        """Note a change of the connector; True if a copy is held (the caller refreshes it)."""
+        pending = self._loads.get(connector_id)
+        if pending is not None:
+            pending.stale = True
+        return connector_id in self._held
+
+    def drop(self, connector_id: uuid.UUID) -> None:
+        self._held.pop(connector_id)
+        self.changed(connector_id)
+
+    async def aclose(self) -> None:
+        tasks = [pending.task for pending in self._loads.values() if pending.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
