@@ -33,7 +33,7 @@ from app.migrations import upgrade
 from tests.support.tls import LocalCA
 
 # TLS material, real HTTPS test servers and fake time, shared by every test package.
-pytest_plugins = ["tests.support.fixtures", "tests.support.redis"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.redis", "tests.support.postgres"]
 
 CANARY = "CANARY"
 T = TypeVar("T")
@@ -187,7 +187,9 @@ async def _truncate_postgres(url: str) -> None:
     engine = build_engine(url)
     try:
         async with engine.begin() as connection:
-            await connection.execute(text("TRUNCATE connectors, organizations, audit_events CASCADE"))
+            await connection.execute(
+                text("TRUNCATE connectors, organizations, audit_events, connector_changes CASCADE")
+            )
     finally:
         await engine.dispose()
 
