@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 from pydantic import SecretStr
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from app.connectors.memory import ConnectorMemory, HeldConnector
 from app.connectors.models import ConnectorChange
@@ -194,7 +194,7 @@ async def test_pruned_changes_make_a_follower_refresh_everything_it_holds(
     try:
         async with db.write() as session:
             newest = (await session.execute(select(func.max(ConnectorChange.seq)))).scalar_one()
-            await session.execute(ConnectorChange.__table__.delete().where(ConnectorChange.seq < newest))
+            await session.execute(delete(ConnectorChange).where(ConnectorChange.seq < newest))
     finally:
         await db.dispose()
     await service_of(here).follower.poll()
