@@ -575,8 +575,8 @@ class ConnectorService:
         error: AppError,
     ) -> None:
         """Record a refused attempt on an existing connector, in a transaction of its own."""
-        if isinstance(error, ConnectorNotFound):
-            return  # nothing of the caller's organization was touched
+        if isinstance(error, ConnectorNotFound | DatabaseUnavailable):
+            return  # nothing of the caller's organization was touched, or nothing can be recorded
         provider = error.extra.get("provider_error")
         try:
             async with self.db.write() as session:
