@@ -749,3 +749,31 @@ async def test_absurd_claims_are_refused_not_a_crash(
     # Signed correctly: only the claims are wrong.
     token = handmade_token({"alg": "HS256", "typ": "JWT"}, {**claims(clock), **change}, sign=SECRET.encode())
     assert await refused(hs_verifier, token) in ("invalid token", "token expired")
+
+
+async def test_remembered_tokens_are_bounded_least_recently_used_first(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verifier = TokenVerifier(hs_settings(caller_token_cache_size=3), clock=clock)
+    decoded: list[str] = []
+    real_decode = jwt.decode
+
+    def counting_decode(token: str, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(token)
+        return real_decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting_decode)
+    tokens = [jwt.encode(claims(clock, sub=f"user-{i}"), SECRET, algorithm="HS256") for i in range(4)]
+    try:
+        for token in tokens[:3]:
+            await verifier.verify(token)
+        await verifier.verify(tokens[0])  # now the most recently used
+        await verifier.verify(tokens[3])  # evicts tokens[1], the least recently used
+        decoded.clear()
+        for token in (tokens[0], tokens[2], tokens[3]):
+            await verifier.verify(token)
+        assert decoded == [], "the three most recently used are remembered"
+        await verifier.verify(tokens[1])
+        assert decoded == [tokens[1]], "only the evicted one is checked again"
+    finally:
+        await verifier.aclose()

@@ -1176,3 +1176,43 @@ async def test_a_token_reported_stale_right_after_it_arrived_is_kept(
         assert len(fetcher.calls) == 3
     finally:
         await cache.aclose()
+
+
+# Bounds -----------------------------------------------------------------------------------------
+
+
+async def test_entries_are_bounded_and_the_least_recently_used_goes_first(
+    fetcher: FakeFetcher, clock: FakeClock, load: Loader
+) -> None:
+    cache = TokenCache(fetcher, clock=clock, capacity=2)
+    try:
+        for connector in ("a", "b"):
+            await cache.get((connector, 1), load)
+        await cache.get(("a", 1), load)  # a use: "b" is now the least recently used
+        await cache.get(("c", 1), load)  # evicts "b"
+        assert len(fetcher.calls) == 3
+        assert cache.peek(("a", 1)) == "token-1"
+        assert cache.peek(("b", 1)) is None
+        assert cache.peek(("c", 1)) == "token-3"
+        await cache.get(("b", 1), load)  # evicted: asked for again
+        assert len(fetcher.calls) == 4
+    finally:
+        await cache.aclose()
+
+
+async def test_an_evicted_entry_still_answers_the_callers_waiting_on_its_request(
+    fetcher: FakeFetcher, clock: FakeClock, load: Loader
+) -> None:
+    cache = TokenCache(fetcher, clock=clock, capacity=1)
+    gate = fetcher.block()
+    try:
+        waiting = asyncio.create_task(cache.get(("a", 1), load))
+        await settle()
+        other = asyncio.create_task(cache.get(("b", 1), load))  # evicts "a" while its request runs
+        await settle()
+        assert cache.peek(("a", 1)) is None
+        gate.set()
+        assert (await waiting).access_token == "token-1"
+        assert (await other).access_token == "token-2"
+    finally:
+        await cache.aclose()
