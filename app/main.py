@@ -200,11 +200,15 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         service: ConnectorService = app.state.connectors
         try:
             counts: dict[str, int] | None = await service.count_by_state()
+        except DatabaseUnavailable:
+            counts = None  # the other metrics are worth having while the database is away
         except Exception as error:
-            # The other metrics are worth having while the database is away.
             log.warning("counting connectors for the metrics failed", extra={"error": type(error).__name__})
             counts = None
         metrics.set_connector_states(counts)
+        metrics.held.set(len(service.memory))
+        metrics.follower_age.set(min(service.follower.age(), 1e9))
+        metrics.database_up.set(1 if app.state.db.available else 0)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.add_middleware(UnexpectedErrorMiddleware)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.support.postgres import PostgresServer
@@ -137,6 +138,9 @@ def test_authorize_outlives_a_database_outage_until_the_staleness_limit(
         assert headers["retry-after"] == "5"
     status, _, ready = caller.call("GET", "/readyz")
     assert (status, ready["status"], ready["database"]) == (200, "degraded", "unavailable")
+    exposition = httpx.get(f"{served.base_url}/metrics").text
+    assert "connectors_database_up 0.0" in exposition
+    assert "connectors_held 3.0" in exposition
 
     # Past the staleness limit, what is held may be out of date: authorize stops too.
     while time.monotonic() - stopped < MAX_STALENESS + 1.5:

@@ -106,6 +106,21 @@ class Metrics:
             ["operation"],
             registry=registry,
         )
+        self.held = Gauge(
+            "connectors_held",
+            "Connectors this process holds in memory for authorize.",
+            registry=registry,
+        )
+        self.follower_age = Gauge(
+            "connectors_change_follower_age_seconds",
+            "Seconds since this process last read the change log (authorize stops past the staleness limit).",
+            registry=registry,
+        )
+        self.database_up = Gauge(
+            "connectors_database_up",
+            "1 while the database answers this process, 0 from its first failure to its next success.",
+            registry=registry,
+        )
         self.token_cache_hits = self.token_cache_lookups.labels(result="hit")
         self.token_cache_misses = self.token_cache_lookups.labels(result="miss")
         self._authorize_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
