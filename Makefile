@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 # `make run` is the development setup: SQLite under ./data and keys generated there.
 export CONNECTORS_DEV_KEYS ?= true
 
-.PHONY: run test lint format install install-dev bench clean
+.PHONY: run test lint format install install-dev bench bench-scale bench-scale-postgresql bench-outage bench-all clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,21 @@ format: install-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Benchmarks (see benchmarks/authorize.py): the server pinned to core 0, the load generator to core 1.
+# BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS="--json"`.
 bench: install-dev
-	$(BIN)/python -m benchmarks.authorize
+	$(BIN)/python -m benchmarks.authorize --mode warm $(BENCH_ARGS)
+
+bench-scale: install-dev
+	$(BIN)/python -m benchmarks.authorize --mode scale --database sqlite $(BENCH_ARGS)
+
+bench-scale-postgresql: install-dev
+	$(BIN)/python -m benchmarks.authorize --mode scale --database postgresql $(BENCH_ARGS)
+
+bench-outage: install-dev
+	$(BIN)/python -m benchmarks.authorize --mode outage $(BENCH_ARGS)
+
+bench-all: bench bench-scale bench-scale-postgresql bench-outage
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

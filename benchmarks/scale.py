@@ -1,0 +1,206 @@
+"""Scale mode: authorize over many connectors of many organizations, held and not held.
+
+The database (SQLite, or a PostgreSQL of the benchmark's own) is migrated and seeded through
+the repository before the server starts (``benchmarks.seed``). Then, with every cache at its
+default size:
+
+- warm-up: ``/healthz`` and the five connectors of one organization (the baseline);
+- one pass over the 50,000 connectors of 10,000 organizations, each request with its
+  organization's caller token: every connector loaded once, every token verified once; the
+  server's RSS before and after it gives the memory per held connector;
+- (a) ``/healthz``, the five connectors and the 50,000 take turns (medians of the rounds), the
+  50,000 spread evenly: the cycle of targets continues from round to round;
+- (b) the same spread over all 500,000 connectors and 100,000 tokens for ``--miss-seconds``: a
+  pass is five times the connector cache, so nearly every call loads its connector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import (
+    HELPER_CPU,
+    Bench,
+    Keys,
+    Route,
+    Server,
+    header,
+    load,
+    load_job,
+    machine_note,
+    measure_rounds,
+    migrate,
+    pin,
+    pin_tree,
+    row,
+    server_env,
+    start_server,
+    step,
+    verdict,
+    write_targets,
+)
+from benchmarks.seed import Seeded, seed
+from benchmarks.warm import AUTHORIZE_BODY, authorize_target, healthz_target
+from tests.support.postgres import PostgresServer
+
+RPS_TARGET = 0.9  # of the five-connector figure
+P99_TARGET = 1.5  # of /healthz
+MIB = 1024 * 1024
+
+
+def _spread(
+    bench: Bench, keys: Keys, organizations: list[tuple[str, list[Any]]], name: str, seed_: int
+) -> Path:
+    """A targets file: every connector of ``organizations`` with its organization's token, shuffled."""
+    tokens = [keys.token(org) for org, _ in organizations]
+    targets = [
+        ("POST", f"/connectors/{connector_id}/authorize", AUTHORIZE_BODY, index)
+        for index, (_, ids) in enumerate(organizations)
+        for connector_id in ids
+    ]
+    # Organizations interleaved, as independent callers would be.
+    random.Random(seed_).shuffle(targets)
+    return write_targets(bench.work / f"{name}.json", tokens, targets)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"mode": "scale", "database": args.database}
+    with Bench() as bench:
+        keys = Keys()
+        postgres: PostgresServer | None = None
+        if args.database == "postgresql":
+            with step("starting a PostgreSQL of the benchmark's own"):
+                postgres = bench.enter_context(PostgresServer())
+                url = postgres.create_database("bench")
+        else:
+            url = f"sqlite+aiosqlite:///{bench.work / 'bench.db'}"
+        env = server_env(bench, keys, url)
+        migrate(env)
+        organizations = args.organizations
+        with step(f"seeding {organizations * 5:,} connectors of {organizations:,} organizations"):
+            seeded = seed(
+                url, keys.keyring, organizations=organizations, per_organization=5, batch=args.batch
+            )
+        results["seed"] = {
+            "connectors": seeded.rows,
+            "organizations": organizations,
+            "seconds": round(seeded.seconds, 1),
+            "rows_per_s": round(seeded.rate),
+            "batch": args.batch,
+        }
+        held = seeded.connectors[: args.held_organizations]
+        with step("minting caller tokens and writing the targets"):
+            spread_a = _spread(bench, keys, held, "held", 1)
+            spread_b = _spread(bench, keys, seeded.connectors, "all", 2)
+        baseline_org, baseline_ids = seeded.connectors[-1]
+        baseline_token = keys.token(baseline_org)
+
+        # Measured from here on: this process (and PostgreSQL) on core 1, the server on core 0.
+        pin(0, HELPER_CPU)
+        if postgres is not None:
+            pin_tree(_postmaster_pid(postgres), HELPER_CPU)
+        server = start_server(bench, env)
+        results.update(_measure(args, server, seeded, spread_a, spread_b, baseline_ids, baseline_token))
+        results["server_log_lines"] = server.access_lines()
+        results["machine"] = machine_note()
+    report(results, args)
+    return results
+
+
+def _postmaster_pid(postgres: PostgresServer) -> int:
+    return int((postgres.data_dir / "postmaster.pid").read_text().split()[0])
+
+
+def _measure(
+    args: argparse.Namespace,
+    server: Server,
+    seeded: Seeded,
+    spread_a: Path,
+    spread_b: Path,
+    baseline_ids: list[Any],
+    baseline_token: str,
+) -> dict[str, Any]:
+    c = args.connections
+    results: dict[str, Any] = {}
+    held_connectors = args.held_organizations * 5
+
+    def healthz(seconds: float) -> dict[str, Any]:
+        return load_job(server, c, seconds=seconds, targets=[healthz_target(baseline_token)])
+
+    def basic5(seconds: float) -> dict[str, Any]:
+        targets = [authorize_target(str(i), baseline_token) for i in baseline_ids]
+        return load_job(server, c, seconds=seconds, targets=targets)
+
+    def held(seconds: float) -> dict[str, Any]:
+        return load_job(server, c, seconds=seconds, targets_file=str(spread_a))
+
+    with step("warm-up of healthz and the five connectors"):
+        load(healthz(1.0))
+        load(basic5(1.0))
+    results["rss_before_mib"] = round(server.rss_mib(), 1)
+    with step(f"one pass over the {held_connectors:,} connectors (each loaded once)"):
+        results["held_pass"] = load(load_job(server, c, passes=1, targets_file=str(spread_a)))
+    results["rss_after_pass_mib"] = round(server.rss_mib(), 1)
+    grown = (results["rss_after_pass_mib"] - results["rss_before_mib"]) * MIB
+    results["bytes_per_held_connector"] = round(grown / held_connectors)
+
+    with step(f"(a) {args.rounds} rounds of healthz, 5 connectors, {held_connectors:,} connectors"):
+        routes = [Route("healthz", healthz), Route("basic5", basic5), Route("held", held)]
+        # The spread continues after the pass: its cycle goes on evenly.
+        routes[2].next = held_connectors
+        measured = measure_rounds(routes, args.rounds, args.seconds)
+    results.update(measured)
+    results["held_vs_basic5_rps"] = round(measured["held"]["rps"] / measured["basic5"]["rps"], 3)
+    results["held_vs_healthz_p99"] = round(measured["held"]["p99_ms"] / measured["healthz"]["p99_ms"], 3)
+    results["rss_after_a_mib"] = round(server.rss_mib(), 1)
+
+    with step(f"(b) spread over all {seeded.rows:,} connectors for {args.miss_seconds:.0f} s"):
+        results["all"] = load(load_job(server, c, seconds=args.miss_seconds, targets_file=str(spread_b)))
+    results["rss_after_b_mib"] = round(server.rss_mib(), 1)
+    return results
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    seed_ = results["seed"]
+    held = args.held_organizations * 5
+    print(
+        f"scale mode: {'SQLite' if args.database == 'sqlite' else 'PostgreSQL (own server)'};"
+        f" server on core 0, load generator on core 1; {args.connections} connections;"
+        f" {args.rounds} rounds x {args.seconds / args.rounds:.1f} s per route, medians"
+    )
+    print(results["machine"])
+    print(
+        f"seeded {seed_['connectors']:,} Basic connectors of {seed_['organizations']:,} organizations"
+        f" through BulkRepository.add_all in {seed_['seconds']:.1f} s ({seed_['rows_per_s']:,} rows/s,"
+        f" {seed_['batch']:,} rows per transaction)"
+    )
+    print(header(30))
+    print(row(f"pass over {held:,} (loads)", results["held_pass"], 30))
+    print(row("healthz", results["healthz"], 30))
+    print(row("authorize 5 conns, 1 org", results["basic5"], 30))
+    print(row(f"authorize {held:,}, {args.held_organizations:,} orgs", results["held"], 30))
+    print(row(f"(b) authorize {seed_['connectors']:,}", results["all"], 30))
+    rps, p99 = results["held_vs_basic5_rps"], results["held_vs_healthz_p99"]
+    print(
+        f"(a) {held:,} connectors / 5 connectors throughput: {rps:.2f}x (target >= {RPS_TARGET:.2f}:"
+        f" {verdict(rps >= RPS_TARGET)})"
+    )
+    print(
+        f"(a) {held:,} connectors p99 / healthz p99: {p99:.2f}x (target <= {P99_TARGET:.2f}:"
+        f" {verdict(p99 <= P99_TARGET)})"
+    )
+    print(
+        f"memory: server RSS {results['rss_before_mib']:.1f} MiB before the pass, "
+        f"{results['rss_after_pass_mib']:.1f} MiB after it: {results['bytes_per_held_connector']:,} bytes"
+        f" per held connector (its copy, plus a fifth of a remembered caller token)"
+    )
+    b = results["all"]
+    print(
+        f"(b) all {seed_['connectors']:,} connectors, caches at 100,000: {b['rps']:.0f} req/s,"
+        f" p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms, {b['errors']} errors over"
+        f" {b['requests']:,} calls; server RSS after (a) {results['rss_after_a_mib']:.1f} MiB,"
+        f" after (b) {results['rss_after_b_mib']:.1f} MiB"
+    )
