@@ -79,6 +79,8 @@ class ConnectorMemory:
         if pending is None or pending.task is None:
             pending = self._loads[connector_id] = _Load()
             pending.task = asyncio.get_running_loop().create_task(self._run(connector_id, pending, load))
+            # Retrieved here too: a failed load whose callers all gave up is not an unhandled error.
+            pending.task.add_done_callback(lambda task: task.cancelled() or task.exception())
         # Shielded: a caller that gives up does not cancel the load the others wait for.
         return await asyncio.shield(pending.task)
 

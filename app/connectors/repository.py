@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.connectors.models import ChangeSequence, Connector, ConnectorChange, Organization
 from app.core.errors import NameTaken
@@ -121,12 +122,15 @@ class ConnectorRepository:
         )
         return bool(getattr(result, "rowcount", 0))
 
-    async def record_change(self, organization_id: str, connector_id: uuid.UUID, at: datetime) -> int:
+    async def record_change(
+        self, organization_id: str, connector_id: uuid.UUID, at: datetime, *, row: Connector | None = None
+    ) -> int:
         """Number the change this transaction made to the connector; call it last, after the change.
 
         Takes the next number from the one-row counter, whose row lock is then held until the
         transaction ends: numbers are taken in commit order, and a rollback gives its number
-        back. Writes it into the connector's row (if it still exists) and the change log.
+        back. Writes it into the connector's row (if it still exists) and the change log; ``row``,
+        the connector as this session holds it, is given the number without another write.
         """
         result = await self.session.execute(
             update(ChangeSequence)
@@ -146,6 +150,8 @@ class ConnectorRepository:
                 seq=seq, organization_id=organization_id, connector_id=connector_id, changed_at=at
             )
         )
+        if row is not None:
+            set_committed_value(row, "change_seq", seq)
         return seq
 
     async def _flush_unique(self) -> None:

@@ -208,7 +208,7 @@ class ConnectorService:
             await self._audit(
                 session, organization_id, connector_id, "create", actor, _fields_set(body), SUCCEEDED, at=now
             )
-            row.change_seq = await repo.record_change(organization_id, connector_id, now)
+            await repo.record_change(organization_id, connector_id, now, row=row)
         self._changed_here(row)
         if grant is not None:
             await self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
@@ -313,7 +313,7 @@ class ConnectorService:
                 SUCCEEDED,
                 at=values["updated_at"],
             )
-            updated.change_seq = await repo.record_change(organization_id, connector_id, values["updated_at"])
+            await repo.record_change(organization_id, connector_id, values["updated_at"], row=updated)
         self._changed_here(updated)
         if grant is not None:
             await self.tokens.seed((connector_id, updated.version), grant, sent_at=sent_at)
@@ -373,7 +373,7 @@ class ConnectorService:
                 session, organization_id, connector_id, "validate", actor, [], state, detail=detail, at=now
             )
             if applied:
-                updated.change_seq = await repo.record_change(organization_id, connector_id, now)
+                await repo.record_change(organization_id, connector_id, now, row=updated)
         # A check clears what the token cache remembers of the connector (a rejection included).
         self.tokens.forget(connector_id)
         self._changed_here(updated)
