@@ -138,7 +138,7 @@ def test_replicas_share_one_token_request_survive_a_dead_holder_see_changes_and_
         assert idp.count == 3, "after the lock expired, one surviving replica asked again"
         assert waited < LOCK_TIMEOUT + 1.0 + 1.0, f"survivors waited {waited:.2f} s"
 
-        # A change on one replica is served by the other at once (pub/sub; version check at most 1 s).
+        # A change on one replica is served by the other within 1 s (a notice over Redis wakes its follower).
         idp.set_default(tokens_after(0.0))
 
         async def propagation() -> float:

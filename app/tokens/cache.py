@@ -65,7 +65,7 @@ Failures
     renewal never takes away a usable token.
 
 Secrets
-    ``load`` (database read and decryption) runs only when a token request is about to be sent,
+    ``load`` (decryption of the stored secrets) runs only when a token request is about to be sent,
     and the configuration it returns lives only for that request: entries hold the access token,
     the refresh token and timestamps, never the client secret or password. Errors kept for replay
     are copies without traceback, whose frames would otherwise keep the configuration alive.
