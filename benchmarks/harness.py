@@ -42,6 +42,7 @@ SERVER_CPU = 0
 HELPER_CPU = 1
 ALL_SCOPES = ("connectors:read", "connectors:write", "connectors:authorize")
 START_TIMEOUT_SECONDS = 60.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -187,6 +188,11 @@ class Server:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS line")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server has used so far, every thread (utime + stime of /proc/<pid>/stat)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
     def stop(self) -> None:
         stop_process(self.process)
 
@@ -255,8 +261,14 @@ def load_job(server: Server, connections: int, **job: Any) -> dict[str, Any]:
     return {"host": "127.0.0.1", "port": server.port, "connections": connections, **job}
 
 
-def load(job: dict[str, Any]) -> dict[str, Any]:
-    """Run the load generator on core 1 and return its result."""
+def load(job: dict[str, Any], server: Server | None = None) -> dict[str, Any]:
+    """Run the load generator on core 1 and return its result.
+
+    With ``server``, the result also says how much CPU the server used per answered request
+    (``server_cpu_us_per_request``) and what share of its core it got (``server_cpu_share``): a
+    figure that a busy machine disturbs much less than throughput.
+    """
+    cpu_before = server.cpu_seconds() if server is not None else 0.0
     done = subprocess.run(
         ["taskset", "-c", str(HELPER_CPU), sys.executable, "-m", "benchmarks.loadgen"],
         input=json.dumps(job),
@@ -268,6 +280,13 @@ def load(job: dict[str, Any]) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"loadgen failed: {done.stderr.strip()[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout)
+    if server is not None:
+        # Includes the generator's start and the wait for the last answers: a small overestimate.
+        used = server.cpu_seconds() - cpu_before
+        result["server_cpu_us_per_request"] = (
+            round(used / result["requests"] * 1e6, 1) if result["requests"] else 0.0
+        )
+        result["server_cpu_share"] = round(used / result["seconds"], 3) if result["seconds"] else 0.0
     return result
 
 
@@ -317,7 +336,9 @@ class Route:
     next: int = 0
 
 
-def measure_rounds(routes: Sequence[Route], rounds: int, seconds: float) -> dict[str, dict[str, Any]]:
+def measure_rounds(
+    routes: Sequence[Route], rounds: int, seconds: float, server: Server
+) -> dict[str, dict[str, Any]]:
     """The routes take turns, ``rounds`` times ``seconds / rounds`` each; medians per route.
 
     Slow drifts of a shared machine then weigh on every route alike.
@@ -326,7 +347,7 @@ def measure_rounds(routes: Sequence[Route], rounds: int, seconds: float) -> dict
         for route in routes:
             job = route.job(seconds / rounds)
             job["start"] = route.next
-            result = load(job)
+            result = load(job, server)
             route.next = int(result["next"])
             route.runs.append(result)
     return {route.name: median_of(route.runs) for route in routes}
@@ -356,19 +377,34 @@ def loadgen_capacity(
 # Printing ----------------------------------------------------------------------------------------
 
 
-def row(name: str, result: dict[str, Any], width: int = 26) -> str:
-    cpu_us = result["loadgen_cpu_us_per_request"]
+def row(name: str, result: dict[str, Any], base: dict[str, Any] | None = None, width: int = 32) -> str:
+    """One line of the table; ``base`` (the /healthz result) adds the two ratios."""
+    ratios = (
+        f"{result['rps'] / base['rps']:>8.2f}x{result['p99_ms'] / base['p99_ms']:>8.2f}x"
+        if base is not None
+        else f"{'-':>9}{'-':>9}"
+    )
+    server_us = result.get("server_cpu_us_per_request", float("nan"))
+    server_share = result.get("server_cpu_share", float("nan")) * 100
     return (
-        f"{name:<{width}}{result['rps']:>9.0f}{result['p50_ms']:>9.2f}{result['p99_ms']:>9.2f}"
-        f"{result['errors']:>8}{result['loadgen_cpu_share'] * 100:>9.0f}%{cpu_us:>9.1f}"
+        f"{name:<{width}}{result['rps']:>8.0f}{result['p50_ms']:>8.2f}{result['p99_ms']:>8.2f}{ratios}"
+        f"{result['errors']:>7}{server_us:>8.0f}{server_share:>7.0f}%"
+        f"{result['loadgen_cpu_us_per_request']:>8.1f}{result['loadgen_cpu_share'] * 100:>7.0f}%"
     )
 
 
-def header(width: int = 26) -> str:
+def header(width: int = 32) -> str:
     return (
-        f"{'':<{width}}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'loadgen':>10}{'us/req':>9}\n"
-        f"{'':<{width}}{'':>9}{'':>9}{'':>9}{'':>8}{'cpu':>10}{'loadgen':>9}"
+        f"{'':<{width}}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'rps/hz':>9}{'p99/hz':>9}{'errors':>7}"
+        f"{'srv us':>8}{'srv cpu':>8}{'gen us':>8}{'gen cpu':>8}"
     )
+
+
+LEGEND = (
+    "(rps/hz, p99/hz: ratios to /healthz of the same run; srv us, srv cpu: the server's CPU time per"
+    " answered request\n and the share of its core it got; gen us, gen cpu: the same for the load"
+    " generator)"
+)
 
 
 def verdict(ok: bool) -> str:

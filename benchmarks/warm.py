@@ -20,6 +20,7 @@ import httpx
 
 from benchmarks.harness import (
     HELPER_CPU,
+    LEGEND,
     Bench,
     Keys,
     Route,
@@ -184,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 [Route("healthz", healthz), Route("oauth", oauth), Route("basic5", basic5)],
                 args.rounds,
                 args.seconds,
+                server,
             )
         results.update(measured)
         h = measured["healthz"]
@@ -241,9 +243,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         " its CPU per request"
     )
     print(header())
-    print(row("healthz", h))
-    print(row("authorize oauth (1 conn.)", results["oauth"]))
-    print(row("authorize basic (5 conns)", results["basic5"]))
+    print(row("healthz", h, h))
+    print(row("authorize oauth (1 connector)", results["oauth"], h))
+    print(row("authorize basic (5 connectors)", results["basic5"], h))
+    print(LEGEND)
     rps, p99 = results["oauth_ratio_rps"], results["oauth_ratio_p99"]
     print(
         f"authorize oauth / healthz: throughput {rps:.2f}x (target >= {targets['rps']:.2f}:"
