@@ -56,7 +56,13 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(build_engine(settings.effective_database_url, pool_size=settings.database_pool_size))
+        db = Database(
+            build_engine(
+                settings.effective_database_url,
+                pool_size=settings.database_pool_size,
+                command_timeout=settings.database_statement_timeout_seconds,
+            )
+        )
         outbound = overrides.outbound or OutboundClient.from_settings(settings, metrics=metrics)
         verifier = TokenVerifier(settings)
         fetcher = OAuth2TokenClient(
@@ -113,7 +119,10 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         )
         service_ref.append(service)
         await service.start()  # tolerates a database that is away: the follower keeps trying
-        background = [asyncio.create_task(service.follower.run(), name="connector change follower")]
+        background = [
+            asyncio.create_task(service.follower.run(), name="connector change follower"),
+            asyncio.create_task(service.follower.prune(), name="connector change pruning"),
+        ]
         if broadcast is not None:
             # A notice (or a resubscription, after which notices may have been missed) makes the
             # follower read the changes at once.

@@ -10,6 +10,7 @@ audit event in the same transaction.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 
 from app.audit.repository import AuditRepository
@@ -48,6 +49,7 @@ async def rotate(
             rows = [row for row in rows if row.id not in failed_ids][:batch_size]
             if not rows:
                 return report
+            rotated: list[tuple[str, uuid.UUID]] = []
             for row in rows:
                 try:
                     secrets = {
@@ -74,11 +76,14 @@ async def rotate(
                         detail=f"re-encrypted under key {primary}",
                         at=clock.now(),
                     )
-                    # Processes holding the old ciphertexts read the new ones.
-                    await ConnectorRepository(session).record_change(row.organization_id, row.id, clock.now())
+                    rotated.append((row.organization_id, row.id))
                     report.rotated += 1
                 else:
                     report.skipped += 1
+            if rotated:
+                # Processes holding the old ciphertexts read the new ones. Numbered after every row
+                # of the batch is locked, as every write takes the change counter last.
+                await ConnectorRepository(session).record_changes(rotated, clock.now())
 
 
 async def rotate_keys(settings: Settings, *, batch_size: int = 100) -> RotationReport:

@@ -3,11 +3,12 @@
 Every write that changes a connector numbers its change (``ConnectorRepository.record_change``):
 numbers come from a one-row counter whose lock is held until the writing transaction ends, so
 they are taken in commit order and have no gaps. The follower remembers the last number it
-applied (its cursor) and, once per ``interval``, asks for the changes above it: one indexed
-query whatever the number of connectors. For the changed connectors this process holds it reads
-their rows in one more query and replaces the copies; changes of connectors it does not hold
-cost nothing more. A gap in the numbers can only mean that old changes were pruned while this
-process was away from the database that long: it then refreshes everything it holds.
+applied (its cursor) and, once per ``interval``, reads the counter: one tiny query whatever the
+number of connectors. Only when it moved does it read the changes above the cursor (indexed) and
+the rows of the changed connectors this process holds, and replace those copies; changes of
+connectors it does not hold cost nothing more. Numbers missing from what it reads can only have
+been pruned while this process was away from the database that long, and a counter below the
+cursor means a restored database: in both cases it reads everything it holds again.
 
 ``wake`` makes it poll at once: a replica that wrote a change tells the others over Redis
 (``app.core.broadcast``), so a change reaches every replica within milliseconds; without such a
@@ -34,13 +35,14 @@ from app.connectors.models import Connector
 from app.connectors.repository import ChangeRepository
 from app.core.clock import Clock
 from app.core.db import Database
-from app.core.errors import AppError
+from app.core.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
 # Applies the rows of the changed connectors that are held; the second argument lists every
-# (organization id, connector id) that was asked for, so that an absent row means deleted.
-Apply = Callable[[Sequence[Connector], Sequence[tuple[str, uuid.UUID]]], None]
+# (organization id, connector id) that was asked for, so that an absent row means deleted; the
+# third says to replace copies even when they carry a higher change number (a restored database).
+Apply = Callable[[Sequence[Connector], Sequence[tuple[str, uuid.UUID]], bool], None]
 # Which of the changed connectors this process holds (and so must read again).
 Select = Callable[[Sequence[tuple[str, uuid.UUID]]], Sequence[tuple[str, uuid.UUID]]]
 # Every connector held, for a full refresh.
@@ -74,7 +76,6 @@ class ChangeFollower:
         # clock.monotonic() of the last poll that reached the database.
         self.last_success = -math.inf
         self._wake = asyncio.Event()
-        self._pruned_at = -math.inf
 
     def wake(self) -> None:
         """Poll now (a change notice arrived)."""
@@ -93,28 +94,40 @@ class ChangeFollower:
         while True:
             async with self.db.read() as session:
                 repo = ChangeRepository(session)
+                last = await repo.last_seq()
+                changes: Sequence[tuple[int, str, uuid.UUID]] = []
+                full = force = False
                 if self.cursor is None:
-                    # The first poll: everything held was loaded after this point.
-                    self.cursor = await repo.last_seq()
-                    changes: Sequence[tuple[int, str, uuid.UUID]] = []
+                    # The first poll: whatever was held before it (writes made while the database
+                    # was away at start) is read again.
+                    full, cursor = True, last
+                elif last < self.cursor:
+                    # The counter went back (a restored database): nothing held can be trusted.
+                    log.warning("the change counter went back; refreshing every held connector")
+                    full = force = True
+                    cursor = last
+                elif last == self.cursor:
+                    cursor = last
                 else:
                     changes = await repo.since(self.cursor, self.batch)
-                full = bool(changes) and changes[0][0] != self.cursor + 1
+                    expected = range(self.cursor + 1, self.cursor + 1 + len(changes))
+                    if changes and [seq for seq, _, _ in changes] == list(expected):
+                        cursor = changes[-1][0]
+                    else:
+                        # Numbers have no gaps: missing ones were pruned before this process read
+                        # them. What it holds is read again, as of now.
+                        log.warning("missed changes were pruned; refreshing every held connector")
+                        full, cursor = True, last
+                # Asked in every case: a load running now must not keep what it read before a change.
+                wanted = self._select([(org, connector_id) for _, org, connector_id in changes])
                 if full:
-                    log.warning(
-                        "changes were pruned before this process read them; refreshing every held connector",
-                        extra={"cursor": self.cursor, "next": changes[0][0]},
-                    )
                     wanted = self._held()
-                else:
-                    wanted = self._select([(org, connector_id) for _, org, connector_id in changes])
                 rows = await self._read(session, wanted)
+            self._apply(rows, wanted, force)
+            self.cursor = cursor
             self.last_success = self.clock.monotonic()
-            self._apply(rows, wanted)
-            if changes:
-                self.cursor = changes[-1][0]
             seen += len(changes)
-            if len(changes) < self.batch:
+            if full or len(changes) < self.batch:
                 return seen
 
     async def _read(self, session: AsyncSession, wanted: Sequence[tuple[str, uuid.UUID]]) -> list[Connector]:
@@ -130,9 +143,8 @@ class ChangeFollower:
             self._wake.clear()
             try:
                 await self.poll()
-                await self._prune()
-            except AppError:
-                pass  # the database is away: logged once by app.core.db; tried again next time
+            except DatabaseUnavailable:
+                pass  # logged once by app.core.db; tried again next time
             except Exception:
                 log.exception("following connector changes failed")
             try:
@@ -141,10 +153,17 @@ class ChangeFollower:
             except TimeoutError:
                 pass
 
-    async def _prune(self) -> None:
-        now = self.clock.monotonic()
-        if now - self._pruned_at < self.prune_every:
-            return
-        self._pruned_at = now
-        async with self.db.write() as session:
-            await ChangeRepository(session).prune(self.clock.now() - self.retention)
+    async def prune(self) -> None:
+        """Delete changes older than ``retention`` every ``prune_every`` seconds, until cancelled.
+
+        A task of its own, so that a slow delete never holds up a poll.
+        """
+        while True:
+            try:
+                async with self.db.write() as session:
+                    await ChangeRepository(session).prune(self.clock.now() - self.retention)
+            except DatabaseUnavailable:
+                pass
+            except Exception:
+                log.exception("pruning connector changes failed")
+            await asyncio.sleep(self.prune_every)

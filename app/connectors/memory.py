@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.lru import LRU
@@ -36,9 +36,9 @@ class HeldConnector:
     grant_type: str | None
     # Non-secret auth fields, and the secrets as stored (ciphertexts bound to this connector).
     public: Mapping[str, Any]
-    sealed: Mapping[str, str]
-    # Basic only: the ready Authorization header.
-    basic_header: str | None
+    sealed: Mapping[str, str] = field(repr=False)
+    # Basic only: the ready Authorization header (a credential: never in a repr).
+    basic_header: str | None = field(repr=False)
 
 
 Loader = Callable[[], Awaitable[HeldConnector | None]]
@@ -51,11 +51,11 @@ class _Load:
 
 
 class ConnectorMemory:
-    def __init__(self, capacity: int, *, on_evict: Callable[[uuid.UUID], None] | None = None) -> None:
-        self._held: LRU[uuid.UUID, HeldConnector] = LRU(
-            capacity, on_evict=(lambda key, _value: on_evict(key)) if on_evict is not None else None
-        )
-        self._loads: dict[uuid.UUID, _Load] = {}
+    def __init__(self, capacity: int) -> None:
+        self._held: LRU[uuid.UUID, HeldConnector] = LRU(capacity)
+        # Loads under way, by connector, then by the organization asking (a caller of another
+        # organization never shares, or spoils, the owner's load).
+        self._loads: dict[uuid.UUID, dict[str, _Load]] = {}
 
     @property
     def capacity(self) -> int:
@@ -73,18 +73,22 @@ class ConnectorMemory:
     def held_ids(self) -> list[uuid.UUID]:
         return list(self._held.keys())
 
-    async def load(self, connector_id: uuid.UUID, load: Loader) -> HeldConnector | None:
-        """The connector, loaded by one ``load`` shared with every concurrent caller."""
-        pending = self._loads.get(connector_id)
+    async def load(self, organization_id: str, connector_id: uuid.UUID, load: Loader) -> HeldConnector | None:
+        """The organization's connector, loaded by one ``load`` shared with every concurrent caller."""
+        loads = self._loads.setdefault(connector_id, {})
+        pending = loads.get(organization_id)
         if pending is None or pending.task is None:
-            pending = self._loads[connector_id] = _Load()
-            pending.task = asyncio.get_running_loop().create_task(self._run(connector_id, pending, load))
+            pending = loads[organization_id] = _Load()
+            run = self._run(connector_id, organization_id, pending, load)
+            pending.task = asyncio.get_running_loop().create_task(run)
             # Retrieved here too: a failed load whose callers all gave up is not an unhandled error.
             pending.task.add_done_callback(lambda task: task.cancelled() or task.exception())
         # Shielded: a caller that gives up does not cancel the load the others wait for.
         return await asyncio.shield(pending.task)
 
-    async def _run(self, connector_id: uuid.UUID, pending: _Load, load: Loader) -> HeldConnector | None:
+    async def _run(
+        self, connector_id: uuid.UUID, organization_id: str, pending: _Load, load: Loader
+    ) -> HeldConnector | None:
         try:
             while True:
                 pending.stale = False
@@ -95,8 +99,11 @@ class ConnectorMemory:
                 self.offer(connector_id, held)
             return held
         finally:
-            if self._loads.get(connector_id) is pending:
-                del self._loads[connector_id]
+            loads = self._loads.get(connector_id, {})
+            if loads.get(organization_id) is pending:
+                del loads[organization_id]
+                if not loads:
+                    del self._loads[connector_id]
 
     def offer(self, connector_id: uuid.UUID, held: HeldConnector) -> bool:
         """Hold ``held`` unless the copy already held reflects a later change."""
@@ -108,8 +115,7 @@ class ConnectorMemory:
 
     def changed(self, connector_id: uuid.UUID) -> bool:
         """Note a change of the connector; True if a copy is held (the caller refreshes it)."""
-        pending = self._loads.get(connector_id)
-        if pending is not None:
+        for pending in self._loads.get(connector_id, {}).values():
             pending.stale = True
         return connector_id in self._held
 
@@ -118,7 +124,12 @@ class ConnectorMemory:
         self.changed(connector_id)
 
     async def aclose(self) -> None:
-        tasks = [pending.task for pending in self._loads.values() if pending.task is not None]
+        tasks = [
+            pending.task
+            for loads in self._loads.values()
+            for pending in loads.values()
+            if pending.task is not None
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

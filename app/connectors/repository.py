@@ -127,32 +127,45 @@ class ConnectorRepository:
     ) -> int:
         """Number the change this transaction made to the connector; call it last, after the change.
 
-        Takes the next number from the one-row counter, whose row lock is then held until the
-        transaction ends: numbers are taken in commit order, and a rollback gives its number
-        back. Writes it into the connector's row (if it still exists) and the change log; ``row``,
-        the connector as this session holds it, is given the number without another write.
+        ``row``, the connector as this session holds it, is given the number without another write.
+        """
+        (seq,) = await self.record_changes([(organization_id, connector_id)], at)
+        if row is not None:
+            set_committed_value(row, "change_seq", seq)
+        return seq
+
+    async def record_changes(self, keys: Sequence[tuple[str, uuid.UUID]], at: datetime) -> Sequence[int]:
+        """Number the changes this transaction made to these (organization, connector) pairs.
+
+        Call it last, once the rows are changed (and so locked): it takes the numbers from the
+        one-row counter, whose row lock is then held until the transaction ends, so numbers are
+        taken in commit order and a rollback gives them back. Taking the counter after every row
+        lock is what keeps two writers from waiting on each other. Writes each number into its
+        connector's row (if it still exists) and the change log.
         """
         result = await self.session.execute(
             update(ChangeSequence)
             .where(ChangeSequence.id == 1)
-            .values(last_seq=ChangeSequence.last_seq + 1)
+            .values(last_seq=ChangeSequence.last_seq + len(keys))
             .returning(ChangeSequence.last_seq)
         )
-        seq = int(result.scalar_one())
-        await self.session.execute(
-            update(Connector)
-            .where(Connector.organization_id == organization_id, Connector.id == connector_id)
-            .values(change_seq=seq)
-            .execution_options(synchronize_session=False)
-        )
-        await self.session.execute(
-            insert(ConnectorChange).values(
-                seq=seq, organization_id=organization_id, connector_id=connector_id, changed_at=at
+        last = int(result.scalar_one())
+        seqs = range(last - len(keys) + 1, last + 1)
+        for seq, (organization_id, connector_id) in zip(seqs, keys, strict=True):
+            await self.session.execute(
+                update(Connector)
+                .where(Connector.organization_id == organization_id, Connector.id == connector_id)
+                .values(change_seq=seq)
+                .execution_options(synchronize_session=False)
             )
+        await self.session.execute(
+            insert(ConnectorChange),
+            [
+                {"seq": seq, "organization_id": org, "connector_id": connector_id, "changed_at": at}
+                for seq, (org, connector_id) in zip(seqs, keys, strict=True)
+            ],
         )
-        if row is not None:
-            set_committed_value(row, "change_seq", seq)
-        return seq
+        return seqs
 
     async def _flush_unique(self) -> None:
         try:

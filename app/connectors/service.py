@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Hashable, Mapping, Sequence
@@ -131,7 +132,9 @@ class ConnectorService:
             apply=self._refresh,
             held=self._held_keys,
         )
-        self._notifications: set[asyncio.Task[None]] = set()
+        # Status writes and change notices under way, awaited on close.
+        self._background_tasks: set[asyncio.Task[None]] = set()
+        self._status_writes: dict[uuid.UUID, asyncio.Task[None]] = {}
 
     # Reads -------------------------------------------------------------------------------------
 
@@ -339,8 +342,7 @@ class ConnectorService:
         except AppError as error:
             await self._record_refusal(organization_id, connector_id, "delete", actor, [], error)
             raise
-        self.memory.drop(connector_id)
-        self.tokens.forget(connector_id)
+        self._forget_here(connector_id)
         self._notify(connector_id)
 
     async def validate(
@@ -391,7 +393,9 @@ class ConnectorService:
             raise DatabaseUnavailable("connector changes could not be followed for too long")
         held = self.memory.get(connector_id)
         if held is None:
-            held = await self.memory.load(connector_id, lambda: self._load(organization_id, connector_id))
+            held = await self.memory.load(
+                organization_id, connector_id, lambda: self._load(organization_id, connector_id)
+            )
             if held is None:
                 raise ConnectorNotFound()
         if held.organization_id != organization_id:
@@ -426,7 +430,11 @@ class ConnectorService:
         )
 
     async def record_outcome(self, key: Hashable, state: CheckState, detail: str | None) -> None:
-        """Record a token request's result, writing only when the state changes."""
+        """Hold a token request's result at once; write it, in the background, when it changed.
+
+        Nothing waiting on the token request waits for the database. The write is a change like
+        any other: the follower then reads the row back (and the other replicas learn of it).
+        """
         if not isinstance(key, tuple) or len(key) != 2:
             return
         connector_id, version = key
@@ -434,24 +442,45 @@ class ConnectorService:
         if held is None or held.version != version or held.state == state:
             return
         held.state = state
+        # Written in the order they happened: each write of a connector waits for the one before.
+        previous = self._status_writes.get(connector_id)
+        write = self._write_status(previous, held.organization_id, connector_id, version, state, detail)
+        task = self._status_writes[connector_id] = self._background(write)
+        task.add_done_callback(functools.partial(self._status_written, connector_id))
+
+    def _status_written(self, connector_id: uuid.UUID, task: asyncio.Task[None]) -> None:
+        if self._status_writes.get(connector_id) is task:
+            del self._status_writes[connector_id]
+
+    async def _write_status(
+        self,
+        previous: asyncio.Task[None] | None,
+        organization_id: str,
+        connector_id: uuid.UUID,
+        version: int,
+        state: CheckState,
+        detail: str | None,
+    ) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
         try:
             async with self.db.write() as session:
                 repo = ConnectorRepository(session)
+                now = self.clock.now()
                 applied = await repo.set_status(
-                    held.organization_id,
-                    connector_id,
-                    version,
-                    state=state,
-                    detail=detail,
-                    checked_at=self.clock.now(),
+                    organization_id, connector_id, version, state=state, detail=detail, checked_at=now
                 )
                 if applied:
-                    held.change_seq = await repo.record_change(
-                        held.organization_id, connector_id, self.clock.now()
-                    )
+                    await repo.record_change(organization_id, connector_id, now)
         except DatabaseUnavailable:
-            return  # kept in memory; the stored status catches up with the next change
-        self._notify(connector_id)
+            return  # kept in memory only; the next token request's outcome is written again
+        except Exception:
+            log.exception(
+                "recording a token request's outcome failed", extra={"connector": str(connector_id)}
+            )
+            return
+        if applied:
+            self._notify(connector_id)
 
     def auth_type_of(self, organization_id: str, connector_id: uuid.UUID) -> str | None:
         """``basic`` or ``oauth2`` if authorize holds the connector in memory, else None."""
@@ -508,10 +537,10 @@ class ConnectorService:
         self._replace(row)
         self._notify(row.id)
 
-    def _replace(self, row: Connector) -> None:
+    def _replace(self, row: Connector, *, force: bool = False) -> None:
         """Hold ``row`` unless a later change is held; drop tokens its change made useless."""
         old = self.memory.peek(row.id)
-        if old is not None and old.change_seq >= row.change_seq:
+        if old is not None and old.change_seq >= row.change_seq and not force:
             return
         self.memory.changed(row.id)
         self.memory.offer(row.id, self._held_from(row))
@@ -521,19 +550,41 @@ class ConnectorService:
 
     def _changed(self, keys: Sequence[tuple[str, uuid.UUID]]) -> Sequence[tuple[str, uuid.UUID]]:
         """The follower's question: which of these changed connectors must be read again."""
-        return list({key for key in keys if self.memory.changed(key[1])})
+        held = []
+        for key in set(keys):
+            if self.memory.changed(key[1]):
+                held.append(key)
+            else:
+                # Its tokens may outlive an evicted copy: a rejection among them must not stick.
+                self.tokens.forget(key[1])
+        return held
 
-    def _refresh(self, rows: Sequence[Connector], asked: Sequence[tuple[str, uuid.UUID]]) -> None:
+    def _refresh(
+        self, rows: Sequence[Connector], asked: Sequence[tuple[str, uuid.UUID]], force: bool = False
+    ) -> None:
         """The follower's answer: current rows of held connectors; an absent one was deleted."""
         found = {row.id for row in rows}
         for row in rows:
             held = self.memory.peek(row.id)
-            if held is not None and held.organization_id == row.organization_id:
-                self._replace(row)
+            if held is None or held.organization_id != row.organization_id:
+                continue
+            try:
+                self._replace(row, force=force)
+            except Exception as error:
+                # Not servable here (a secret this key ring cannot open): stop serving the old copy
+                # rather than stop following every other change.
+                log.warning(
+                    "a changed connector could not be held",
+                    extra={"connector": str(row.id), "error": type(error).__name__},
+                )
+                self._forget_here(row.id)
         for _, connector_id in asked:
             if connector_id not in found and self.memory.peek(connector_id) is not None:
-                self.memory.drop(connector_id)
-                self.tokens.forget(connector_id)
+                self._forget_here(connector_id)
+
+    def _forget_here(self, connector_id: uuid.UUID) -> None:
+        self.memory.drop(connector_id)
+        self.tokens.forget(connector_id)
 
     def _held_keys(self) -> Sequence[tuple[str, uuid.UUID]]:
         held = ((self.memory.peek(connector_id), connector_id) for connector_id in self.memory.held_ids())
@@ -717,17 +768,20 @@ class ConnectorService:
         }
 
     def _notify(self, connector_id: uuid.UUID) -> None:
-        if self.on_change is None:
-            return
-        task = asyncio.get_running_loop().create_task(self.on_change(connector_id))
-        self._notifications.add(task)
-        task.add_done_callback(self._notifications.discard)
+        if self.on_change is not None:
+            self._background(self.on_change(connector_id))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
+        return task
 
     async def aclose(self) -> None:
-        """Stop loads and wait for change notifications still being sent."""
+        """Stop loads; wait for status writes and change notices still under way."""
         await self.memory.aclose()
-        if self._notifications:
-            await asyncio.gather(*self._notifications, return_exceptions=True)
+        if self._background_tasks:
+            await asyncio.gather(*self._background_tasks, return_exceptions=True)
 
 
 def _raw_fields(patch: BaseModel) -> dict[str, Any]:

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     database_url: str = ""
     database_pool_size: int = Field(default=10, ge=1, le=200)
+    # A PostgreSQL statement taking longer is abandoned and answered as database_unavailable.
+    database_statement_timeout_seconds: float = Field(default=15.0, gt=0, le=600)
     redis_url: SecretStr | None = None
 
     max_connectors_per_org: int = Field(default=5, ge=1, le=10_000)
@@ -127,6 +129,14 @@ class Settings(BaseSettings):
         if sum(m is not None for m in methods) > 1:
             raise ValueError(
                 "set only one of CONNECTORS_JWT_SECRET, CONNECTORS_JWT_PUBLIC_KEY, CONNECTORS_JWKS_URL"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _staleness_above_the_poll_interval(self) -> Settings:
+        if self.max_staleness_seconds <= 2 * self.change_poll_interval_seconds:
+            raise ValueError(
+                "CONNECTORS_MAX_STALENESS_SECONDS must exceed twice CONNECTORS_CHANGE_POLL_INTERVAL_SECONDS"
             )
         return self
 

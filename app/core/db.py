@@ -18,13 +18,15 @@ first success after it another: an outage is two lines in the log, not one per r
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -36,7 +38,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 CONNECT_TIMEOUT_SECONDS = 5.0
 
 
-def build_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def build_engine(url: str, *, pool_size: int = 10, command_timeout: float | None = None) -> AsyncEngine:
+    """The engine for ``url``; ``command_timeout`` bounds each PostgreSQL statement (the service
+    sets it, so that a server that stopped answering becomes ``DatabaseUnavailable``)."""
     if url.startswith("sqlite"):
         engine = create_async_engine(
             url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, hide_parameters=True
@@ -50,7 +54,7 @@ def build_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         pool_pre_ping=True,
         pool_timeout=CONNECT_TIMEOUT_SECONDS,
         hide_parameters=True,
-        connect_args={"timeout": CONNECT_TIMEOUT_SECONDS},
+        connect_args={"timeout": CONNECT_TIMEOUT_SECONDS, "command_timeout": command_timeout},
     )
 
 
@@ -109,11 +113,15 @@ class Database:
             yield
         except Exception as error:
             if not _unreachable(error):
+                self._answered()  # the database answered, if only with a refusal
                 raise
             if self.available:
                 self.available = False
                 log.warning("database unavailable", extra={"error": type(error).__name__})
             raise DatabaseUnavailable() from None
+        self._answered()
+
+    def _answered(self) -> None:
         if not self.available:
             self.available = True
             log.warning("database reachable again")
@@ -122,9 +130,35 @@ class Database:
         await self.engine.dispose()
 
 
+# SQLite result codes (the primary code, the low byte) that say the file could not be used now.
+_SQLITE_UNAVAILABLE = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+    }
+)
+# PostgreSQL SQLSTATEs of a server that cannot serve now: connection exceptions (class 08), a
+# server shutting down, crashed or starting up (57P01-57P03), too many connections (53300).
+_POSTGRES_UNAVAILABLE = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
 def _unreachable(error: BaseException) -> bool:
     """Whether ``error`` says the database could not be reached, rather than refused a statement."""
+    if isinstance(error, SQLAlchemyTimeoutError):
+        return True  # no pooled connection came free in time: every one is stuck connecting
     if isinstance(error, DBAPIError):
-        return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+        if error.connection_invalidated:
+            return True
+        original = error.orig
+        if isinstance(original, sqlite3.Error):
+            code = getattr(original, "sqlite_errorcode", None)
+            return isinstance(code, int) and code & 0xFF in _SQLITE_UNAVAILABLE
+        sqlstate = getattr(original, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            return sqlstate.startswith("08") or sqlstate in _POSTGRES_UNAVAILABLE
+        return isinstance(error, InterfaceError)
     # Raised as they are by drivers while connecting (refused, reset, timed out).
     return isinstance(error, OSError | TimeoutError)

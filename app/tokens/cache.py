@@ -2,7 +2,9 @@
 
 One entry per connector, keyed by ``(connector id, connector version)``. A newer version is a new
 entry and replaces the older one, so a changed connector never gets a token obtained with its old
-configuration and the cache never grows beyond one entry per connector. A request for a version
+configuration and the cache never grows beyond one entry per connector. At most ``capacity``
+entries are kept (more only while the extra ones have a token request under way): when full,
+the least recently used entry without a request under way goes. A request for a version
 older than the newest one seen (a caller holding a stale snapshot) is answered by a token request
 of its own that is shared by its concurrent callers but never cached.
 
@@ -218,7 +220,13 @@ class TokenCache:
         self._backoff_initial = retry_backoff_initial
         self._backoff_max = retry_backoff_max
         # One entry per connector; the least recently used goes first when the cache is full.
-        self._entries: LRU[Hashable, _Entry] = LRU(capacity, on_evict=lambda _key, entry: self._retire(entry))
+        # An entry with a token request under way is not evicted: a second request for the same
+        # connector could start beside it, and a refresh token taken out for it would be lost.
+        self._entries: LRU[Hashable, _Entry] = LRU(
+            capacity,
+            on_evict=lambda _key, entry: self._retire(entry),
+            busy=lambda entry: _running(entry) is not None,
+        )
         self._outdated: dict[CacheKey, _Entry] = {}
         self._tasks: set[asyncio.Task[IssuedToken]] = set()
         self._closed = False

@@ -35,3 +35,21 @@ def test_pop_and_membership() -> None:
 def test_a_cache_holds_at_least_one_entry() -> None:
     with pytest.raises(ValueError, match="capacity"):
         LRU(0)
+
+
+def test_busy_entries_are_passed_over_until_they_are_done() -> None:
+    busy = {"a"}
+    evicted: list[str] = []
+    cache: LRU[str, str] = LRU(
+        2, on_evict=lambda key, _value: evicted.append(key), busy=lambda value: value in busy
+    )
+    cache.put("a", "a")
+    cache.put("b", "b")
+    cache.put("c", "c")  # "a" is the oldest but busy: "b" goes
+    assert evicted == ["b"]
+    cache.put("d", "d")  # only "a" and "c" are older, "a" still busy
+    assert evicted == ["b", "c"]
+    busy.clear()
+    cache.put("e", "e")
+    assert evicted == ["b", "c", "a"]
+    assert list(cache.keys()) == ["d", "e"]

@@ -1200,19 +1200,25 @@ async def test_entries_are_bounded_and_the_least_recently_used_goes_first(
         await cache.aclose()
 
 
-async def test_an_evicted_entry_still_answers_the_callers_waiting_on_its_request(
+async def test_an_entry_with_a_request_under_way_is_not_evicted(
     fetcher: FakeFetcher, clock: FakeClock, load: Loader
 ) -> None:
     cache = TokenCache(fetcher, clock=clock, capacity=1)
     gate = fetcher.block()
     try:
-        waiting = asyncio.create_task(cache.get(("a", 1), load))
+        first = asyncio.create_task(cache.get(("a", 1), load))
         await settle()
-        other = asyncio.create_task(cache.get(("b", 1), load))  # evicts "a" while its request runs
+        other = asyncio.create_task(cache.get(("b", 1), load))  # the cache is over its bound now
         await settle()
-        assert cache.peek(("a", 1)) is None
+        again = asyncio.create_task(cache.get(("a", 1), load))
+        await settle()
+        assert len(fetcher.calls) == 2, "the second caller of a joined its request, not a new one"
         gate.set()
-        assert (await waiting).access_token == "token-1"
+        assert (await first).access_token == (await again).access_token == "token-1"
         assert (await other).access_token == "token-2"
+        await cache.get(("c", 1), load)  # back to its bound: the two idle entries go
+        assert cache.peek(("a", 1)) is None
+        assert cache.peek(("b", 1)) is None
+        assert cache.peek(("c", 1)) == "token-3"
     finally:
         await cache.aclose()
