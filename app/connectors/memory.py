@@ -105,10 +105,10 @@ class ConnectorMemory:
                 if not loads:
                     del self._loads[connector_id]
 
-    def offer(self, connector_id: uuid.UUID, held: HeldConnector) -> bool:
-        """Hold ``held`` unless the copy already held reflects a later change."""
+    def offer(self, connector_id: uuid.UUID, held: HeldConnector, *, force: bool = False) -> bool:
+        """Hold ``held`` unless the copy already held reflects a later change (or ``force``)."""
         current = self._held.peek(connector_id)
-        if current is not None and current.change_seq > held.change_seq:
+        if current is not None and current.change_seq > held.change_seq and not force:
             return False
         self._held.put(connector_id, held)
         return True

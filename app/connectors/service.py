@@ -543,7 +543,7 @@ class ConnectorService:
         if old is not None and old.change_seq >= row.change_seq and not force:
             return
         self.memory.changed(row.id)
-        self.memory.offer(row.id, self._held_from(row))
+        self.memory.offer(row.id, self._held_from(row), force=force)
         if old is not None and (old.version != row.version or old.state == "rejected"):
             # A new version needs new tokens; a rejection that was cleared is not sticky any more.
             self.tokens.forget(row.id)

@@ -7,6 +7,8 @@ through the change log (or, with Redis, a notice that makes it read the log at o
 from __future__ import annotations
 
 import asyncio
+import base64
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -14,14 +16,16 @@ from typing import Any
 
 import httpx
 from pydantic import SecretStr
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 
 from app.connectors.memory import ConnectorMemory, HeldConnector
-from app.connectors.models import ConnectorChange
+from app.connectors.models import ChangeSequence, Connector, ConnectorChange
 from app.connectors.service import ConnectorService
 from app.core.config import Settings
+from app.core.crypto import KeyRing
 from app.core.db import Database, build_engine
 from app.main import Overrides
+from app.rotation import rotate
 from tests.conftest import canary
 from tests.connectors import payloads
 from tests.connectors.test_authorize import authorize, counter_tokens
@@ -309,3 +313,130 @@ def _held(change_seq: int) -> HeldConnector:
         sealed={},
         basic_header="Basic x",
     )
+
+
+# What the follower must survive -------------------------------------------------------------------
+
+
+async def _write(settings: Settings, *statements: Any) -> None:
+    db = Database(build_engine(settings.effective_database_url))
+    try:
+        async with db.write() as session:
+            for statement in statements:
+                await session.execute(statement)
+    finally:
+        await db.dispose()
+
+
+async def test_changes_pruned_with_nothing_newer_still_refresh_what_is_held(
+    app_factory: AppFactory, settings: Settings, client_for: ClientFor
+) -> None:
+    here, there = await app_factory(polled_by_hand(settings)), await app_factory(settings)
+    client_here, client_there = client_for(app=here), client_for(app=there)
+    connector_id = await _basic(client_there)
+    before = await _header(client_here, connector_id)
+    await service_of(here).follower.poll()
+    await _new_password(client_there, connector_id)
+    await _write(settings, delete(ConnectorChange))
+    await service_of(here).follower.poll()
+    assert await _header(client_here, connector_id) != before
+
+
+async def test_a_counter_that_went_back_replaces_every_held_copy(
+    app_factory: AppFactory, settings: Settings, client_for: ClientFor
+) -> None:
+    here, there = await app_factory(polled_by_hand(settings)), await app_factory(settings)
+    client_here, client_there = client_for(app=here), client_for(app=there)
+    connector_id = await _basic(client_there)
+    await _new_password(client_there, connector_id)
+    await service_of(here).follower.poll()
+    before = await _header(client_here, connector_id)
+    # As after restoring an older backup: the counter and the row's number are lower than held.
+    await _new_password(client_there, connector_id)
+    await _write(
+        settings,
+        update(ChangeSequence).values(last_seq=1),
+        update(Connector).values(change_seq=1),
+        delete(ConnectorChange),
+    )
+    await service_of(here).follower.poll()
+    assert await _header(client_here, connector_id) != before
+    assert service_of(here).follower.cursor == 1
+
+
+async def test_the_first_poll_rereads_what_was_held_before_it(
+    app_factory: AppFactory, settings: Settings, client_for: ClientFor
+) -> None:
+    here, there = await app_factory(polled_by_hand(settings)), await app_factory(settings)
+    client_here, client_there = client_for(app=here), client_for(app=there)
+    connector_id = await _basic(client_here)
+    before = await _header(client_here, connector_id)
+    await _new_password(client_there, connector_id)
+    service_of(here).follower.cursor = None  # as when the database was away at start
+    await service_of(here).follower.poll()
+    assert await _header(client_here, connector_id) != before
+
+
+async def test_a_row_that_cannot_be_held_is_dropped_and_following_goes_on(
+    app_factory: AppFactory, settings: Settings, client_for: ClientFor
+) -> None:
+    here, there = await app_factory(polled_by_hand(settings)), await app_factory(settings)
+    client_here, client_there = client_for(app=here), client_for(app=there)
+    broken, fine = await _basic(client_there, "broken"), await _basic(client_there, "fine")
+    await _header(client_here, broken)
+    before = await _header(client_here, fine)
+    await service_of(here).follower.poll()
+    await _new_password(client_there, fine)
+    # A secret this key ring cannot open (written under a key it lacks, say), and its change.
+    await _new_password(client_there, broken)
+    await _write(
+        settings,
+        update(Connector).where(Connector.id == uuid.UUID(broken)).values(secrets={"password": "v1:k9:AAAA"}),
+    )
+    await service_of(here).follower.poll()
+    assert await _header(client_here, fine) != before
+    assert uuid.UUID(broken) not in service_of(here).memory.held_ids()
+
+
+async def test_a_rejection_outlives_no_evicted_copy(
+    app_factory: AppFactory, settings: Settings, client_for: ClientFor, scripted_server: ScriptedServer
+) -> None:
+    here = await app_factory(polled_by_hand(settings).model_copy(update={"connector_cache_size": 1}))
+    there = await app_factory(settings)
+    client_here, client_there = client_for(app=here), client_for(app=there)
+    scripted_server.set_default(Reply.json({"error": "invalid_client"}, status=401))
+    body = payloads.client_credentials(token_url=scripted_server.url("/oauth/token"))
+    oauth = (await client_there.post("/connectors", json=body, params=NO_CHECK)).json()["id"]
+    assert_problem(await authorize(client_here, oauth), 502, "credentials_rejected")
+    await _header(client_here, await _basic(client_there))  # evicts the OAuth copy, not its tokens
+    await service_of(here).follower.poll()
+    scripted_server.set_default(counter_tokens())
+    validated = await client_there.post(f"/connectors/{oauth}/validate")
+    assert validated.json()["status"]["state"] == "authorized"
+    await service_of(here).follower.poll()
+    assert await _header(client_here, oauth) == "Bearer tok-2"
+
+
+async def test_key_rotation_beside_live_writes_neither_deadlocks_nor_loses_a_change(
+    app_factory: AppFactory, settings: Settings, client_for: ClientFor
+) -> None:
+    client = client_for(app=await app_factory(settings))
+    ids = [await _basic(client, f"connector {i}") for i in range(5)]
+    # Restarted with a new key first, as the README says, then rotated while serving.
+    assert settings.encryption_keys is not None
+    newer = f"k2:{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip('=')}"
+    both = SecretStr(f"{newer},{settings.encryption_keys.get_secret_value()}")
+    rotated_settings = settings.model_copy(update={"encryption_keys": both})
+    app = await app_factory(rotated_settings)
+    client = client_for(app=app)
+    db = Database(build_engine(settings.effective_database_url))
+    try:
+        rotation = asyncio.create_task(rotate(db, KeyRing.from_settings(rotated_settings), batch_size=2))
+        await asyncio.gather(*(_new_password(client, connector_id) for connector_id in ids))
+        report = await rotation
+    finally:
+        await db.dispose()
+    assert report.failed == 0
+    await service_of(app).follower.poll()
+    for connector_id in ids:
+        await _header(client, connector_id)

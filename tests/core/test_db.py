@@ -1,0 +1,74 @@
+"""Which database failures are an outage (503 database_unavailable) and which are not."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from app.core.db import Database, _unreachable, build_engine
+from app.core.errors import DatabaseUnavailable
+from tests.support.service import free_port
+
+
+def _sqlite_error(code: int) -> DBAPIError:
+    error = sqlite3.OperationalError("message")
+    error.sqlite_errorcode = code
+    return DBAPIError("SELECT 1", None, error)
+
+
+def _postgres_error(cls: type[Exception]) -> DBAPIError:
+    return DBAPIError("SELECT 1", None, cls("message"))
+
+
+@pytest.mark.parametrize(
+    ("error", "unreachable"),
+    [
+        (_sqlite_error(sqlite3.SQLITE_BUSY), True),
+        (_sqlite_error(sqlite3.SQLITE_IOERR | (3 << 8)), True),  # an extended code of IOERR
+        (_sqlite_error(sqlite3.SQLITE_ERROR), False),  # no such table, a syntax error: bugs
+        (_postgres_error(asyncpg.exceptions.CannotConnectNowError), True),  # 57P03, starting up
+        (_postgres_error(asyncpg.exceptions.AdminShutdownError), True),  # 57P01
+        (_postgres_error(asyncpg.exceptions.ConnectionFailureError), True),  # 08006
+        (_postgres_error(asyncpg.exceptions.TooManyConnectionsError), True),  # 53300
+        (_postgres_error(asyncpg.exceptions.UndefinedTableError), False),
+        (IntegrityError("INSERT", None, Exception("duplicate")), False),
+        (PoolTimeout(), True),
+        (ConnectionRefusedError(), True),
+        (ValueError(), False),
+    ],
+)
+def test_what_counts_as_unreachable(error: BaseException, unreachable: bool) -> None:
+    assert _unreachable(error) is unreachable
+
+
+async def test_a_server_that_refuses_connections_is_unavailable_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = Database(build_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/postgres"))
+    try:
+        for _ in range(3):
+            with pytest.raises(DatabaseUnavailable):
+                async with db.read() as session:
+                    await session.execute(text("SELECT 1"))
+    finally:
+        await db.dispose()
+    assert [record.getMessage() for record in caplog.records if record.name == "app.core.db"] == [
+        "database unavailable"
+    ]
+
+
+async def test_a_statement_error_on_sqlite_is_not_an_outage(tmp_path: Path) -> None:
+    db = Database(build_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"))
+    try:
+        with pytest.raises(DBAPIError):
+            async with db.read() as session:
+                await session.execute(text("SELECT * FROM no_such_table"))
+        assert db.available
+    finally:
+        await db.dispose()
