@@ -40,6 +40,17 @@ async def create_checked(client: httpx.AsyncClient, body: dict[str, Any]) -> htt
     return await client.post("/connectors", json=body)
 
 
+async def recorded_status(client: httpx.AsyncClient, url: str, state: str) -> dict[str, Any]:
+    """The connector's status once it shows ``state``: a token request's outcome is written in
+    the background, after the callers got their answer."""
+    for _ in range(500):
+        status: dict[str, Any] = (await client.get(url)).json()["status"]
+        if status["state"] == state:
+            return status
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the status never became {state}: {status}")
+
+
 async def authorize(client: httpx.AsyncClient, connector_id: str, **body: Any) -> httpx.Response:
     return await client.post(f"/connectors/{connector_id}/authorize", json=body)
 
@@ -289,8 +300,7 @@ async def test_rejection_is_sticky_and_recorded_until_validated(
     for problem in problems:
         assert_problem(problem, 502, "credentials_rejected")
     assert scripted_server.count == 1
-    status = (await client.get(url)).json()["status"]
-    assert status["state"] == "rejected"
+    status = await recorded_status(client, url, "rejected")
     assert CANARY not in str(status)
 
     scripted_server.set_default(counter_tokens())
@@ -396,8 +406,7 @@ async def test_status_follows_token_requests_and_is_written_on_transitions_only(
     created = await _oauth_connector(timed, scripted_server)
     assert created["status"]["state"] == "unverified"
     await authorize(timed, created["id"])
-    first = (await timed.get(f"/connectors/{created['id']}")).json()["status"]
-    assert first["state"] == "authorized"
+    first = await recorded_status(timed, f"/connectors/{created['id']}", "authorized")
     assert first["checked_at"] is not None
     fake_time.advance(10)
     await authorize(timed, created["id"], force_refresh=True)

@@ -14,7 +14,7 @@ from app.core.config import Settings
 from app.main import create_app
 from tests.conftest import CANARY, canary
 from tests.connectors import payloads
-from tests.connectors.test_authorize import authorize, counter_tokens
+from tests.connectors.test_authorize import authorize, counter_tokens, recorded_status
 from tests.connectors.test_crud import assert_problem
 from tests.support.metrics import Scrape, scrape
 from tests.support.servers import Reply, ScriptedServer
@@ -187,6 +187,7 @@ async def test_connectors_by_state_count_every_organization(
     scripted_server.set_default(Reply.json({"error": "invalid_grant"}, status=400))
     ids.append(await _create(two, payloads.password_grant("Refused", token_url=token_url)))
     assert_problem(await authorize(two, ids[-1]), 502, "credentials_rejected")
+    await recorded_status(two, f"/connectors/{ids[-1]}", "rejected")
     scripted_server.set_default(Reply.html(500))
     ids.append(await _create(two, payloads.client_credentials("Down", token_url=token_url)))
     assert (await two.post(f"/connectors/{ids[-1]}/validate")).json()["status"]["state"] == "unreachable"
