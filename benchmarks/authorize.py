@@ -13,8 +13,10 @@ generator (``benchmarks/loadgen.py``, its own process) runs on core 1 with this 
 local HTTPS token servers and any PostgreSQL of the benchmark's own. 32 keep-alive connections
 (``--connections``) keep requests queued at the server. Figures are requests/s and p50/p99
 latency, and ratios against ``GET /healthz`` of the same server measured in the same run: the
-routes take turns over ``--rounds`` rounds (4; ``--seconds`` per route, 12, split over them) and
-each figure is the median of its rounds. Everything started is stopped, and the temporary
+routes take turns over ``--rounds`` rounds of 3 s (``--seconds`` per route, split over them: 12
+in 4 rounds, in the scale mode 36 in 12) and each figure is the median of its rounds. The
+server's CPU time per answered request is printed too: other work on the machine changes it far
+less than throughput. Everything started is stopped, and the temporary
 directory deleted, when the mode ends, fails or is interrupted (Ctrl-C).
 
 **warm** (``benchmarks/warm.py``): SQLite. Warm authorize of one OAuth 2.0 connector (token from
@@ -66,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--mode", choices=["warm", "scale", "outage"], default="warm")
-    parser.add_argument("--seconds", type=float, default=12.0, help="per measured route, over all rounds")
-    parser.add_argument("--rounds", type=int, default=4, help="turns the measured routes take")
+    parser.add_argument(
+        "--seconds", type=float, help="per measured route, over all rounds (warm 12, scale 36)"
+    )
+    parser.add_argument("--rounds", type=int, help="turns the measured routes take (warm 4, scale 12)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
     warm = parser.add_argument_group("warm")
@@ -88,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    seconds, rounds = (36.0, 12) if args.mode == "scale" else (12.0, 4)
+    args.seconds = args.seconds or seconds
+    args.rounds = args.rounds or rounds
     if (reason := cpu_count_ok()) is not None:
         sys.exit(f"benchmarks: {reason}")
     if args.mode == "warm":

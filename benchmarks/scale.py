@@ -156,6 +156,9 @@ def _measure(
     results.update(measured)
     results["held_vs_basic5_rps"] = round(measured["held"]["rps"] / measured["basic5"]["rps"], 3)
     results["held_vs_healthz_p99"] = round(measured["held"]["p99_ms"] / measured["healthz"]["p99_ms"], 3)
+    results["held_vs_basic5_cpu"] = round(
+        measured["held"]["server_cpu_us_per_request"] / measured["basic5"]["server_cpu_us_per_request"], 3
+    )
     results["rss_after_a_mib"] = round(server.rss_mib(), 1)
 
     with step(f"(b) spread over all {seeded.rows:,} connectors for {args.miss_seconds:.0f} s"):
@@ -192,6 +195,11 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"(a) {held:,} connectors / 5 connectors throughput: {rps:.2f}x (target >= {RPS_TARGET:.2f}:"
         f" {verdict(rps >= RPS_TARGET)})"
+    )
+    print(
+        f"(a) server CPU per request: {results['held']['server_cpu_us_per_request']:.0f} us over {held:,}"
+        f" connectors, {results['basic5']['server_cpu_us_per_request']:.0f} us over 5:"
+        f" {results['held_vs_basic5_cpu']:.2f}x (the same comparison, less disturbed by other work)"
     )
     print(
         f"(a) {held:,} connectors p99 / healthz p99: {p99:.2f}x (target <= {P99_TARGET:.2f}:"

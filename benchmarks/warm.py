@@ -254,6 +254,11 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f" {verdict(p99 <= targets['p99'])})"
     )
     print(
+        f"server CPU per request: healthz {h['server_cpu_us_per_request']:.0f} us, authorize oauth"
+        f" {results['oauth']['server_cpu_us_per_request']:.0f} us"
+        f" ({results['oauth']['server_cpu_us_per_request'] / h['server_cpu_us_per_request']:.2f}x)"
+    )
+    print(
         f"authorize basic x5 / healthz: throughput {results['basic5_ratio_rps']:.2f}x,"
         f" p99 {results['basic5_ratio_p99']:.2f}x (the baseline of the scale mode)"
     )
