@@ -1,20 +1,16 @@
 """A small HTTP/1.1 load generator: keep-alive connections on loopback, latency per request.
 
-It runs in its own process (the benchmarks pin it to a core of its own with ``taskset``) so it
-shares neither an event loop nor the GIL with the server. Each connection sends one request at a
+It runs in its own process so it does not share an event loop (or the GIL) with the server (the
+benchmarks pin it to a core of its own with ``taskset``). Each connection sends one request at a
 time and reads the whole response before the next, so the latency is what a caller of the route
-sees, and with more connections than the server can answer at once, requests queue as they
-would in production.
+sees; with more connections than the server answers at once, requests queue as in production.
 
 Requests are spread over *targets*, each one request prebuilt as bytes before the clock starts
-(method, path, body and headers, among them the caller's token). Every request takes the next
-target of one shared cycle, so over a run every target is sent equally often (to within one):
-the order of the targets is the caller's to choose (the benchmarks shuffle them).
-
-The connections are protocol callbacks on uvloop, not coroutines: answering a response and
-sending the next request is one callback, so a single core drives several times what the
-service can answer (``benchmarks.authorize`` measures that against ``benchmarks.null_server``
-and reports the generator's own CPU use with every figure).
+(method, path, body and headers, the caller's token among them). Every request takes the next
+target of one cycle shared by all connections, so over a run every target is sent equally often
+(to within one); the order of the targets is the caller's to choose (the benchmarks shuffle
+them). ``benchmarks.authorize`` checks that one core of this generator drives several times what
+the service answers (against ``benchmarks.null_server``) and prints its CPU use with every figure.
 
 Job: one JSON object on stdin. Result: one JSON object on stdout.
 
@@ -29,9 +25,11 @@ Job: one JSON object on stdin. Result: one JSON object on stdout.
   before with the ``next`` it returned);
 - ``"rate"``: total requests per second, paced over the connections (default: each connection
   sends its next request as soon as it has the answer);
-- ``"expect"`` (200): any other status, a dropped connection or a timeout counts as an error;
+- ``"expect"`` (200): any other status, a dropped connection or a timeout counts as an error, and
+  the connection is opened again;
 - ``"raw"``: return every latency; ``"timeline"``: return every request as ``[wall-clock time
-  sent, status (or connection_lost, timeout, connect_error), latency ms, target index]``.
+  sent, status (or connection_lost, timeout, connect_error), latency ms, target index (-1 when
+  no connection could be made)]``.
 """
 
 from __future__ import annotations
@@ -39,16 +37,56 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import statistics
 import sys
 import time
-from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 REQUEST_TIMEOUT_SECONDS = 30.0
-RECONNECT_DELAY_SECONDS = 0.05
+RECONNECT_DELAY_SECONDS = 0.1
+
+
+@dataclass(slots=True)
+class Result:
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+    statuses: Counter[str] = field(default_factory=Counter)
+    cpu_seconds: float = 0.0
+    next: int = 0
+    records: list[tuple[float, str, float, int]] | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+    def summary(self) -> dict[str, Any]:
+        answered = len(self.latencies_ms)
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "rps": round(self.rate, 1),
+            "p50_ms": round(self.percentile(50), 3),
+            "p99_ms": round(self.percentile(99), 3),
+            "max_ms": round(max(self.latencies_ms), 3) if answered else float("nan"),
+            "mean_ms": round(statistics.fmean(self.latencies_ms), 3) if answered else float("nan"),
+            "seconds": round(self.seconds, 3),
+            "statuses": dict(self.statuses),
+            # The generator's own CPU over the run: near 1.0 would mean it set the pace.
+            "loadgen_cpu_share": round(self.cpu_seconds / self.seconds, 3) if self.seconds else 0.0,
+            "loadgen_cpu_us_per_request": round(self.cpu_seconds / answered * 1e6, 2) if answered else 0.0,
+            "next": self.next,
+        }
 
 
 def build_request(method: str, path: str, host: str, headers: dict[str, str], body: bytes) -> bytes:
@@ -78,281 +116,133 @@ def build_requests(job: dict[str, Any]) -> list[bytes]:
     ]
 
 
-def _body_length(head: bytes) -> int | None:
-    """The Content-Length of a response head; None when the body is chunked."""
-    lower = head.lower()
-    at = lower.find(b"\r\ncontent-length:")
-    if at >= 0:
-        end = lower.find(b"\r\n", at + 2)
-        return int(lower[at + 17 : end if end >= 0 else None])
-    if b"\r\ntransfer-encoding: chunked" in lower:
-        return None
-    return 0
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    if length:
+        await reader.readexactly(length)
+    return status
 
 
-def _chunked_end(buffer: bytearray, start: int) -> int:
-    """Where a chunked body starting at ``start`` ends, or -1 if it has not all arrived."""
-    at = start
-    while True:
-        line_end = buffer.find(b"\r\n", at)
-        if line_end < 0:
-            return -1
-        size = int(bytes(buffer[at:line_end]).split(b";")[0], 16)
-        at = line_end + 2
-        if size == 0:
-            # No trailers from the servers measured here: the empty line ends the message.
-            return at + 2 if len(buffer) >= at + 2 else -1
-        at += size + 2
-        if len(buffer) < at:
-            return -1
+async def run(
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    *,
+    connections: int,
+    seconds: float | None = None,
+    passes: int | None = None,
+    start: int = 0,
+    rate: float | None = None,
+    expect: int = 200,
+    timeline: bool = False,
+) -> Result:
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    records: list[tuple[float, str, float, int]] = []
+    errors = 0
+    cursor = start
+    limit = start + passes * len(requests) if passes else None
+    started = time.perf_counter()
+    wall0 = time.time() - started
+    deadline = started + seconds if seconds is not None and limit is None else float("inf")
+    # Paced: each connection sends every connections/rate seconds, the connections staggered.
+    interval = connections / rate if rate else 0.0
 
+    def finished() -> bool:
+        return cursor >= limit if limit is not None else time.perf_counter() >= deadline
 
-class _Client(asyncio.Protocol):
-    """One keep-alive connection: one request at a time."""
+    def record(sent: float, label: str, latency: float, target: int) -> None:
+        nonlocal errors
+        statuses[label] += 1
+        if label != str(expect):
+            errors += 1
+        if timeline:
+            records.append((round(wall0 + sent, 4), label, round(latency, 3), target))
 
-    def __init__(self, run: _Run) -> None:
-        self.run = run
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.busy = False
-        self.sent_at = 0.0
-        self.target = 0
-        self.due = 0.0
+    # Per connection: when its request in flight was sent (0: none) and its writer, so that the
+    # watchdog can give up on an answer that takes too long (cheaper than a timeout per request).
+    inflight: list[float] = [0.0] * connections
+    writers: list[asyncio.StreamWriter | None] = [None] * connections
+    timed_out: set[int] = set()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not subclasses of asyncio.Transport, but behave as one.
-        self.transport = cast(asyncio.Transport, transport)
-        self.run.ready(self)
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        while self.busy:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(buffer[:end])
-            length = _body_length(head)
-            if length is None:
-                total = _chunked_end(buffer, end + 4)
-                if total < 0:
-                    return
-            else:
-                total = end + 4 + length
-                if len(buffer) < total:
-                    return
-            del buffer[:total]
-            self.busy = False
-            self.run.answered(self, int(head[9:12]))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self.buffer.clear()
-        self.run.lost(self)
-
-
-@dataclass
-class _Run:
-    loop: asyncio.AbstractEventLoop
-    host: str
-    port: int
-    requests: Sequence[bytes]
-    connections: int
-    start: int = 0
-    seconds: float | None = None
-    passes: int | None = None
-    rate: float | None = None
-    expect: int = 200
-    timeline: bool = False
-    latencies: array[float] = field(default_factory=lambda: array("d"))
-    statuses: Counter[str] = field(default_factory=Counter)
-    errors: int = 0
-    records: list[tuple[float, str, float, int]] = field(default_factory=list)
-    connecting: set[asyncio.Task[None]] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.next = self.start
-        self.limit = self.start + self.passes * len(self.requests) if self.passes else None
-        self.clients = [_Client(self) for _ in range(self.connections)]
-        self.done: asyncio.Future[None] = self.loop.create_future()
-        self.started = time.perf_counter()
-        self.wall0 = time.time() - self.started
-        self.deadline = self.started + self.seconds if self.seconds is not None else float("inf")
-        # Paced: each connection sends every connections/rate seconds, the connections staggered.
-        self.interval = self.connections / self.rate if self.rate else 0.0
-        self.ended_at: float | None = None
-
-    # The cycle ------------------------------------------------------------------------------
-
-    def finished(self) -> bool:
-        if self.limit is not None:
-            return self.next >= self.limit
-        return time.perf_counter() >= self.deadline
-
-    def ready(self, client: _Client) -> None:
-        if self.interval:
+    async def watchdog() -> None:
+        while True:
+            await asyncio.sleep(0.5)
             now = time.perf_counter()
-            if client.due < now:
-                index = self.clients.index(client)
-                client.due = self.started + index * self.interval / self.connections
-                while client.due < now:
-                    client.due += self.interval
-        self.schedule(client)
+            for number, sent in enumerate(inflight):
+                writer = writers[number]
+                if sent and now - sent > REQUEST_TIMEOUT_SECONDS and writer is not None:
+                    timed_out.add(number)
+                    writer.transport.abort()
 
-    def schedule(self, client: _Client) -> None:
-        if self.finished():
-            self.settle()
-            return
-        if self.interval:
-            delay = client.due - time.perf_counter()
-            client.due += self.interval
-            if delay > 0:
-                self.loop.call_later(delay, self.send, client)
-                return
-        self.send(client)
+    async def worker(number: int) -> None:
+        nonlocal cursor
+        due = started + number * interval / connections
+        while not finished():
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+                writers[number] = writer
+            except OSError:
+                # No request could be sent: a failure as a caller sees it.
+                record(time.perf_counter(), "connect_error", 0.0, -1)
+                await asyncio.sleep(RECONNECT_DELAY_SECONDS)
+                continue
+            try:
+                while True:
+                    if interval:
+                        now = time.perf_counter()
+                        if due < now - interval:
+                            due = now  # fell behind (a slow answer, a reconnect): no burst to catch up
+                        elif due > now:
+                            await asyncio.sleep(due - now)
+                        due += interval
+                    if finished():
+                        return
+                    target = cursor % len(requests)
+                    cursor += 1
+                    sent = inflight[number] = time.perf_counter()
+                    try:
+                        writer.write(requests[target])
+                        status = await _read_response(reader)
+                    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                        label = "timeout" if number in timed_out else "connection_lost"
+                        timed_out.discard(number)
+                        record(sent, label, (time.perf_counter() - sent) * 1000, target)
+                        break
+                    finally:
+                        inflight[number] = 0.0
+                    latency = (time.perf_counter() - sent) * 1000
+                    latencies.append(latency)
+                    record(sent, str(status), latency, target)
+            finally:
+                writers[number] = None
+                writer.close()
+            await asyncio.sleep(RECONNECT_DELAY_SECONDS)
 
-    def send(self, client: _Client) -> None:
-        if client.transport is None or client.busy:
-            return
-        if self.finished():
-            self.settle()
-            return
-        index = self.next
-        self.next = index + 1
-        client.busy = True
-        client.target = index % len(self.requests)
-        client.sent_at = time.perf_counter()
-        client.transport.write(self.requests[client.target])
-
-    def answered(self, client: _Client, status: int) -> None:
-        latency = (time.perf_counter() - client.sent_at) * 1000
-        self.latencies.append(latency)
-        label = str(status)
-        self.statuses[label] += 1
-        if status != self.expect:
-            self.errors += 1
-        if self.timeline:
-            self.note(client, label, latency)
-        self.schedule(client)
-
-    def failed(self, client: _Client, label: str) -> None:
-        """The request in flight on ``client`` got no answer."""
-        self.errors += 1
-        self.statuses[label] += 1
-        if self.timeline:
-            self.note(client, label, (time.perf_counter() - client.sent_at) * 1000)
-
-    def note(self, client: _Client, label: str, latency: float) -> None:
-        """One request of the timeline: wall-clock time sent, outcome, latency, target."""
-        self.records.append((round(self.wall0 + client.sent_at, 4), label, round(latency, 3), client.target))
-
-    def lost(self, client: _Client) -> None:
-        if client.busy:
-            client.busy = False
-            self.failed(client, "connection_lost")
-        if self.finished():
-            self.settle()
-        else:
-            self.loop.call_later(RECONNECT_DELAY_SECONDS, self.connect, client)
-
-    # Connections ----------------------------------------------------------------------------
-
-    def connect(self, client: _Client) -> None:
-        task = self.loop.create_task(self._connect(client))
-        self.connecting.add(task)
-        task.add_done_callback(self.connecting.discard)
-
-    async def _connect(self, client: _Client) -> None:
-        try:
-            await self.loop.create_connection(lambda: client, self.host, self.port)
-        except OSError:
-            self.errors += 1
-            self.statuses["connect_error"] += 1
-            if self.finished():
-                self.settle()
-            else:
-                self.loop.call_later(RECONNECT_DELAY_SECONDS * 4, self.connect, client)
-
-    def watchdog(self) -> None:
-        """Give up on answers that take too long (the connection is closed and counted)."""
-        now = time.perf_counter()
-        for client in self.clients:
-            if client.busy and now - client.sent_at > REQUEST_TIMEOUT_SECONDS and client.transport:
-                client.busy = False
-                self.failed(client, "timeout")
-                client.transport.abort()
-        self.settle()
-        if not self.done.done():
-            self.loop.call_later(0.25, self.watchdog)
-
-    def settle(self) -> None:
-        """Done once no more requests are due and none is in flight."""
-        if self.done.done() or not self.finished() or any(c.busy for c in self.clients):
-            return
-        self.ended_at = time.perf_counter()
-        self.done.set_result(None)
-
-    async def go(self) -> None:
-        for client in self.clients:
-            self.connect(client)
-        self.loop.call_later(0.25, self.watchdog)
-        await self.done
-        for client in self.clients:
-            if client.transport is not None:
-                client.transport.close()
-
-
-def percentile(ordered: Sequence[float], p: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
-
-
-async def run(job: dict[str, Any], requests: Sequence[bytes]) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    state = _Run(
-        loop=loop,
-        host=job["host"],
-        port=job["port"],
-        requests=requests,
-        connections=job["connections"],
-        start=job.get("start", 0),
-        seconds=job.get("seconds") if not job.get("passes") else None,
-        passes=job.get("passes"),
-        rate=job.get("rate"),
-        expect=job.get("expect", 200),
-        timeline=bool(job.get("timeline")),
-    )
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu0 = usage.ru_utime + usage.ru_stime
-    await state.go()
+    guard = asyncio.create_task(watchdog())
+    try:
+        await asyncio.gather(*(worker(number) for number in range(connections)))
+    finally:
+        guard.cancel()
+    elapsed = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = usage.ru_utime + usage.ru_stime - cpu0
-    wall = (state.ended_at or time.perf_counter()) - state.started
-    ordered = sorted(state.latencies)
-    answered = len(ordered)
-    result: dict[str, Any] = {
-        "requests": answered,
-        "errors": state.errors,
-        "rps": round(answered / wall, 1) if wall > 0 else 0.0,
-        "p50_ms": round(percentile(ordered, 50), 3),
-        "p99_ms": round(percentile(ordered, 99), 3),
-        "max_ms": round(ordered[-1], 3) if ordered else float("nan"),
-        "mean_ms": round(sum(ordered) / answered, 3) if answered else float("nan"),
-        "seconds": round(wall, 3),
-        "statuses": dict(state.statuses),
-        # The generator's own CPU time over the run: near 1.0 would mean it, not the server,
-        # set the pace.
-        "loadgen_cpu_share": round(cpu / wall, 3) if wall > 0 else 0.0,
-        "loadgen_cpu_us_per_request": round(cpu / answered * 1e6, 2) if answered else 0.0,
-        "next": state.next,
-        "targets": len(requests),
-    }
-    if job.get("raw"):
-        result["latencies_ms"] = list(state.latencies)
-    if state.timeline:
-        result["records"] = state.records
-    return result
+    return Result(
+        len(latencies),
+        errors,
+        elapsed,
+        latencies,
+        statuses,
+        cpu_seconds=usage.ru_utime + usage.ru_stime - cpu0,
+        next=cursor,
+        records=records if timeline else None,
+    )
 
 
 def main() -> None:
@@ -362,8 +252,26 @@ def main() -> None:
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(run(job, requests))
-    print(json.dumps(result))
+        result = runner.run(
+            run(
+                job["host"],
+                job["port"],
+                requests,
+                connections=job["connections"],
+                seconds=job.get("seconds"),
+                passes=job.get("passes"),
+                start=job.get("start", 0),
+                rate=job.get("rate"),
+                expect=job.get("expect", 200),
+                timeline=bool(job.get("timeline")),
+            )
+        )
+    summary = {**result.summary(), "targets": len(requests)}
+    if job.get("raw"):
+        summary["latencies_ms"] = result.latencies_ms
+    if result.records is not None:
+        summary["records"] = result.records
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def _phases(
         if label != "200":
             phase["failed"] += 1
             phase["by_outcome"][label] = phase["by_outcome"].get(label, 0) + 1
-            kind = kinds[target] if target < len(kinds) else str(target)
+            kind = kinds[target] if 0 <= target < len(kinds) else "no connection"
             phase["failed_by_connector"][kind] = phase["failed_by_connector"].get(kind, 0) + 1
     latencies = sorted(r[2] for r in records if stop_began <= r[0] < back)
     phases["during"]["p99_ms"] = latencies[int(len(latencies) * 0.99)] if latencies else None
