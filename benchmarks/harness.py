@@ -76,7 +76,8 @@ def pin_tree(pid: int, cpu: int) -> None:
                 pin(int(entry), cpu)
 
 
-def cpu_count_ok() -> str | None:
+def unsupported_reason() -> str | None:
+    """Why the benchmarks cannot run here (they pin two cores), or None."""
     if len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None:
         return "needs 2 cores and taskset (util-linux)"
     return None
@@ -195,6 +196,15 @@ class Server:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+    def metric(self, name: str) -> float | None:
+        """One unlabelled series of ``/metrics`` (None if absent); not while measuring: a scrape
+        also counts the stored connectors with one query."""
+        text = httpx.get(f"{self.base_url}/metrics", timeout=60).text
+        for line in text.splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+        return None
 
     def access_lines(self) -> int:
         with self.log.open("rb") as handle:

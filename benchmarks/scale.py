@@ -4,7 +4,9 @@ The database (SQLite, or a PostgreSQL of the benchmark's own) is migrated and se
 the repository before the server starts (``benchmarks.seed``). Then, with every cache at its
 default size:
 
-- warm-up: ``/healthz`` and the five connectors of one organization (the baseline);
+- warm-up: ``/healthz``, the five connectors of one organization (the baseline) and one pass over
+  10,000 other connectors, which brings the load path (connection pool, compiled statements,
+  SQLite's page caches, the allocator) to its working size;
 - one pass over the 50,000 connectors of 10,000 organizations, each request with its
   organization's caller token: every connector loaded once, every token verified once; the
   server's RSS before and after it gives the memory per held connector;
@@ -50,6 +52,7 @@ from tests.support.postgres import PostgresServer
 RPS_TARGET = 0.9  # of the five-connector figure
 P99_TARGET = 1.5  # of /healthz
 MIB = 1024 * 1024
+WARMUP_ORGANIZATIONS = 2000
 
 
 def _spread(
@@ -96,6 +99,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with step("minting caller tokens and writing the targets"):
             spread_a = _spread(bench, keys, held, "held", 1)
             spread_b = _spread(bench, keys, seeded.connectors, "all", 2)
+            # Organizations outside the held ones and the baseline's, to warm the load path.
+            others = seeded.connectors[max(len(held), len(seeded.connectors) - 1 - WARMUP_ORGANIZATIONS) : -1]
+            warmup = _spread(bench, keys, others, "warmup", 3)
         baseline_org, baseline_ids = seeded.connectors[-1]
         baseline_token = keys.token(baseline_org)
 
@@ -104,7 +110,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if postgres is not None:
             pin_tree(_postmaster_pid(postgres), HELPER_CPU)
         server = start_server(bench, env)
-        results.update(_measure(args, server, seeded, spread_a, spread_b, baseline_ids, baseline_token))
+        results.update(
+            _measure(args, server, seeded, warmup, spread_a, spread_b, baseline_ids, baseline_token)
+        )
         results["server_log_lines"] = server.access_lines()
         results["machine"] = machine_note()
     report(results, args)
@@ -119,6 +127,7 @@ def _measure(
     args: argparse.Namespace,
     server: Server,
     seeded: Seeded,
+    warmup: Path,
     spread_a: Path,
     spread_b: Path,
     baseline_ids: list[Any],
@@ -138,13 +147,19 @@ def _measure(
     def held(seconds: float) -> dict[str, Any]:
         return load_job(server, c, seconds=seconds, targets_file=str(spread_a))
 
-    with step("warm-up of healthz and the five connectors"):
+    with step(
+        f"warm-up of healthz, the five connectors and the load path ({WARMUP_ORGANIZATIONS * 5:,} others)"
+    ):
         load(healthz(1.0))
         load(basic5(1.0))
+        # Connections of the pool, compiled statements, SQLite page caches and the allocator's
+        # pools reach their working size here, so that the pass below measures the connectors.
+        load(load_job(server, c, passes=1, targets_file=str(warmup)))
     results["rss_before_mib"] = round(server.rss_mib(), 1)
     with step(f"one pass over the {held_connectors:,} connectors (each loaded once)"):
         results["held_pass"] = load(load_job(server, c, passes=1, targets_file=str(spread_a)), server)
     results["rss_after_pass_mib"] = round(server.rss_mib(), 1)
+    results["held_after_pass"] = server.metric("connectors_held")
     grown = (results["rss_after_pass_mib"] - results["rss_before_mib"]) * MIB
     results["bytes_per_held_connector"] = round(grown / held_connectors)
 
@@ -166,6 +181,7 @@ def _measure(
             load_job(server, c, seconds=args.miss_seconds, targets_file=str(spread_b)), server
         )
     results["rss_after_b_mib"] = round(server.rss_mib(), 1)
+    results["held_after_b"] = server.metric("connectors_held")
     return results
 
 
@@ -207,13 +223,18 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     )
     print(
         f"memory: server RSS {results['rss_before_mib']:.1f} MiB before the pass, "
-        f"{results['rss_after_pass_mib']:.1f} MiB after it: {results['bytes_per_held_connector']:,} bytes"
-        f" per held connector (its copy, plus a fifth of a remembered caller token)"
+        f"{results['rss_after_pass_mib']:.1f} MiB after it ({_count(results['held_after_pass'])} connectors"
+        f" held): {results['bytes_per_held_connector']:,} bytes per held connector (its copy, plus a fifth"
+        " of a remembered caller token)"
     )
     b = results["all"]
     print(
         f"(b) all {seed_['connectors']:,} connectors, caches at 100,000: {b['rps']:.0f} req/s,"
         f" p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms, {b['errors']} errors over"
         f" {b['requests']:,} calls; server RSS after (a) {results['rss_after_a_mib']:.1f} MiB,"
-        f" after (b) {results['rss_after_b_mib']:.1f} MiB"
+        f" after (b) {results['rss_after_b_mib']:.1f} MiB, {_count(results['held_after_b'])} connectors held"
     )
+
+
+def _count(value: float | None) -> str:
+    return f"{value:,.0f}" if value is not None else "?"
