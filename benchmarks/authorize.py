@@ -36,9 +36,10 @@ with ``python -m app migrate``, then seeded through the repository (``benchmarks
 (``--held-organizations``), each request with its organization's caller token, after a warm-up
 of the load path over 10,000 other connectors and one pass that touches every target once;
 targets: throughput >= 0.9x the five-connector figure and p99 <= 1.5x ``/healthz``, all of the
-same run; the server's RSS before and after that pass gives the memory per held connector. (b) authorize spread over all 500,000 for ``--miss-seconds`` (60) with
-the default cache sizes (100,000): nearly every call loads its connector; requests/s, p50/p99
-and the server's RSS afterwards.
+same run; the server's RSS before and after that pass gives the memory per held connector.
+(b) authorize spread over all 500,000 for ``--miss-seconds`` (60) with the default cache sizes
+(100,000): nearly every call loads its connector; requests/s, p50/p99 and the server's RSS
+afterwards.
 
 **outage** (``benchmarks/outage.py``): the server over a PostgreSQL of its own; one OAuth 2.0
 connector (tokens live 20 s, so renewals fall in the outage) and three Basic connectors, warm,
