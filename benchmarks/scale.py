@@ -169,10 +169,10 @@ def _measure(
         routes[2].next = held_connectors
         measured = measure_rounds(routes, args.rounds, args.seconds, server)
     results.update(measured)
-    results["held_vs_basic5_rps"] = round(measured["held"]["rps"] / measured["basic5"]["rps"], 3)
-    results["held_vs_healthz_p99"] = round(measured["held"]["p99_ms"] / measured["healthz"]["p99_ms"], 3)
+    results["held_vs_basic5_rps"] = round(measured["held"]["rps"] / measured["basic5"]["rps"], 4)
+    results["held_vs_healthz_p99"] = round(measured["held"]["p99_ms"] / measured["healthz"]["p99_ms"], 4)
     results["held_vs_basic5_cpu"] = round(
-        measured["held"]["server_cpu_us_per_request"] / measured["basic5"]["server_cpu_us_per_request"], 3
+        measured["held"]["server_cpu_us_per_request"] / measured["basic5"]["server_cpu_us_per_request"], 4
     )
     results["rss_after_a_mib"] = round(server.rss_mib(), 1)
 

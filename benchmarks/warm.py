@@ -190,8 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results.update(measured)
         h = measured["healthz"]
         for name in ("oauth", "basic5"):
-            results[f"{name}_ratio_rps"] = round(measured[name]["rps"] / h["rps"], 3)
-            results[f"{name}_ratio_p99"] = round(measured[name]["p99_ms"] / h["p99_ms"], 3)
+            results[f"{name}_ratio_rps"] = round(measured[name]["rps"] / h["rps"], 4)
+            results[f"{name}_ratio_p99"] = round(measured[name]["p99_ms"] / h["p99_ms"], 4)
         results["warm_token_requests"] = warm_idp.count
 
         with step("cold burst and steady stream"):
