@@ -111,6 +111,15 @@ async def test_every_write_numbers_its_change_in_commit_order(
 # Two processes -------------------------------------------------------------------------------------
 
 
+async def replicas(
+    app_factory: AppFactory, client_for: ClientFor, here: Settings, there: Settings
+) -> tuple[Any, httpx.AsyncClient, httpx.AsyncClient]:
+    """Two apps over one database, as two replicas: the one the test watches and its client, and
+    a client of the other one, where the changes are made."""
+    watched = await app_factory(here)
+    return watched, client_for(app=watched), client_for(app=await app_factory(there))
+
+
 def polled_by_hand(settings: Settings) -> Settings:
     """The background follower polls once at start, then only after a minute: the test polls."""
     return settings.model_copy(update={"change_poll_interval_seconds": 60})
@@ -119,8 +128,9 @@ def polled_by_hand(settings: Settings) -> Settings:
 async def test_the_follower_brings_changes_deletes_and_status_made_elsewhere(
     app_factory: AppFactory, settings: Settings, client_for: ClientFor, scripted_server: ScriptedServer
 ) -> None:
-    here, there = await app_factory(polled_by_hand(settings)), await app_factory(settings)
-    client_here, client_there = client_for(app=here), client_for(app=there)
+    here, client_here, client_there = await replicas(
+        app_factory, client_for, polled_by_hand(settings), settings
+    )
     basic = await _basic(client_there)
     scripted_server.set_default(counter_tokens())
     body = payloads.client_credentials(token_url=scripted_server.url("/oauth/token"))
@@ -158,8 +168,7 @@ async def test_the_follower_brings_changes_deletes_and_status_made_elsewhere(
 async def test_without_a_push_a_change_is_served_within_two_seconds(
     app_factory: AppFactory, settings: Settings, client_for: ClientFor
 ) -> None:
-    here, there = await app_factory(settings), await app_factory(settings)
-    client_here, client_there = client_for(app=here), client_for(app=there)
+    _, client_here, client_there = await replicas(app_factory, client_for, settings, settings)
     connector_id = await _basic(client_there)
     before = await _header(client_here, connector_id)
     await _new_password(client_there, connector_id)
@@ -188,8 +197,9 @@ async def test_with_a_push_a_change_is_served_within_one_second(
 async def test_pruned_changes_make_a_follower_refresh_everything_it_holds(
     app_factory: AppFactory, settings: Settings, client_for: ClientFor
 ) -> None:
-    here, there = await app_factory(polled_by_hand(settings)), await app_factory(settings)
-    client_here, client_there = client_for(app=here), client_for(app=there)
+    here, client_here, client_there = await replicas(
+        app_factory, client_for, polled_by_hand(settings), settings
+    )
     connector_id = await _basic(client_there)
     before = await _header(client_here, connector_id)
     await _new_password(client_there, connector_id)
@@ -331,8 +341,9 @@ async def _write(settings: Settings, *statements: Any) -> None:
 async def test_changes_pruned_with_nothing_newer_still_refresh_what_is_held(
     app_factory: AppFactory, settings: Settings, client_for: ClientFor
 ) -> None:
-    here, there = await app_factory(polled_by_hand(settings)), await app_factory(settings)
-    client_here, client_there = client_for(app=here), client_for(app=there)
+    here, client_here, client_there = await replicas(
+        app_factory, client_for, polled_by_hand(settings), settings
+    )
     connector_id = await _basic(client_there)
     before = await _header(client_here, connector_id)
     await service_of(here).follower.poll()
@@ -345,8 +356,9 @@ async def test_changes_pruned_with_nothing_newer_still_refresh_what_is_held(
 async def test_a_counter_that_went_back_replaces_every_held_copy(
     app_factory: AppFactory, settings: Settings, client_for: ClientFor
 ) -> None:
-    here, there = await app_factory(polled_by_hand(settings)), await app_factory(settings)
-    client_here, client_there = client_for(app=here), client_for(app=there)
+    here, client_here, client_there = await replicas(
+        app_factory, client_for, polled_by_hand(settings), settings
+    )
     connector_id = await _basic(client_there)
     await _new_password(client_there, connector_id)
     await service_of(here).follower.poll()
@@ -367,8 +379,9 @@ async def test_a_counter_that_went_back_replaces_every_held_copy(
 async def test_the_first_poll_rereads_what_was_held_before_it(
     app_factory: AppFactory, settings: Settings, client_for: ClientFor
 ) -> None:
-    here, there = await app_factory(polled_by_hand(settings)), await app_factory(settings)
-    client_here, client_there = client_for(app=here), client_for(app=there)
+    here, client_here, client_there = await replicas(
+        app_factory, client_for, polled_by_hand(settings), settings
+    )
     connector_id = await _basic(client_here)
     before = await _header(client_here, connector_id)
     await _new_password(client_there, connector_id)
@@ -380,8 +393,9 @@ async def test_the_first_poll_rereads_what_was_held_before_it(
 async def test_a_row_that_cannot_be_held_is_dropped_and_following_goes_on(
     app_factory: AppFactory, settings: Settings, client_for: ClientFor
 ) -> None:
-    here, there = await app_factory(polled_by_hand(settings)), await app_factory(settings)
-    client_here, client_there = client_for(app=here), client_for(app=there)
+    here, client_here, client_there = await replicas(
+        app_factory, client_for, polled_by_hand(settings), settings
+    )
     broken, fine = await _basic(client_there, "broken"), await _basic(client_there, "fine")
     await _header(client_here, broken)
     before = await _header(client_here, fine)
