@@ -144,6 +144,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             await asyncio.gather(*background, return_exceptions=True)
             await service.aclose()
             await tokens.aclose()
+            if shared is not None:
+                await shared.drain()  # Redis commands still finishing, never cut off half-way
             if redis is not None:
                 await redis.aclose()
             await verifier.aclose()
