@@ -1,11 +1,11 @@
 """Change notices between replicas over Redis pub/sub.
 
-A replica that changes a connector publishes its id; every other replica drops its cached copy
-and tokens of that connector (the sender already did, and may since have cached the token its
-own live check got), so a change is served everywhere within the time a
-message takes, typically milliseconds. Pub/sub delivers at most once: a replica that was not
-subscribed (Redis down, reconnecting) misses notices, so it drops all its copies when it
-subscribes again, and the version check in ``ConnectorService`` bounds staleness regardless.
+A replica that changes a connector publishes its id; every other replica's change follower
+(``app.connectors.follower``) reads the change log at once, so a change is served everywhere
+within the time a message and one poll take, typically milliseconds. The notice carries nothing
+but the hint: what changed is read from the database. Pub/sub delivers at most once: a replica
+that was not subscribed (Redis down, reconnecting) misses notices, so it polls when it
+subscribes again, and its follower's own interval bounds staleness regardless.
 
 A publish is bounded by the Redis client's socket timeouts, not by a timer of its own: a slow
 reply is waited for (the notice was most likely delivered; cutting the command short would only
@@ -46,7 +46,7 @@ class Broadcast:
         self.origin = secrets.token_hex(8)
 
     async def publish(self, message: str) -> None:
-        """Send a notice; a failure is logged and counted, never raised (the version check
+        """Send a notice; a failure is logged and counted, never raised (the followers' interval
         still bounds how long other replicas serve the old state)."""
         try:
             await self.redis.publish(self.channel, f"{self.origin} {message}")
