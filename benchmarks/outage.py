@@ -13,6 +13,7 @@ Then it starts PostgreSQL again and measures how long CRUD takes to answer 200.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from typing import Any
 
@@ -139,7 +140,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tokens_at_start = idp.count
             recovery = _recover(client, patch, back)
             results["load"] = finish_load(process, out, timeout=total + 120)
-        results["server_log"] = _outage_log_lines(server.log.read_text(errors="replace"))
+        log_text = server.log.read_text(errors="replace")
+        results["server_log"] = _outage_log_lines(log_text)
+        results["slow_access_lines"] = _slow_access_lines(log_text)
         results["machine"] = machine_note()
 
     records = results["load"].pop("records")
@@ -159,6 +162,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "recovery": recovery,
             "authorize": _phases(records, stop_began, back, connectors),
             "per_second": _per_second(records, stopped, int(outage_seconds)),
+            # The slowest calls, seconds from the stop: [sent, outcome, latency ms, connector].
+            "slowest": [
+                [round(sent - stopped, 3), label, latency, ["oauth", "basic-0", "basic-1", "basic-2"][t]]
+                for sent, label, latency, t in sorted(records, key=lambda r: -r[2])[:5]
+                if t >= 0
+            ],
         }
     )
     report(results, args)
@@ -218,6 +227,21 @@ def _per_second(records: list[list[Any]], stopped: float, seconds: int) -> list[
             rows[k]["ok" if label == "200" else "failed"] += 1
             rows[k]["max_ms"] = max(rows[k]["max_ms"], latency)
     return rows
+
+
+def _slow_access_lines(text: str, threshold_ms: float = 20.0) -> list[dict[str, Any]]:
+    """Access lines of requests the server itself took ``threshold_ms`` or more to answer."""
+    slow: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if '"connectors.access"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("duration_ms", 0) >= threshold_ms:
+            slow.append({k: entry.get(k) for k in ("time", "method", "route", "status", "duration_ms")})
+    return slow[:20]
 
 
 def _outage_log_lines(text: str) -> list[str]:
@@ -291,5 +315,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             )
         else:
             print(f"recovery: {label} did not answer 200 within {RECOVERY_TIMEOUT:.0f} s: MISSED")
+    print(f"slowest authorize calls (s after the stop, outcome, ms, connector): {results['slowest']}")
+    slow = results["slow_access_lines"]
+    print(f"requests the server itself took >= 20 ms to answer (access log): {len(slow)}")
+    for entry in slow[:5]:
+        print(f"  {entry}")
     for line in results["server_log"]:
         print(f"  server log: {line}")
