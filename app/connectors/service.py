@@ -473,7 +473,7 @@ class ConnectorService:
                 if applied:
                     await repo.record_change(organization_id, connector_id, now)
         except DatabaseUnavailable:
-            return  # kept in memory only; the next token request's outcome is written again
+            return  # held in memory only; the stored status catches up with the next change of state
         except Exception:
             log.exception(
                 "recording a token request's outcome failed", extra={"connector": str(connector_id)}
@@ -544,7 +544,7 @@ class ConnectorService:
             return
         self.memory.changed(row.id)
         self.memory.offer(row.id, self._held_from(row), force=force)
-        if old is not None and (old.version != row.version or old.state == "rejected"):
+        if old is not None and (old.version != row.version or old.state == "rejected" != row.status_state):
             # A new version needs new tokens; a rejection that was cleared is not sticky any more.
             self.tokens.forget(row.id)
 
