@@ -12,14 +12,19 @@ A database that cannot be reached (refused or dropped connections, a server shut
 connect that times out, SQLite's lock wait running out) surfaces as ``DatabaseUnavailable``,
 which callers answer with a 503 and ``Retry-After``; errors of the statements themselves
 (constraint violations, bugs) pass unchanged. The first such failure logs one line, and the
-first success after it another: an outage is two lines in the log, not one per request.
+first success after it another: an outage is two lines in the log, not one per request. While
+it is away, one transaction per ``retry_interval`` tries to reach it (the change follower polls
+every second, so recovery is noticed within about that); the others fail at once, so callers
+never queue behind connection attempts that time out.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,6 +41,9 @@ log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 CONNECT_TIMEOUT_SECONDS = 5.0
+# While the database is away, how often a transaction may try to reach it; the others answer
+# DatabaseUnavailable at once instead of each waiting for its own failed connection attempt.
+RETRY_INTERVAL_SECONDS = 0.5
 
 
 def build_engine(url: str, *, pool_size: int = 10, command_timeout: float | None = None) -> AsyncEngine:
@@ -79,8 +87,19 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 class Database:
     """The engine and the two kinds of transaction the service uses."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        retry_interval: float = RETRY_INTERVAL_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``retry_interval``: while the database is away, at most one attempt to reach it per
+        interval; every other transaction in between fails at once."""
         self.engine = engine
+        self.retry_interval = retry_interval
+        self._monotonic = monotonic
+        self._retry_at = -math.inf
         self._read = async_sessionmaker(engine, expire_on_commit=False)
         self._write = async_sessionmaker(
             engine.execution_options(sqlite_immediate=True), expire_on_commit=False
@@ -109,6 +128,11 @@ class Database:
     @asynccontextmanager
     async def _reachable(self) -> AsyncIterator[None]:
         """Turn a database that cannot be reached into ``DatabaseUnavailable``; log changes once."""
+        if not self.available:
+            now = self._monotonic()
+            if now < self._retry_at:
+                raise DatabaseUnavailable()
+            self._retry_at = now + self.retry_interval
         try:
             yield
         except Exception as error:
@@ -117,6 +141,7 @@ class Database:
                 raise
             if self.available:
                 self.available = False
+                self._retry_at = self._monotonic() + self.retry_interval
                 log.warning("database unavailable", extra={"error": type(error).__name__})
             raise DatabaseUnavailable() from None
         self._answered()

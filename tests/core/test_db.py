@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import threading
 from pathlib import Path
 
 import asyncpg
@@ -72,3 +74,49 @@ async def test_a_statement_error_on_sqlite_is_not_an_outage(tmp_path: Path) -> N
         assert db.available
     finally:
         await db.dispose()
+
+
+async def test_while_away_one_attempt_per_interval_reaches_for_the_database() -> None:
+    accepted = 0
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept() -> None:
+        nonlocal accepted
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted += 1
+            connection.close()  # a server that drops every connection
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    now = [100.0]
+    db = Database(
+        build_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"),
+        retry_interval=0.5,
+        monotonic=lambda: now[0],
+    )
+
+    async def attempt() -> None:
+        with pytest.raises(DatabaseUnavailable):
+            async with db.read() as session:
+                await session.execute(text("SELECT 1"))
+
+    try:
+        await attempt()
+        tried = accepted
+        assert tried >= 1
+        for _ in range(5):
+            await attempt()  # within the interval: no new connection
+        assert accepted == tried
+        now[0] += 0.5
+        await attempt()
+        assert accepted > tried
+    finally:
+        await db.dispose()
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        listener.close()
+        thread.join(timeout=5)
