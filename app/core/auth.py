@@ -68,8 +68,6 @@ SCOPE_AUTHORIZE = "connectors:authorize"
 
 MAX_ORGANIZATION_ID_LENGTH = 128
 MAX_TOKEN_LENGTH = 8 * 1024
-# How long a verified caller token is remembered at most (how many: a setting).
-VERIFIED_CACHE_SECONDS = 60.0
 MAX_KEY_ID_LENGTH = 256
 MIN_RSA_KEY_BITS = 2048
 
@@ -349,10 +347,12 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         """The caller behind ``token``; ``Unauthenticated`` when it is not acceptable.
 
-        A token that passed is remembered (by its SHA-256) until it expires, for at most
-        ``VERIFIED_CACHE_SECONDS``: callers such as a flow's HTTP step send the same token many
-        times, and a signature check costs more than the rest of ``/authorize``. The bound keeps
-        a key removed from the JWKS from being honoured for long.
+        A token that passed is remembered (by its SHA-256) until it expires: callers such as a
+        flow's HTTP step send the same token many times, and a signature check costs more than the
+        rest of ``/authorize``. How many are remembered is bounded (least recently used go first);
+        how long needs no bound of its own, since a remembered token is one that verified and its
+        claims cannot change, and with a JWKS every use checks that its key is still the one the
+        document (refetched every five minutes) names.
         """
         if not token or len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated("invalid token")
@@ -367,13 +367,7 @@ class TokenVerifier:
                 return principal
             self._verified.pop(digest)
         principal, expires, kid, key = await self._verify(token)
-        # Between 3/4 of the bound and all of it, by the token's hash: tokens first seen together
-        # (a burst of new callers) are not all verified again in the same second.
-        remembered_for = VERIFIED_CACHE_SECONDS * (0.75 + 0.25 * digest[0] / 255)
-        valid_until = min(
-            expires + self._settings.jwt_leeway_seconds, self._clock.now().timestamp() + remembered_for
-        )
-        self._verified.put(digest, (principal, valid_until, kid, key))
+        self._verified.put(digest, (principal, expires + self._settings.jwt_leeway_seconds, kid, key))
         return principal
 
     async def _verify(self, token: str) -> tuple[Principal, float, str, _VerificationKey]:
