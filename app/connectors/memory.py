@@ -57,10 +57,6 @@ class ConnectorMemory:
         # organization never shares, or spoils, the owner's load).
         self._loads: dict[uuid.UUID, dict[str, _Load]] = {}
 
-    @property
-    def capacity(self) -> int:
-        return self._held.capacity
-
     def get(self, connector_id: uuid.UUID) -> HeldConnector | None:
         return self._held.get(connector_id)
 

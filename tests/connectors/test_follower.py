@@ -12,6 +12,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from sqlalchemy import delete, func, select, update
 
 from app.connectors.memory import ConnectorMemory, HeldConnector
 from app.connectors.models import ChangeSequence, Connector, ConnectorChange
+from app.connectors.repository import ChangeRepository
 from app.connectors.service import ConnectorService
 from app.core.config import Settings
 from app.core.crypto import KeyRing
@@ -77,7 +79,12 @@ async def _changed_within(client: httpx.AsyncClient, connector_id: str, before: 
 # One process --------------------------------------------------------------------------------------
 
 
-async def test_a_change_made_here_is_served_at_once(client: httpx.AsyncClient, app: Any) -> None:
+async def test_a_change_made_here_is_served_at_once(
+    app_factory: AppFactory, settings: Settings, client_for: ClientFor
+) -> None:
+    # Its follower does not poll during the test: only the write can have replaced the copy.
+    app = await app_factory(polled_by_hand(settings))
+    client = client_for(app=app)
     connector_id = await _basic(client)
     before = await _header(client, connector_id)
     polls = service_of(app).follower.cursor
@@ -454,3 +461,22 @@ async def test_key_rotation_beside_live_writes_neither_deadlocks_nor_loses_a_cha
     await service_of(app).follower.poll()
     for connector_id in ids:
         await _header(client, connector_id)
+
+
+async def test_pruning_deletes_only_changes_older_than_the_retention(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    await _basic(client)
+    db = Database(build_engine(settings.effective_database_url))
+    try:
+        async with db.read() as session:
+            (changed_at,) = (await session.execute(select(ConnectorChange.changed_at))).scalars()
+        for before, left in ((changed_at, 1), (changed_at + timedelta(microseconds=1), 0)):
+            async with db.write() as session:
+                await ChangeRepository(session).prune(before)
+            async with db.read() as session:
+                assert (
+                    await session.execute(select(func.count()).select_from(ConnectorChange))
+                ).scalar_one() == left
+    finally:
+        await db.dispose()
