@@ -1,7 +1,9 @@
 """The command line: ``python -m app`` (also installed as ``connectors``).
 
 Commands: ``serve``, ``migrate``, ``token`` (mint a development caller token) and ``rotate-keys``.
-A missing or malformed setting ends the command with one line on stderr and exit status 2.
+A missing or malformed setting, or an address ``serve`` cannot listen on, ends the command with
+one line on stderr and exit status 2. Every command first warns of ``CONNECTORS_*`` variables that
+no setting reads.
 """
 
 from __future__ import annotations
@@ -9,30 +11,81 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.core.config import ConfigError, Settings, load_settings, parse_settings
+from app.core.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    load_token_settings,
+    parse_settings,
+    unknown_variables,
+)
 
 log = logging.getLogger("connectors")
 
 
-def _settings() -> Settings:
-    """Settings with keys; configures logging, then notes development keys it generated."""
+def _start(settings: Settings) -> None:
+    """Configure logging, then name the ``CONNECTORS_*`` variables nothing reads (before any
+    missing-setting error they may explain)."""
     from app.core.logs import configure_logging
 
-    settings, note = load_settings()
     configure_logging(settings.log_level)
+    unknown = unknown_variables()
+    if unknown:
+        log.warning(unknown)
+
+
+def _settings() -> Settings:
+    """Settings with keys; configures logging, then notes development keys it generated."""
+    _start(parse_settings())
+    settings, note = load_settings()
     if note:
         log.warning(note)
     return settings
 
 
+def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets for every address of ``host``, bound before the application starts.
+
+    A failure is one ``ConfigError`` line, so a taken port never gets as far as the lifespan.
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {where}: {_reason(error)}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # As asyncio does for a host name: IPv4 addresses get sockets of their own.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(f"cannot listen on {where}: {_reason(error)}") from None
+    return sockets
+
+
+def _reason(error: OSError) -> str:
+    reason = error.strerror or type(error).__name__
+    return reason[:1].lower() + reason[1:]
+
+
 def _serve(_args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.keycheck import require_readable_secrets
     from app.main import create_app
     from app.migrations import current_revision, head_revision
 
@@ -44,6 +97,7 @@ def _serve(_args: argparse.Namespace) -> int:
             f"the database is at revision {current or 'none'}, the newest is {head}:"
             " run `python -m app migrate` first"
         )
+    asyncio.run(require_readable_secrets(settings))
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -55,17 +109,21 @@ def _serve(_args: argparse.Namespace) -> int:
         server_header=False,
         timeout_graceful_shutdown=30,
     )
+    sockets = _listen(settings.host, settings.port, config.backlog)
     log.info("serving", extra={"host": settings.host, "port": settings.port})
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
 
 
 def _migrate(_args: argparse.Namespace) -> int:
-    from app.core.logs import configure_logging
     from app.migrations import current_revision, upgrade
 
     settings = parse_settings()
-    configure_logging(settings.log_level)
+    _start(settings)
     url = settings.effective_database_url
     asyncio.run(upgrade(url))
     log.info("database migrated", extra={"revision": asyncio.run(current_revision(url))})
@@ -75,9 +133,10 @@ def _migrate(_args: argparse.Namespace) -> int:
 def _token(args: argparse.Namespace) -> int:
     from app.core.auth import mint_token
 
-    settings = _settings()
-    if settings.jwt_secret is None:
-        raise ConfigError("`token` signs with CONNECTORS_JWT_SECRET, which is not set")
+    _start(parse_settings())
+    settings, key_file = load_token_settings()
+    if key_file is not None:
+        log.warning(f"signing with the development secret in {key_file}")
     try:
         token = mint_token(
             settings,

@@ -115,6 +115,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             held_capacity=settings.connector_cache_size,
             max_staleness=settings.max_staleness_seconds,
             poll_interval=settings.change_poll_interval_seconds,
+            validate_interval=settings.validate_interval_seconds,
             on_change=(lambda connector_id: broadcast.publish(str(connector_id))) if broadcast else None,
         )
         service_ref.append(service)
@@ -158,6 +159,10 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         version=__version__,
         summary="Stores connector credentials and hands out ready-made request headers.",
         lifespan=lifespan,
+        # A path with a trailing slash is an unknown path (404), not a redirect: Starlette builds
+        # the redirect from the Host header, always as http://, and a client following it would
+        # resend the body, secrets included, in clear or to another host.
+        redirect_slashes=False,
     )
     app.state.metrics = metrics
     install_error_handlers(app)

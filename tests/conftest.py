@@ -14,7 +14,6 @@ import base64
 import logging
 import os
 import secrets
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +29,7 @@ from app.core.config import Settings
 from app.core.db import build_engine
 from app.main import Overrides, create_app
 from app.migrations import upgrade
+from tests.support import databases
 from tests.support.tls import LocalCA
 
 # TLS material, real HTTPS test servers and fake time, shared by every test package.
@@ -114,7 +114,12 @@ def _postgres_reachable() -> bool:
     async def probe() -> bool:
         try:
             connection = await asyncpg.connect(
-                host=url.host, port=url.port or 5432, user=url.username, database=url.database, timeout=3
+                host=url.host,
+                port=url.port or 5432,
+                user=url.username,
+                password=url.password,
+                database=url.database,
+                timeout=3,
             )
         except (OSError, asyncpg.PostgresError, TimeoutError):
             return False
@@ -143,30 +148,23 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> str:
-    """A fresh PostgreSQL database for this test session, migrated to the newest revision."""
+def postgres_server() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated to the newest revision; dropped
+    when the session ends (``tests/support/databases.py``), with the leftovers of killed sessions."""
     if not _postgres_reachable():
         if os.environ.get("CI") == "true":
             pytest.fail(f"PostgreSQL is not reachable at {make_url(POSTGRES_URL).host} and CI=true")
         pytest.skip("PostgreSQL not reachable: set CONNECTORS_TEST_POSTGRES_URL to run these tests")
-    import asyncpg
-
     admin = make_url(POSTGRES_URL)
-    name = f"connectors_test_{uuid.uuid4().hex[:12]}"
-
-    async def run(sql: str) -> None:
-        connection = await asyncpg.connect(
-            host=admin.host, port=admin.port or 5432, user=admin.username, database=admin.database
-        )
-        try:
-            await connection.execute(sql)
-        finally:
-            await connection.close()
-
-    run_sync(run(f'CREATE DATABASE "{name}"'))
-    url = admin.set(database=name).render_as_string(hide_password=False)
-    run_sync(upgrade(url))
-    return url
+    run_sync(databases.drop_abandoned(admin))
+    name = databases.database_name()
+    run_sync(databases.create_database(admin, name))
+    try:
+        url = admin.set(database=name).render_as_string(hide_password=False)
+        run_sync(upgrade(url))
+        yield url
+    finally:
+        run_sync(databases.drop_database(admin, name))
 
 
 _SQLITE_TEMPLATE: dict[str, bytes] = {}

@@ -37,10 +37,26 @@ def env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def run(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "app", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
+
+
+def explicit_keys(env: dict[str, str]) -> dict[str, str]:
+    """The environment with a JWT secret and an encryption key set, and no development keys."""
+    return {
+        **env,
+        "CONNECTORS_DEV_KEYS": "false",
+        "CONNECTORS_JWT_SECRET": CANARY_SECRET,
+        "CONNECTORS_ENCRYPTION_KEYS": "k1:" + "A" * 43,
+    }
 
 
 @pytest.mark.parametrize(
@@ -84,6 +100,131 @@ def test_token_command_mints_a_verifiable_token(env: dict[str, str]) -> None:
     assert claims["scope"] == "connectors:read"
     assert claims["iss"] == "connectors"
     assert CANARY_SECRET not in result.stderr
+
+
+def test_token_needs_no_encryption_key(env: dict[str, str]) -> None:
+    env = {k: v for k, v in env.items() if k != "CONNECTORS_DEV_KEYS"}
+    result = run({**env, "CONNECTORS_JWT_SECRET": CANARY_SECRET}, "token", "--org", "acme")
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), CANARY_SECRET, algorithms=["HS256"], audience="connectors")
+    assert claims["org_id"] == "acme"
+    assert result.stderr == ""
+    assert not Path(env["CONNECTORS_DATA_DIR"]).exists()
+
+
+def test_token_elsewhere_creates_nothing_and_says_where_it_looked(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in env.items() if k != "CONNECTORS_DATA_DIR"}
+    result = run(env, "token", "--org", "acme", cwd=elsewhere)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "CONNECTORS_JWT_SECRET" in lines[0]
+    assert str(elsewhere.resolve() / "data" / "dev-keys.json") in lines[0]
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_token_names_the_development_key_file_it_read(env: dict[str, str], tmp_path: Path) -> None:
+    key_file = tmp_path / "elsewhere" / "data" / "dev-keys.json"
+    key_file.parent.mkdir(parents=True)
+    key_file.write_text(
+        json.dumps({"CONNECTORS_JWT_SECRET": CANARY_SECRET, "CONNECTORS_ENCRYPTION_KEYS": "dev1:" + "A" * 43})
+    )
+    env = {k: v for k, v in env.items() if k != "CONNECTORS_DATA_DIR"}
+    result = run(env, "token", "--org", "acme", cwd=key_file.parent.parent)
+    assert result.returncode == 0, result.stderr
+    jwt.decode(result.stdout.strip(), CANARY_SECRET, algorithms=["HS256"], audience="connectors")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(key_file.resolve()) in lines[0]
+    assert "CANARY" not in result.stderr
+    assert sorted(p.name for p in key_file.parent.iterdir()) == ["dev-keys.json"]
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [("127.0.0.1", "address already in use"), ("192.0.2.1", "cannot assign requested address")],
+)
+def test_serve_that_cannot_listen_says_so_in_one_line(env: dict[str, str], host: str, reason: str) -> None:
+    env = explicit_keys(env)
+    assert run(env, "migrate").returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run({**env, "CONNECTORS_HOST": host, "CONNECTORS_PORT": str(port)}, "serve")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"connectors: cannot listen on {host}:{port}: {reason}"]
+    assert "startup complete" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["serve"], ["token", "--org", "acme"]])
+def test_unknown_variables_are_named_in_one_warning(env: dict[str, str], command: list[str]) -> None:
+    env = {
+        **env,
+        "CONNECTORS_DATABSE_URL": "sqlite+aiosqlite:///CANARY.db",
+        "CONNECTORS_COLOUR": "CANARY",
+        "CONNECTORS_JWT_SECRET": CANARY_SECRET,
+        "CONNECTORS_LOG_LEVEL": "info",
+        "CONNECTORS_TEST_POSTGRES_URL": "postgresql+asyncpg://nowhere/x",
+        "CONNECTORS_TEST_REDIS_URL": "redis://nowhere",
+    }
+    result = run(env, *command)
+    warnings = [line for line in result.stderr.splitlines() if "unknown settings ignored" in line]
+    assert len(warnings) == 1, result.stderr
+    message = json.loads(warnings[0])["message"]
+    assert message == (
+        "unknown settings ignored: CONNECTORS_COLOUR,"
+        " CONNECTORS_DATABSE_URL (did you mean CONNECTORS_DATABASE_URL?)"
+    )
+    assert "CANARY" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "relative"),
+    [
+        (["migrate"], False),
+        (["migrate"], True),
+        (["serve"], False),
+        (["token", "--org", "acme"], False),
+        (["rotate-keys"], True),
+    ],
+)
+def test_sqlite_database_in_a_missing_directory_is_refused(
+    env: dict[str, str], tmp_path: Path, command: list[str], relative: bool
+) -> None:
+    missing = tmp_path / "missing" / "dir"
+    path = "missing/dir/x.db" if relative else str(missing / "x.db")
+    env = {**explicit_keys(env), "CONNECTORS_DATABASE_URL": f"sqlite+aiosqlite:///{path}"}
+    result = run(env, *command, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("connectors: CONNECTORS_DATABASE_URL: ")
+    assert lines[0].endswith(f"the directory {missing.resolve()} does not exist")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_migrate_creates_the_sqlite_file_in_an_existing_directory(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    database = tmp_path / "db" / "connectors.db"
+    database.parent.mkdir()
+    result = run({**env, "CONNECTORS_DATABASE_URL": f"sqlite+aiosqlite:///{database}"}, "migrate")
+    assert result.returncode == 0, result.stderr
+    assert database.is_file()
+
+
+def test_the_default_database_is_made_under_data_and_reused(env: dict[str, str], tmp_path: Path) -> None:
+    env = {k: v for k, v in env.items() if k != "CONNECTORS_DATA_DIR"}
+    for _ in range(2):
+        result = run(env, "migrate", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data" / "connectors.db").is_file()
 
 
 @pytest.fixture

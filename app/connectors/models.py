@@ -50,6 +50,10 @@ class Connector(Base):
     version: Mapped[int] = mapped_column(Integer)
     # The number of the last change written to this row (app.connectors.follower).
     change_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The last live check claimed by POST /validate, and the version it checked: one check per
+    # version and interval across replicas (ConnectorRepository.claim_check).
+    validate_claimed_at: Mapped[datetime | None] = mapped_column()
+    validate_claimed_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column()
 

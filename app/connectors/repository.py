@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy import delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -98,6 +98,38 @@ class ConnectorRepository:
         """Record a check's outcome for that version; a newer version is left alone."""
         values = {"status_state": state, "status_detail": detail, "status_checked_at": checked_at}
         return await self._update_version(organization_id, connector_id, version, values)
+
+    async def claim_check(
+        self,
+        organization_id: str,
+        connector_id: uuid.UUID,
+        version: int,
+        *,
+        at: datetime,
+        interval: float,
+    ) -> bool:
+        """Claim an on-demand live check of ``version`` at ``at``; False if the connector is at
+        another version, or a check of this version was claimed less than ``interval`` seconds ago.
+
+        One conditional UPDATE: of the replicas claiming at once, exactly one gets it.
+        """
+        result = await self.session.execute(
+            update(Connector)
+            .where(
+                Connector.organization_id == organization_id,
+                Connector.id == connector_id,
+                Connector.version == version,
+                or_(
+                    Connector.validate_claimed_version.is_(None),
+                    Connector.validate_claimed_version != version,
+                    Connector.validate_claimed_at.is_(None),
+                    Connector.validate_claimed_at <= at - timedelta(seconds=interval),
+                ),
+            )
+            .values(validate_claimed_at=at, validate_claimed_version=version)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0))
 
     async def _update_version(
         self, organization_id: str, connector_id: uuid.UUID, version: int, values: dict[str, Any]
@@ -272,6 +304,31 @@ class RotationRepository:
             .execution_options(synchronize_session=False)
         )
         return bool(getattr(result, "rowcount", 0))
+
+
+class KeyUsageRepository:
+    """Which keys the stored secrets are under, across organizations, for checking the key ring."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def key_ids(self) -> Sequence[str]:
+        """Every key id stored secrets are under (the indexed ``key_id`` column), in order."""
+        result = await self.session.execute(select(Connector.key_id).distinct().order_by(Connector.key_id))
+        return [str(key_id) for key_id in result.scalars()]
+
+    async def sample(self, key_id: str) -> tuple[str, uuid.UUID, dict[str, str]] | None:
+        """One connector under ``key_id``: its organization, id and stored secrets."""
+        result = await self.session.execute(
+            select(Connector.organization_id, Connector.id, Connector.secrets)
+            .where(Connector.key_id == key_id)
+            .limit(1)
+        )
+        row = result.first()
+        if row is None:
+            return None
+        organization_id, connector_id, secrets = row
+        return str(organization_id), connector_id, dict(secrets)
 
 
 class StatsRepository:

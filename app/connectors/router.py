@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
-from pydantic import ValidationError
+from pydantic import BeforeValidator, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
@@ -21,7 +22,7 @@ from app.core.metrics import Metrics
 from app.core.security import Reader, Writer, authenticate
 from app.core.validation import field_errors
 
-router = APIRouter(prefix="/connectors", tags=["connectors"])
+router = APIRouter(prefix="/connectors", tags=["connectors"], redirect_slashes=False)
 
 
 async def get_service(request: Request) -> ConnectorService:
@@ -32,12 +33,16 @@ async def get_service(request: Request) -> ConnectorService:
 Service = Annotated[ConnectorService, Depends(get_service)]
 
 
+# The one spelling of an id this service issues. ``uuid.UUID`` also reads braces, ``urn:uuid:``,
+# upper case and hyphens anywhere or nowhere; accepting those would give a connector many URLs.
+_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _uuid(connector_id: str) -> uuid.UUID:
-    # A malformed id is just an id that does not exist: the same 404 as any other.
-    try:
-        return uuid.UUID(connector_id)
-    except ValueError:
-        raise ConnectorNotFound() from None
+    # Any other spelling, like a malformed id, is an id that does not exist: the same 404.
+    if _CANONICAL_ID.fullmatch(connector_id) is None:
+        raise ConnectorNotFound()
+    return uuid.UUID(connector_id)
 
 
 async def parse_id(connector_id: str) -> uuid.UUID:
@@ -71,7 +76,22 @@ async def parse_if_match(if_match: Annotated[str | None, Header()] = None) -> fr
 
 
 IfMatch = Annotated[frozenset[int] | None, Depends(parse_if_match)]
-Validate = Annotated[bool, Query(description="false skips the live credential check")]
+
+
+def _query_bool(value: object) -> object:
+    # Only the two words: pydantic would also read yes, on, 1, t, ... as a boolean.
+    if isinstance(value, bool):
+        return value
+    if value == "true":
+        return True
+    if value == "false":
+        return False
+    raise ValueError("must be true or false")
+
+
+Validate = Annotated[
+    bool, BeforeValidator(_query_bool), Query(description="false skips the live credential check")
+]
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -229,14 +249,29 @@ async def delete_connector(
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{connector_id}/validate", responses=_ONE)
+_CHECKED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The connector with its status; Retry-After when no check ran for this call",
+        "headers": {
+            "Retry-After": {
+                "description": "Whole seconds until the next live check of this version may run",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    }
+}
+
+
+@router.post("/{connector_id}/validate", responses={**_CHECKED, **_ONE})
 async def validate_connector(
     principal: Writer, connector_id: ConnectorId, service: Service, response: Response
 ) -> schemas.ConnectorOut:
-    """Check the stored credentials live now and record the result in status."""
-    connector = await service.validate(principal.organization_id, connector_id, actor=principal.subject)
-    response.headers["ETag"] = _etag(connector.version)
-    return connector
+    """Check the stored credentials live (at most once per interval) and record the result in status."""
+    result = await service.validate(principal.organization_id, connector_id, actor=principal.subject)
+    response.headers["ETag"] = _etag(result.connector.version)
+    if result.retry_after is not None:
+        response.headers["Retry-After"] = str(result.retry_after)
+    return result.connector
 
 
 HistoryLimit = Annotated[int, Query(ge=1, le=1000, description="at most this many events, the newest")]

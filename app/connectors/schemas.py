@@ -28,7 +28,7 @@ from typing_extensions import TypeAliasType
 
 from app.connectors.urls import URLRuleError, normalise_base_url, normalise_endpoint_url
 from app.core.validation import LocationRules
-from app.tokens.oauth import RESERVED_TOKEN_PARAMS
+from app.tokens.oauth import RESERVED_TOKEN_PARAMS, token_param_key
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -132,11 +132,18 @@ class _OAuth2Common(_Strict):
     @field_validator("extra_token_params")
     @classmethod
     def _check_params(cls, value: dict[str, str]) -> dict[str, str]:
+        # ASCII names only, so no space or lookalike character can hide a reserved name; and
+        # compared without case, as many providers read form names.
+        keys: set[str] = set()
         for key, item in value.items():
             if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", key):
-                raise ValueError("parameter names must be 1-64 letters, digits, '_', '-' or '.'")
-            if key in RESERVED_TOKEN_PARAMS:
-                raise ValueError("a parameter name is reserved for the token request itself")
+                raise ValueError("parameter names must be 1-64 ASCII letters, digits, '_', '-' or '.'")
+            folded = token_param_key(key)
+            if folded in RESERVED_TOKEN_PARAMS:
+                raise ValueError("a parameter name is reserved for the token request itself (in any case)")
+            if folded in keys:
+                raise ValueError("two parameter names differ only in case")
+            keys.add(folded)
             if len(item) > 1024 or _CONTROL.search(item) or not _utf8(item):
                 raise ValueError("parameter values must be at most 1024 characters, no control characters")
         return value
@@ -336,7 +343,8 @@ class ConnectorList(BaseModel):
 
 class AuthorizeRequest(_Strict):
     path: Annotated[str, StringConstraints(max_length=2048)] | None = None
-    force_refresh: bool = False
+    # A JSON boolean only: pydantic would also read "yes", "1" or 1 as true.
+    force_refresh: Annotated[bool, Field(strict=True)] = False
 
 
 class AuthorizeResponse(BaseModel):

@@ -23,8 +23,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -41,7 +43,7 @@ from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository, StatsRepository
 from app.connectors.urls import URLRuleError, join_resource_path, origin_of
 from app.core.clock import Clock
-from app.core.crypto import KeyRing, secret_aad
+from app.core.crypto import DecryptionError, KeyRing, secret_aad
 from app.core.db import Database
 from app.core.errors import (
     AppError,
@@ -54,6 +56,7 @@ from app.core.errors import (
     NameTaken,
     PathOutsideResourceDomain,
     SecretRequired,
+    SecretUnreadable,
     VersionMismatch,
 )
 from app.core.validation import field_errors
@@ -96,6 +99,15 @@ class Tokens(Protocol):
 ChangeListener = Callable[[uuid.UUID], Coroutine[Any, Any, None]]
 
 
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """The answer to ``POST /validate``: the connector, and, when no check ran for this call
+    (one of this version ran less than the interval ago), the whole seconds until the next may."""
+
+    connector: schemas.ConnectorOut
+    retry_after: int | None = None
+
+
 class ConnectorService:
     def __init__(
         self,
@@ -110,6 +122,7 @@ class ConnectorService:
         held_capacity: int = 100_000,
         max_staleness: float = 300.0,
         poll_interval: float = 1.0,
+        validate_interval: float = 10.0,
         on_change: ChangeListener | None = None,
     ) -> None:
         self.db = db
@@ -135,6 +148,11 @@ class ConnectorService:
         # Status writes and change notices under way, awaited on close.
         self._background_tasks: set[asyncio.Task[None]] = set()
         self._status_writes: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # POST /validate: at most one live check per connector version per interval; the checks
+        # under way here, shared by every caller asking meanwhile, and how many have ended.
+        self.validate_interval = validate_interval
+        self._validations: dict[tuple[str, uuid.UUID, int], asyncio.Future[Validation | None]] = {}
+        self._validations_ended = 0
 
     # Reads -------------------------------------------------------------------------------------
 
@@ -289,6 +307,8 @@ class ConnectorService:
         values: dict[str, Any] = {"name": name, "name_key": name_key, "version": row.version + 1}
         grant: TokenGrant | None = None
         if credentials_touched:
+            if secrets is None:
+                secrets = self._decrypt(row)
             await self._check_destinations(base_url, kind, public)
             sent_at = self.clock.monotonic()
             if validate:
@@ -347,11 +367,110 @@ class ConnectorService:
 
     async def validate(
         self, organization_id: str, connector_id: uuid.UUID, *, actor: str | None = None
-    ) -> schemas.ConnectorOut:
+    ) -> Validation:
+        """Check the stored credentials live, at most once per version and ``validate_interval``.
+
+        Concurrent calls in this process share one check of the version they read (one flight
+        per connector and version). The check is claimed in the database first
+        (``ConnectorRepository.claim_check``), so replicas make one between them. A call within
+        the interval of the last claimed check of the same version answers the connector as
+        stored, writes nothing (no audit event either) and says when the next check may run.
+        """
+        for _ in range(3):
+            ended = self._validations_ended
+            row = await self._read_for_validation(organization_id, connector_id)
+            key = (organization_id, connector_id, row.version)
+            flight = self._validations.get(key)
+            if flight is None:
+                wait = self._next_check_in(row)
+                if wait is not None and ended != self._validations_ended:
+                    # A check here may have recorded its outcome after that read: answer it.
+                    row = await self._read_for_validation(organization_id, connector_id)
+                    wait = self._next_check_in(row)
+                if wait is not None:
+                    return Validation(self.to_out(row), retry_after=wait)
+                if row.version != key[2]:
+                    continue
+                flight = self._start_validation(key, row, actor)
+            # Shielded: a caller giving up must not cancel the check the others wait for.
+            outcome = await asyncio.shield(flight)
+            if outcome is not None:
+                return outcome
+            # The connector changed before the check could be claimed: the new version is due.
+        raise VersionMismatch("the connector kept changing while a check was being started")
+
+    async def _read_for_validation(self, organization_id: str, connector_id: uuid.UUID) -> Connector:
         async with self.db.read() as session:
-            row = await self._require(ConnectorRepository(session), organization_id, connector_id)
-        kind = kind_of(row.auth_type, row.grant_type)
+            return await self._require(ConnectorRepository(session), organization_id, connector_id)
+
+    def _next_check_in(self, row: Connector) -> int | None:
+        """Whole seconds until a check of the row's version may run again; None if it may now."""
+        claimed = row.validate_claimed_at
+        if claimed is None or row.validate_claimed_version != row.version:
+            return None
+        remaining = (claimed - self.clock.now()).total_seconds() + self.validate_interval
+        if remaining <= 0:
+            return None
+        # A claim stamped by a replica whose clock runs ahead waits no longer than the interval.
+        return math.ceil(min(remaining, self.validate_interval))
+
+    def _start_validation(
+        self, key: tuple[str, uuid.UUID, int], row: Connector, actor: str | None
+    ) -> asyncio.Future[Validation | None]:
+        flight: asyncio.Future[Validation | None] = asyncio.get_running_loop().create_future()
+        # Retrieved here too: a failed check whose callers all gave up is not an unhandled error.
+        flight.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._validations[key] = flight
+        self._background(self._run_validation(flight, key, row, actor))
+        return flight
+
+    async def _run_validation(
+        self,
+        flight: asyncio.Future[Validation | None],
+        key: tuple[str, uuid.UUID, int],
+        row: Connector,
+        actor: str | None,
+    ) -> None:
+        try:
+            outcome = await self._claim_and_check(row, actor)
+        except asyncio.CancelledError:
+            flight.cancel()
+            raise
+        except Exception as error:
+            flight.set_exception(error)
+        else:
+            flight.set_result(outcome)
+        finally:
+            # Only now, with the outcome committed: a caller that read the row before it and
+            # finds no flight reads again (see ``validate``).
+            self._validations_ended += 1
+            if self._validations.get(key) is flight:
+                del self._validations[key]
+
+    async def _claim_and_check(self, row: Connector, actor: str | None) -> Validation | None:
+        """Claim the check of the row's version, run it and record it.
+
+        None if the connector changed before the claim; a throttled answer if another replica
+        claimed it within the interval.
+        """
+        organization_id, connector_id = row.organization_id, row.id
+        # Before the claim: secrets that cannot be opened must not hold back the next attempt.
         secrets = self._decrypt(row)
+        claimed_at = self.clock.now()
+        async with self.db.write() as session:
+            repo = ConnectorRepository(session)
+            claimed = await repo.claim_check(
+                organization_id, connector_id, row.version, at=claimed_at, interval=self.validate_interval
+            )
+            current = None if claimed else await self._require(repo, organization_id, connector_id)
+        if current is not None:
+            # The UPDATE matched nothing: nothing was written.
+            wait = self._next_check_in(current)
+            if current.version != row.version or wait is None:
+                return None
+            return Validation(self.to_out(current), retry_after=wait)
+
+        kind = kind_of(row.auth_type, row.grant_type)
         grant: TokenGrant | None = None
         state: CheckState = "authorized"
         detail: str | None = None
@@ -381,7 +500,7 @@ class ConnectorService:
         self._changed_here(updated)
         if grant is not None and updated.version == row.version:
             await self.tokens.seed((connector_id, row.version), grant, sent_at=sent_at)
-        return self.to_out(updated)
+        return Validation(self.to_out(updated))
 
     # Authorize ---------------------------------------------------------------------------------
 
@@ -521,20 +640,25 @@ class ConnectorService:
         )
 
     async def _oauth_config(self, connector_id: uuid.UUID, held: HeldConnector) -> OAuth2Config:
-        """The token request's configuration, decrypted from the held copy just before use."""
-        secrets = {
-            name: SecretStr(
-                self.keyring.decrypt(token, aad=secret_aad(held.organization_id, connector_id, name))
-            )
-            for name, token in held.sealed.items()
-        }
+        """The token request's configuration, decrypted from the held copy just before use.
+
+        It runs inside the token cache's flight, which hands an error of its own to the waiting
+        callers unchanged and reports nothing, so an unreadable secret never marks the connector
+        rejected.
+        """
+        secrets = self._open(held.organization_id, connector_id, held.sealed)
         config = kind_of(held.auth_type, held.grant_type).build_config(held.public, secrets)
         assert isinstance(config, OAuth2Config)
         return config
 
     def _changed_here(self, row: Connector) -> None:
         """A change committed here: hold the new copy at once and tell the other replicas."""
-        self._replace(row)
+        try:
+            self._replace(row)
+        except SecretUnreadable:
+            # Committed all the same (a rename needs no secret): authorize answers the problem
+            # when it loads the connector, instead of serving an outdated copy.
+            self._forget_here(row.id)
         self._notify(row.id)
 
     def _replace(self, row: Connector, *, force: bool = False) -> None:
@@ -570,6 +694,8 @@ class ConnectorService:
                 continue
             try:
                 self._replace(row, force=force)
+            except SecretUnreadable:
+                self._forget_here(row.id)  # already logged, with the connector and key id
             except Exception as error:
                 # Not servable here (a secret this key ring cannot open): stop serving the old copy
                 # rather than stop following every other change.
@@ -692,11 +818,15 @@ class ConnectorService:
 
     def _merge_auth(
         self, row: Connector, patch: schemas.AuthPatch | None
-    ) -> tuple[Kind, dict[str, Any], dict[str, SecretStr], set[str]]:
-        """The auth after a patch: its kind, public fields, all secrets, and the secrets sent."""
+    ) -> tuple[Kind, dict[str, Any], dict[str, SecretStr] | None, set[str]]:
+        """The auth after a patch: its kind, public fields, all secrets, and the secrets sent.
+
+        The secrets are None when the patch leaves the auth as stored: nothing is decrypted for
+        a change that does not need them (a rename works even when the key ring cannot open them).
+        """
         current = kind_of(row.auth_type, row.grant_type)
-        if patch is None or not patch.model_fields_set:
-            return current, dict(row.auth_config), self._decrypt(row), set()
+        if patch is None or _restates(row, current, _raw_fields(patch)):
+            return current, dict(row.auth_config), None, set()
         sent = patch.model_fields_set
         new_type = patch.type or row.auth_type
         new_grant: str | None
@@ -762,10 +892,40 @@ class ConnectorService:
         }
 
     def _decrypt(self, row: Connector) -> dict[str, SecretStr]:
-        return {
-            name: SecretStr(self.keyring.decrypt(token, aad=secret_aad(row.organization_id, row.id, name)))
-            for name, token in row.secrets.items()
-        }
+        return self._open(row.organization_id, row.id, row.secrets)
+
+    def _open(
+        self, organization_id: str, connector_id: uuid.UUID, sealed: Mapping[str, str]
+    ) -> dict[str, SecretStr]:
+        """Decrypt a connector's stored secrets; one that the key ring cannot open is
+        ``SecretUnreadable``, logged here once with the connector and key id (never the value)."""
+        secrets: dict[str, SecretStr] = {}
+        for name, token in sealed.items():
+            try:
+                secrets[name] = SecretStr(
+                    self.keyring.decrypt(token, aad=secret_aad(organization_id, connector_id, name))
+                )
+            except DecryptionError as error:
+                try:
+                    key_id: str | None = self.keyring.key_id_of(token)
+                except DecryptionError:
+                    key_id = None  # not in a known format: there is no key id to name
+                log.error(
+                    "a stored secret cannot be decrypted",
+                    extra={
+                        "organization": organization_id,
+                        "connector": str(connector_id),
+                        "key_id": key_id,
+                        "key_in_ring": key_id in self.keyring.key_ids,
+                        "field": name,
+                        # DecryptionError's text names no key material, ciphertext or plaintext.
+                        "reason": str(error),
+                    },
+                )
+                raise SecretUnreadable(
+                    "the connector's stored secrets cannot be decrypted with the service's keys"
+                ) from None
+        return secrets
 
     def _notify(self, connector_id: uuid.UUID) -> None:
         if self.on_change is not None:
@@ -790,6 +950,15 @@ def _raw_fields(patch: BaseModel) -> dict[str, Any]:
         value = getattr(patch, name)
         raw[name] = value.get_secret_value() if isinstance(value, SecretStr) else value
     return raw
+
+
+def _restates(row: Connector, kind: Kind, raw: Mapping[str, Any]) -> bool:
+    """True when an auth patch sends no secret and only values equal to the stored ones."""
+    stored = {**row.auth_config, "type": row.auth_type, "grant_type": row.grant_type}
+    return all(
+        name not in kind.secret_fields and name in stored and stored[name] == value
+        for name, value in raw.items()
+    )
 
 
 def _validate_auth(raw: dict[str, Any]) -> BaseModel:

@@ -1,22 +1,34 @@
 """Settings: the only place that reads the environment.
 
 Every setting is an environment variable prefixed ``CONNECTORS_``. ``load_settings`` turns a bad
-value into one ``ConfigError`` line naming the variable, never echoing its value.
+value into one ``ConfigError`` line naming the variable, never echoing its value;
+``unknown_variables`` names the prefixed variables nothing reads (a misspelling is otherwise
+silently ignored).
 """
 
 from __future__ import annotations
 
 import base64
+import difflib
 import json
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from app.core.validation import error_message
 
 DEFAULT_DATA_DIR = Path("data")
+DEV_KEY_FILE = "dev-keys.json"
+PREFIX = "CONNECTORS_"
+# Prefixed variables the project reads outside Settings: the test suite's PostgreSQL and Redis.
+OTHER_VARIABLES = ("CONNECTORS_TEST_POSTGRES_URL", "CONNECTORS_TEST_REDIS_URL")
 
 
 class ConfigError(Exception):
@@ -47,10 +59,23 @@ def _parse_key_ring(raw: str) -> list[tuple[str, bytes]]:
     return ring
 
 
+def _sqlite_directory(url: str) -> Path | None:
+    """The absolute directory of a SQLite URL's file (relative to the working directory, as SQLite
+    reads it); None for an in-memory or ``file:`` URI database."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError("is not a valid database URL") from None
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:") or "uri" in parsed.query:
+        return None
+    return Path(os.path.abspath(database)).parent
+
+
 class Settings(BaseSettings):
     """The service's configuration; build it explicitly in tests."""
 
-    model_config = SettingsConfigDict(env_prefix="CONNECTORS_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", frozen=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -73,6 +98,8 @@ class Settings(BaseSettings):
     change_poll_interval_seconds: float = Field(default=1.0, gt=0, le=60)
     # How long after it last heard from the database a process still serves what it holds.
     max_staleness_seconds: float = Field(default=300.0, ge=0, le=86_400)
+    # POST /validate makes at most one live check per connector version per this many seconds.
+    validate_interval_seconds: float = Field(default=10.0, gt=0, le=86_400)
 
     # Caller identity. HS256 with a shared secret, or RS256/ES256 with a PEM public key or JWKS URL.
     jwt_secret: SecretStr | None = None
@@ -100,6 +127,11 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str) -> str:
         if value and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        if value.startswith("sqlite+aiosqlite://"):
+            # An explicit file goes where it is told and nowhere else: no directory is made for it.
+            directory = _sqlite_directory(value)
+            if directory is not None and not directory.is_dir():
+                raise ValueError(f"the directory {directory} does not exist")
         return value
 
     @field_validator("encryption_keys")
@@ -164,11 +196,48 @@ def _generate_dev_keys(path: Path) -> dict[str, str]:
     return keys
 
 
+def dev_key_file(settings: Settings) -> Path:
+    """Where development keys are kept: absolute, since a relative data dir follows the working directory."""
+    return Path(os.path.abspath(settings.data_dir / DEV_KEY_FILE))
+
+
+def _read_dev_keys(path: Path) -> dict[str, str]:
+    try:
+        keys = json.loads(path.read_text())
+    except (OSError, ValueError):
+        keys = None
+    names = ("CONNECTORS_JWT_SECRET", "CONNECTORS_ENCRYPTION_KEYS")
+    if not isinstance(keys, dict) or not all(isinstance(keys.get(name), str) for name in names):
+        raise ConfigError(f"{path}: unreadable development key file")
+    return {name: keys[name] for name in names}
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> str | None:
+    """One warning line naming the ``CONNECTORS_*`` variables nothing reads, or None.
+
+    Names only, never values; each with the known name it most resembles, if one is close.
+    """
+    environ = os.environ if environ is None else environ
+    known = [f"{PREFIX}{name.upper()}" for name in Settings.model_fields] + list(OTHER_VARIABLES)
+    unknown = sorted(
+        name for name in environ if name.upper().startswith(PREFIX) and name.upper() not in known
+    )
+    if not unknown:
+        return None
+    # Compared without the common prefix, which would make every pair look alike.
+    suffixes = {name.removeprefix(PREFIX): name for name in known}
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.upper().removeprefix(PREFIX), suffixes, n=1)
+        described.append(f"{name} (did you mean {suffixes[close[0]]}?)" if close else name)
+    return "unknown settings ignored: " + ", ".join(described)
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     location = "_".join(str(part) for part in first["loc"]).upper()
     name = f"CONNECTORS_{location}" if location else "settings"
-    return f"{name}: {first['msg']}"
+    return f"{name}: {error_message(first)}"
 
 
 def parse_settings(**overrides: object) -> Settings:
@@ -187,12 +256,9 @@ def load_settings(**overrides: object) -> tuple[Settings, str | None]:
     settings = parse_settings(**overrides)
     note: str | None = None
     if settings.dev_keys and (settings.encryption_keys is None or _no_jwt_key(settings)):
-        path = settings.data_dir / "dev-keys.json"
+        path = dev_key_file(settings)
         if path.exists():
-            try:
-                keys = json.loads(path.read_text())
-            except (OSError, ValueError):
-                raise ConfigError(f"{path}: unreadable development key file") from None
+            keys = _read_dev_keys(path)
         else:
             keys = _generate_dev_keys(path)
             note = f"generated development keys in {path}"
@@ -212,6 +278,37 @@ def load_settings(**overrides: object) -> tuple[Settings, str | None]:
             " (or CONNECTORS_DEV_KEYS=true for development)"
         )
     return settings, note
+
+
+def load_token_settings(**overrides: object) -> tuple[Settings, Path | None]:
+    """Settings for minting a caller token, and the development key file its secret came from.
+
+    Only the caller-token settings are required: no encryption key. The HS256 secret is
+    CONNECTORS_JWT_SECRET or, with CONNECTORS_DEV_KEYS=true, the one in an existing development key
+    file; nothing is generated or written, since a secret made here would match no server.
+    """
+    settings = parse_settings(**overrides)
+    if settings.jwt_secret is not None:
+        return settings, None
+    if not _no_jwt_key(settings):
+        raise ConfigError(
+            "`token` signs with CONNECTORS_JWT_SECRET (HS256); with CONNECTORS_JWT_PUBLIC_KEY or"
+            " CONNECTORS_JWKS_URL set, caller tokens come from the identity provider"
+        )
+    path = dev_key_file(settings)
+    if not settings.dev_keys:
+        raise ConfigError(
+            "`token` signs with CONNECTORS_JWT_SECRET, which is not set (or set CONNECTORS_DEV_KEYS=true"
+            f" to read the development secret from {path})"
+        )
+    if not path.exists():
+        raise ConfigError(
+            "`token` signs with CONNECTORS_JWT_SECRET, which is not set, and there is no development key"
+            f" file at {path} (set CONNECTORS_DATA_DIR to the data directory of the server started with"
+            " CONNECTORS_DEV_KEYS=true)"
+        )
+    secret = _read_dev_keys(path)["CONNECTORS_JWT_SECRET"]
+    return parse_settings(**{**overrides, "jwt_secret": secret}), path
 
 
 def _no_jwt_key(settings: Settings) -> bool:

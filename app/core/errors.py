@@ -132,6 +132,18 @@ class UpstreamTimeout(AppError):
     title = "The upstream service did not answer in time"
 
 
+class SecretUnreadable(AppError):
+    """A stored secret cannot be decrypted with the configured key ring: a key is missing or wrong.
+
+    A fault of the service's configuration, not of the caller's request or of an upstream, and
+    not one that a retry mends: a 500 with a code of its own, so it is told apart from a bug.
+    """
+
+    status = 500
+    code = "secret_unreadable"
+    title = "A stored secret of the connector cannot be decrypted"
+
+
 class DatabaseUnavailable(AppError):
     """The answer needs the database and it cannot be reached (or did not answer in time)."""
 

@@ -40,6 +40,25 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Libraries whose records below these levels carry values: SQL statements and result rows
+# (SQLAlchemy), each call with its parameters (aiosqlite), request URLs and headers (httpx,
+# httpcore, hpack/h2), a WebSocket handshake's request headers (websockets, through
+# uvicorn.error), pub/sub messages (redis). They stay at these levels whatever level is asked for.
+_QUIETEST = {
+    "sqlalchemy": logging.WARNING,
+    "aiosqlite": logging.INFO,
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
+    "hpack": logging.INFO,
+    "h2": logging.INFO,
+    "websockets": logging.INFO,
+    "uvicorn.error": logging.INFO,
+    "redis": logging.INFO,
+    "push_response": logging.INFO,
+    "alembic": logging.WARNING,
+}
+
+
 def configure_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter())
@@ -50,9 +69,8 @@ def configure_logging(level: str = "info") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    for name, quietest in _QUIETEST.items():
+        logging.getLogger(name).setLevel(max(quietest, root.level))
 
 
 class AccessLogMiddleware:

@@ -14,11 +14,24 @@ _FIXED_REASONS = {
 }
 
 
+# What pydantic puts before the words of a validator's own ValueError or AssertionError.
+_PREFIXES = {"value_error": "Value error, ", "assertion_error": "Assertion failed, "}
+
+
+def error_message(error: Mapping[str, Any]) -> str:
+    """The message of one of pydantic's errors, without the prefix naming the exception type."""
+    message = str(error.get("msg") or "invalid value")
+    prefix = _PREFIXES.get(str(error.get("type", "")))
+    if prefix is not None and message.startswith(prefix):
+        message = message[len(prefix) :]
+    return message or "invalid value"
+
+
 def _reason(error: Any) -> str:
     kind = str(error.get("type", ""))
     if kind in _FIXED_REASONS:
         return _FIXED_REASONS[kind]
-    message = str(error.get("msg", "invalid value"))
+    message = error_message(error)
     value = error.get("input")
     # Defensive: a message that contains the value it rejects is replaced, whatever produced it.
     if isinstance(value, str) and len(value) >= 3 and value in message:

@@ -12,7 +12,10 @@ The choices that are not forced by the RFC, and why:
   such as Auth0 pick the API a token is for from ``audience``; a refresh without it can return a
   token for another API. Extra parameters never replace a field that the grant, the client
   authentication, ``scope`` or ``audience`` define (``RESERVED_TOKEN_PARAMS``): a configuration
-  could otherwise swap the grant type or send the client secret in a second place.
+  could otherwise swap the grant type or send the client secret in a second place. Names are
+  compared by ``token_param_key`` (NFKC, trimmed, case-folded), since many providers read form
+  names without regard to case: ``GRANT_TYPE`` is ``grant_type`` to them. Of two extra names
+  with the same key, only the first is sent.
 * **A response is judged on status and body together.** A 2xx counts only with a JSON object
   holding a string ``access_token`` of visible ASCII (it ends up in a header) and no ``error``
   member; some providers answer errors with 200.
@@ -41,6 +44,7 @@ import base64
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Final, NoReturn
 from urllib.parse import quote
@@ -56,6 +60,7 @@ __all__ = [
     "OAuth2TokenClient",
     "build_token_request",
     "client_basic_header",
+    "token_param_key",
 ]
 
 MAX_EXPIRES_IN_SECONDS: Final = 365 * 86_400
@@ -102,6 +107,11 @@ _SAFE_ERROR_CODE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _NUMERIC: Final = re.compile(r"\d{1,12}(?:\.\d{1,9})?")
 # Visible ASCII only: a token becomes part of an Authorization header.
 _HEADER_SAFE_TOKEN: Final = re.compile(r"[\x21-\x7e]+")
+
+
+def token_param_key(name: str) -> str:
+    """What a form field name is compared by: a provider may ignore case in names."""
+    return unicodedata.normalize("NFKC", name).strip().casefold()
 
 
 def client_basic_header(client_id: str, client_secret: str) -> str:
@@ -176,8 +186,12 @@ def build_token_request(
         form["scope"] = config.scope
     if config.audience:
         form["audience"] = config.audience
+    # Every field set above or below has a reserved name, so no extra parameter can replace one.
+    taken = set(RESERVED_TOKEN_PARAMS)
     for name, value in config.extra_token_params.items():
-        if name not in RESERVED_TOKEN_PARAMS:
+        key = token_param_key(name)
+        if key not in taken:
+            taken.add(key)
             form[name] = value
 
     headers = {"Accept": "application/json"}

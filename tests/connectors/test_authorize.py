@@ -239,6 +239,30 @@ async def test_one_token_request_for_a_cold_burst(
     assert form == {"grant_type": "client_credentials", "scope": "read write"}
 
 
+async def test_extra_token_parameters_reach_the_provider(
+    client: httpx.AsyncClient, scripted_server: ScriptedServer
+) -> None:
+    scripted_server.set_default(counter_tokens())
+    extras = {"resource": "urn:contacts", "Tenant-Id": "t1", "x.region": "eu"}
+    body = payloads.client_credentials(
+        token_url=scripted_server.url("/oauth/token"),
+        extra_token_params=extras,
+        client_auth_method="client_secret_post",
+    )
+    created = await create_checked(client, body)
+    assert created.status_code == 201, created.text
+    answer = await authorize(client, created.json()["id"], path="/items")
+    assert answer.json()["headers"]["Authorization"] == "Bearer tok-1"
+    [request] = scripted_server.requests
+    assert request.form() == {
+        "grant_type": "client_credentials",
+        "scope": "read write",
+        **extras,
+        "client_id": "client-1",
+        "client_secret": body["auth"]["client_secret"],
+    }
+
+
 @pytest.fixture
 async def timed(
     app_factory: Callable[..., Awaitable[Any]], settings: Settings, client_for: ClientFor, fake_time: FakeTime

@@ -496,3 +496,37 @@ async def test_if_match_forms(client: httpx.AsyncClient, header: str, status: in
         f"/connectors/{created['id']}", json={"name": "renamed"}, headers={"If-Match": header}
     )
     assert response.status_code == status, response.text
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"GRANT_TYPE": "implicit"},
+        {"Client_Secret": "x"},
+        {"client_ID": "intruder"},
+        {"Scope": "admin"},
+        {" scope": "admin"},
+        {"scope ": "admin"},
+        {"\uff53\uff43\uff4f\uff50\uff45": "admin"},
+        {"Refresh_Token": "forged"},
+        {"AUDIENCE": "https://evil.example.com"},
+        {"resource": "urn:a", "RESOURCE": "urn:b"},
+    ],
+)
+async def test_reserved_token_parameters_are_refused_in_any_case(
+    client: httpx.AsyncClient, params: dict[str, str]
+) -> None:
+    body = payloads.password_grant(extra_token_params=params)
+    refused = await client.post("/connectors", json=body, params=NO_CHECK)
+    problem = assert_problem(refused, 422, "invalid_request")
+    assert [e["field"] for e in problem["errors"]] == ["auth.extra_token_params"]
+    assert (await client.get("/connectors")).json()["items"] == []
+
+    created = await create(client, payloads.password_grant(extra_token_params={"tenant": "t1"}))
+    url = f"/connectors/{created['id']}"
+    patched = await client.patch(url, json={"auth": {"extra_token_params": params}}, params=NO_CHECK)
+    problem = assert_problem(patched, 422, "invalid_request")
+    assert [e["field"] for e in problem["errors"]] == ["auth.extra_token_params"]
+    after = (await client.get(url)).json()
+    assert after["version"] == 1
+    assert after["auth"]["extra_token_params"] == {"tenant": "t1"}

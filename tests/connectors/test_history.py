@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -20,10 +20,12 @@ from app.core.auth import mint_token
 from app.core.config import Settings
 from app.core.crypto import KeyRing
 from app.core.db import Database, build_engine
+from app.main import Overrides
 from app.rotation import rotate
 from tests.conftest import ALL_SCOPES, CANARY, canary
 from tests.connectors import payloads
 from tests.connectors.test_crud import NO_CHECK, assert_problem, create
+from tests.support.fakes import FakeTime
 from tests.support.servers import Reply, ScriptedServer
 
 ClientFor = Callable[..., httpx.AsyncClient]
@@ -35,8 +37,8 @@ MISSING = "00000000-0000-4000-8000-000000000000"
 def client_as(client_for: ClientFor, settings: Settings) -> ClientAs:
     """``client_as(subject, org)``: a client whose caller token names that subject (``sub``)."""
 
-    def make(subject: str, org: str = "org-a") -> httpx.AsyncClient:
-        client = client_for(org)
+    def make(subject: str, org: str = "org-a", *, app: Any = None) -> httpx.AsyncClient:
+        client = client_for(org) if app is None else client_for(org, app=app)
         token = mint_token(settings, organization_id=org, scopes=ALL_SCOPES, subject=subject)
         client.headers["Authorization"] = f"Bearer {token}"
         return client
@@ -171,15 +173,26 @@ async def test_delete_is_recorded_and_the_history_outlives_the_connector(client_
 
 
 async def test_validate_records_the_resulting_state(
-    client_as: ClientAs, scripted_server: ScriptedServer
+    client_as: ClientAs,
+    scripted_server: ScriptedServer,
+    app_factory: Callable[..., Awaitable[Any]],
+    settings: Settings,
+    fake_time: FakeTime,
 ) -> None:
-    alice = client_as("alice")
+    app = await app_factory(
+        settings.model_copy(update={"max_staleness_seconds": 86_400}), Overrides(clock=fake_time)
+    )
+    alice = client_as("alice", app=app)
     created = await create(alice, payloads.basic(validation_url=scripted_server.url("/auth/check")))
     url = f"/connectors/{created['id']}/validate"
     scripted_server.set_default(Reply(status=204))
     assert (await alice.post(url)).json()["status"]["state"] == "authorized"
+    # A validate answered from the last check, within the interval, records nothing.
+    assert "retry-after" in (await alice.post(url)).headers
+    fake_time.advance(settings.validate_interval_seconds)
     scripted_server.set_default(Reply(status=401))
     assert (await alice.post(url)).json()["status"]["state"] == "rejected"
+    fake_time.advance(settings.validate_interval_seconds)
     scripted_server.set_default(Reply.html(503))
     assert (await alice.post(url)).json()["status"]["state"] == "unreachable"
     events = await history(alice, created["id"])

@@ -122,6 +122,37 @@ async def test_client_credentials_with_post_auth(
     }
 
 
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
+async def test_extras_never_replace_a_field_whatever_their_case(
+    fetch: OAuth2TokenClient, scripted_server: ScriptedServer, method: str
+) -> None:
+    # A configuration stored before names were compared without case may still hold these.
+    scripted_server.queue(_ok())
+    extras = {
+        "GRANT_TYPE": "implicit",
+        "Client_Secret": "x",
+        "CLIENT_ID": "intruder",
+        " scope ": "admin",
+        "\uff53\uff43\uff4f\uff50\uff45": "admin",
+        "Audience": "https://evil.example.test",
+        "resource": "urn:api",
+        "RESOURCE": "urn:other",
+    }
+
+    await fetch(_config(scripted_server.url(), client_auth_method=method, extra_token_params=extras))
+
+    form = scripted_server.requests[0].form()
+    sent = {key.casefold() for key in form}
+    assert len(sent) == len(form), "a field was sent twice under two cases"
+    assert form["grant_type"] == "client_credentials"
+    assert form["scope"] == "read write"
+    assert form["audience"] == "https://api.example.test"
+    assert form["resource"] == "urn:api"
+    assert sent <= {"grant_type", "scope", "audience", "resource", "client_id", "client_secret"}
+    if method == "client_secret_post":
+        assert (form["client_id"], form["client_secret"]) == ("svc client", "s3cr&t:+/%é")
+
+
 async def test_password_grant(fetch: OAuth2TokenClient, scripted_server: ScriptedServer) -> None:
     scripted_server.queue(_ok(refresh_token="rt-1"))
     config = _config(
