@@ -17,9 +17,10 @@ $(VENV)/.runtime: requirements.lock pyproject.toml | $(BIN)/python
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: requirements-dev.lock pyproject.toml | $(BIN)/python
+$(VENV)/.dev: requirements-dev.lock pyproject.toml clients/python/pyproject.toml | $(BIN)/python
 	$(PIP) install -q -r requirements-dev.lock
 	$(PIP) install -q --no-deps -e .
+	$(PIP) install -q --no-deps -e clients/python
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

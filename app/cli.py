@@ -1,25 +1,31 @@
 """The command line: ``python -m app`` (also installed as ``connectors``).
 
-Commands: ``serve``, ``migrate``, ``token`` (mint a development caller token) and ``rotate-keys``.
-A missing or malformed setting, or an address ``serve`` cannot listen on, ends the command with
-one line on stderr and exit status 2. Every command first warns of ``CONNECTORS_*`` variables that
-no setting reads.
+Commands: ``serve``, ``migrate``, ``token`` (mint a development caller token), ``rotate-keys`` and
+``check`` (one verdict per part ``serve`` needs); ``--help`` on each shows its options with their
+defaults, ``--version`` the version. A missing or malformed setting, or an address ``serve`` cannot
+listen on, ends the command with one line on stderr and exit status 2. Every command first warns of
+``CONNECTORS_*`` variables that no setting reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import json
 import logging
+import secrets
 import socket
 import sys
 from collections.abc import Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from app import __version__
 from app.core.config import (
     ConfigError,
     Settings,
+    dev_key_file,
     load_settings,
     load_token_settings,
     parse_settings,
@@ -27,6 +33,9 @@ from app.core.config import (
 )
 
 log = logging.getLogger("connectors")
+
+# How long `check` gives each check that reaches another system (database, Redis, JWKS).
+CHECK_TIMEOUT_SECONDS = 5.0
 
 
 def _start(settings: Settings) -> None:
@@ -163,15 +172,115 @@ def _rotate_keys(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _check_settings() -> tuple[Settings, str]:
+    """Settings as ``serve`` reads them, without writing anything, and a note on them.
+
+    Where ``serve`` would generate development keys, keys made in memory stand in for them: what
+    they are checked against (the stored secrets) is what the generated ones would meet.
+    """
+    settings = parse_settings()
+    _start(settings)
+    notes = [unknown_variables() or "read from the environment"]
+    no_jwt_key = settings.jwt_secret is None and settings.jwt_public_key is None and settings.jwks_url is None
+    path = dev_key_file(settings)
+    stand_in: dict[str, object] = {}
+    if settings.dev_keys and (settings.encryption_keys is None or no_jwt_key):
+        if path.exists():
+            notes.append(f"development keys from {path}")
+        else:
+            if settings.encryption_keys is None:
+                key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+                stand_in["encryption_keys"] = f"dev1:{key}"
+            if no_jwt_key:
+                stand_in["jwt_secret"] = secrets.token_urlsafe(48)
+            notes.append(
+                f"no development keys at {path} yet (serve generates them):"
+                " checked with keys made for this check"
+            )
+    settings, _ = load_settings(**stand_in)
+    return settings, "; ".join(notes)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from app.checks import run_checks
+
+    settings, note = _check_settings()
+    results = asyncio.run(run_checks(settings, seconds_per_check=args.timeout, note=note))
+    failed = sum(result.status == "failed" for result in results)
+    if args.json:
+        summary = {"version": __version__, "ok": not failed, "checks": [r.as_dict() for r in results]}
+        print(json.dumps(summary, indent=2))
+    else:
+        for result in results:
+            print(result.line())
+        print(
+            "all checks passed" if not failed else f"{failed} {'check' if failed == 1 else 'checks'} failed"
+        )
+    return 1 if failed else 0
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < seconds <= 600:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 600 seconds")
+    return seconds
+
+
+def _default(name: str) -> object:
+    return Settings.model_fields[name].default
+
+
+_DESCRIPTION = "The connector credentials service: stores connector credentials, hands out request headers."
+_EPILOG = (
+    'Settings are the CONNECTORS_* environment variables (README.md, "Configuration");'
+    " `connectors COMMAND --help` shows a command's options with their defaults."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="connectors", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="serve the HTTP API").set_defaults(func=_serve)
-    commands.add_parser("migrate", help="bring the database schema to the newest revision").set_defaults(
-        func=_migrate
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="connectors", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=formatter
     )
-    token = commands.add_parser("token", help="print a caller JWT signed with the HS256 secret")
-    token.add_argument("--org", required=True, help="organization id put in the token")
+    parser.add_argument(
+        "--version", action="version", version=f"connectors {__version__}", help="print the version and exit"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=summary, description=description, epilog=_EPILOG, formatter_class=formatter
+        )
+
+    database = (
+        "the database at CONNECTORS_DATABASE_URL (default: SQLite at $CONNECTORS_DATA_DIR/connectors.db,"
+        f" where CONNECTORS_DATA_DIR defaults to {_default('data_dir')})"
+    )
+    command(
+        "serve",
+        "serve the HTTP API",
+        "Serve the HTTP API on CONNECTORS_HOST:CONNECTORS_PORT"
+        f" (default: {_default('host')}:{_default('port')}) with {database}. Refuses to start on a"
+        " database not at the newest schema revision, or"
+        " with a key ring that cannot open the stored secrets.",
+    ).set_defaults(func=_serve)
+    command(
+        "migrate",
+        "bring the database schema to the newest revision",
+        f"Bring {database} to the newest schema revision.",
+    ).set_defaults(func=_migrate)
+    token = command(
+        "token",
+        "print a caller JWT signed with the HS256 secret",
+        "Print a caller JWT signed with CONNECTORS_JWT_SECRET (HS256), or with CONNECTORS_DEV_KEYS=true"
+        " the secret of an existing development key file, for development and tests.",
+    )
+    token.add_argument(
+        "--org", required=True, default=argparse.SUPPRESS, help="organization id put in the token (required)"
+    )
     token.add_argument(
         "--scope",
         default="connectors:read connectors:write connectors:authorize",
@@ -180,9 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.add_argument("--subject", default="dev", help="the token's sub claim")
     token.set_defaults(func=_token)
-    rotate = commands.add_parser("rotate-keys", help="re-encrypt every stored secret under the newest key")
-    rotate.add_argument("--batch-size", type=int, default=100)
+    rotate = command(
+        "rotate-keys",
+        "re-encrypt every stored secret under the newest key",
+        "Re-encrypt every stored secret under the first (newest) key of CONNECTORS_ENCRYPTION_KEYS,"
+        " in batches of one transaction each; safe to interrupt and to run again.",
+    )
+    rotate.add_argument("--batch-size", type=int, default=100, help="connectors re-encrypted per transaction")
     rotate.set_defaults(func=_rotate_keys)
+    check = command(
+        "check",
+        "check settings, database, keys, Redis and caller tokens",
+        "Check what serve needs, one line per check (ok, FAILED or skipped): the settings, reaching"
+        f" {database}, its schema revision against the newest, the key ring against the stored"
+        " secrets, Redis with PING when CONNECTORS_REDIS_URL is set, and the caller-token"
+        " verification (with CONNECTORS_JWKS_URL, the JWKS document is fetched). Writes nothing and"
+        " prints no secret. Exit status: 0 when every check passed, 1 when one failed, 2 when a"
+        " setting cannot be read.",
+    )
+    check.add_argument("--json", action="store_true", help="print the summary as one JSON document")
+    check.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=CHECK_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="deadline of each check that reaches another system (database, Redis, JWKS)",
+    )
+    check.set_defaults(func=_check)
     return parser
 
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
 
 from app import __version__
 from app.connectors import schemas
@@ -27,15 +30,22 @@ from app.core.clock import Clock, SystemClock
 from app.core.config import Settings
 from app.core.crypto import KeyRing
 from app.core.db import Database, build_engine
+from app.core.docs import install_docs
 from app.core.errors import DatabaseUnavailable
 from app.core.http import BodyLimitMiddleware, UnexpectedErrorMiddleware, install_error_handlers, problem
 from app.core.logs import AccessLogMiddleware
-from app.core.metrics import CONTENT_TYPE, Metrics
+from app.core.metrics import CONTENT_TYPE, HTTPMetricsMiddleware, Metrics
+from app.core.openapi import install_openapi, readiness_responses
 from app.core.outbound import OutboundClient
+from app.core.requestid import RequestIdMiddleware
+from app.core.tracing import TracingMiddleware, setup_tracing
 from app.tokens.cache import TokenCache
 from app.tokens.check import LiveChecker
 from app.tokens.oauth import OAuth2TokenClient
 from app.tokens.shared import SharedTokenStore
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,8 @@ class Overrides:
 
     clock: Clock | None = None
     outbound: OutboundClient | None = None
+    # Tracing on, whatever the OTEL_* variables say, with every span handed to this exporter.
+    span_exporter: SpanExporter | None = None
 
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
@@ -53,6 +65,14 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     clock = overrides.clock or SystemClock()
     # One registry per application: several apps in one process (tests) count separately.
     metrics = Metrics()
+    # None, and nothing traced, unless the OTEL_* variables turn tracing on (app.core.tracing).
+    tracing = setup_tracing(exporter=overrides.span_exporter)
+    tracer = tracing.tracer if tracing is not None else None
+    metrics.set_build_info(
+        version=__version__,
+        python_version=platform.python_version(),
+        database=make_url(settings.effective_database_url).get_backend_name(),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,12 +81,16 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 settings.effective_database_url,
                 pool_size=settings.database_pool_size,
                 command_timeout=settings.database_statement_timeout_seconds,
-            )
+            ),
+            tracer=tracer,
         )
         outbound = overrides.outbound or OutboundClient.from_settings(settings, metrics=metrics)
         verifier = TokenVerifier(settings)
         fetcher = OAuth2TokenClient(
-            outbound, default_token_lifetime_seconds=settings.default_token_lifetime_seconds, metrics=metrics
+            outbound,
+            default_token_lifetime_seconds=settings.default_token_lifetime_seconds,
+            metrics=metrics,
+            tracer=tracer,
         )
         service_ref: list[ConnectorService] = []
 
@@ -94,8 +118,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 clock=clock,
                 lock_timeout=settings.outbound_timeout_seconds + 2.0,
                 on_error=redis_failed,
+                tracer=tracer,
             )
-            broadcast = Broadcast(redis, on_error=redis_failed)
+            broadcast = Broadcast(redis, on_error=redis_failed, tracer=tracer)
         tokens = TokenCache(
             fetcher,
             clock=clock,
@@ -108,7 +133,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             db=db,
             keyring=keyring,
             tokens=tokens,
-            check_credentials=LiveChecker(outbound, fetcher),
+            check_credentials=LiveChecker(outbound, fetcher, tracer=tracer),
             check_destination=outbound.check_destination,
             clock=clock,
             max_per_org=settings.max_connectors_per_org,
@@ -153,6 +178,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             if overrides.outbound is None:
                 await outbound.aclose()
             await db.dispose()
+            if tracing is not None:
+                await tracing.shutdown()  # last: exports the spans of everything above
 
     app = FastAPI(
         title="Connector credentials service",
@@ -163,19 +190,31 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         # the redirect from the Host header, always as http://, and a client following it would
         # resend the body, secrets included, in clear or to another host.
         redirect_slashes=False,
+        # Served by install_docs, from the service itself rather than from CDNs.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.metrics = metrics
+    app.state.tracing = tracing
     install_error_handlers(app)
     app.state.validation_rules = schemas.LOCATIONS
     app.router.routes.extend(hot_routes)
     app.include_router(connectors_router)
+    install_docs(app)
+    install_openapi(app, models=[schemas.AuthorizeRequest])
 
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], operation_id="getLiveness")
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], response_model=None)
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        operation_id="getReadiness",
+        response_model=None,
+        responses=readiness_responses(),
+    )
     async def readyz() -> dict[str, str | float] | JSONResponse:
         """Readiness: the database answers, or authorize can still answer from memory."""
         db: Database = app.state.db
@@ -203,6 +242,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     @app.get(
         "/metrics",
         tags=["health"],
+        operation_id="getMetrics",
         response_class=Response,
         responses={
             200: {
@@ -232,4 +272,10 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     app.add_middleware(BodyLimitMiddleware, max_bytes=64 * 1024)
     if settings.access_log:
         app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)
+    if tracing is not None:
+        # Inside the request id middleware, so that the request span has the id from its start.
+        app.add_middleware(TracingMiddleware, tracer=tracing.tracer)
+    # Added last, so outermost: every answer (a 413, a 500) and every log line carries the id.
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -1,4 +1,5 @@
-"""The command line, run as real processes: configuration errors, migrations, serve, token."""
+"""The command line, run as real processes: configuration errors, migrations, serve, token, help,
+version and check."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
 import pytest
+
+from app.core.config import Settings
 
 CANARY_SECRET = "CANARY-jwt-secret-0123456789abcdef0123456789"
 
@@ -332,3 +336,318 @@ async def test_rotate_keys_command(env: dict[str, str]) -> None:
     async with db.read() as session:
         assert {row.key_id for row in (await session.execute(select(Connector))).scalars()} == {"new"}
     await db.dispose()
+
+
+# Help, version and check -------------------------------------------------------------------------
+
+
+def _options(help_text: str) -> dict[str, str]:
+    """Each option of a --help output (but -h) with its help text, wrapped lines joined."""
+    options: dict[str, str] = {}
+    current: str | None = None
+    for line in help_text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            options[current] = line
+        elif line.startswith("   ") and current is not None:
+            options[current] += " " + line.strip()
+        else:
+            current = None
+    options.pop("-h")
+    return options
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            [],
+            [
+                "serve      serve the HTTP API",
+                "migrate    bring the database schema to the newest revision",
+                "token      print a caller JWT signed with the HS256 secret",
+                "re-encrypt every stored secret under the newest key",
+                "check      check settings, database, keys, Redis and caller tokens",
+                "--version",
+                "CONNECTORS_* environment variables (README.md",
+            ],
+        ),
+        (["serve"], ["CONNECTORS_HOST:CONNECTORS_PORT (default: 127.0.0.1:8000)"]),
+        (
+            ["migrate"],
+            [
+                "CONNECTORS_DATABASE_URL (default: SQLite at $CONNECTORS_DATA_DIR/connectors.db,"
+                " where CONNECTORS_DATA_DIR defaults to data)"
+            ],
+        ),
+        (
+            ["token"],
+            [
+                "(required)",
+                "(default: connectors:read connectors:write connectors:authorize)",
+                "lifetime in seconds (default: 3600)",
+                "(default: dev)",
+            ],
+        ),
+        (["rotate-keys"], ["connectors re-encrypted per transaction (default: 100)"]),
+        (["check"], ["(default: 5.0)", "(default: False)", "0 when every check passed, 1 when one failed"]),
+    ],
+)
+def test_help_states_the_defaults(env: dict[str, str], command: list[str], expected: list[str]) -> None:
+    result = run({**env, "COLUMNS": "200"}, *command, "--help")
+    assert result.returncode == 0, result.stderr
+    for text in expected:
+        assert text in result.stdout
+    for option, text in _options(result.stdout).items():
+        assert "(default: " in text or "(required)" in text or option == "--version", text
+
+
+def test_version(env: dict[str, str]) -> None:
+    from app import __version__
+
+    result = run(env, "--version")
+    assert result.returncode == 0
+    assert result.stdout == f"connectors {__version__}\n"
+
+
+CANARY_KEY = "CANARY" + "A" * 37  # 43 base64 characters: 32 bytes
+
+
+def check_env(env: dict[str, str], database_url: str, **settings: str) -> dict[str, str]:
+    """Explicit keys (canaries) and ``database_url``; ``settings`` maps names without the prefix."""
+    return {
+        **env,
+        "CONNECTORS_DEV_KEYS": "false",
+        "CONNECTORS_JWT_SECRET": CANARY_SECRET,
+        "CONNECTORS_ENCRYPTION_KEYS": f"k1:{CANARY_KEY}",
+        "CONNECTORS_DATABASE_URL": database_url,
+        **{f"CONNECTORS_{name.upper()}": value for name, value in settings.items()},
+    }
+
+
+def verdicts(result: subprocess.CompletedProcess[str]) -> dict[str, tuple[str, str]]:
+    """``check``'s summary: each check's name with its verdict and detail; no secret in it."""
+    assert "CANARY" not in result.stdout + result.stderr
+    *lines, last = result.stdout.splitlines()
+    assert last == "all checks passed" if result.returncode == 0 else last.endswith("failed")
+    found: dict[str, tuple[str, str]] = {}
+    for line in lines:
+        verdict, name, detail = line.split(None, 2)
+        found[name] = (verdict, detail)
+    assert list(found) == ["settings", "database", "schema", "encryption_keys", "redis", "caller_tokens"]
+    return found
+
+
+def _target(database_url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        return f"sqlite {url.database}"
+    return f"postgresql {url.host}:{url.port or 5432}/{url.database}"
+
+
+@pytest.mark.parametrize("with_redis", [False, True], ids=["without-redis", "with-redis"])
+def test_check_passes_on_a_migrated_database(
+    env: dict[str, str], database_url: str, with_redis: bool, request: pytest.FixtureRequest
+) -> None:
+    from app.migrations import head_revision
+
+    env = check_env(env, database_url)
+    if with_redis:
+        redis = request.getfixturevalue("own_redis")
+        env["CONNECTORS_REDIS_URL"] = redis.url
+    result = run(env, "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = verdicts(result)
+    assert found["settings"] == ("ok", "read from the environment")
+    assert found["database"] == ("ok", _target(database_url))
+    assert found["schema"] == ("ok", f"at revision {head_revision()}, the newest")
+    assert found["encryption_keys"] == ("ok", "no stored secrets to open yet; the key ring holds k1")
+    if with_redis:
+        assert found["redis"] == ("ok", f"127.0.0.1:{redis.port}/0 answered PING")
+    else:
+        assert found["redis"] == ("skipped", "CONNECTORS_REDIS_URL is not set")
+    assert found["caller_tokens"] == ("ok", "HS256 with CONNECTORS_JWT_SECRET")
+
+    as_json = run(env, "check", "--json")
+    assert as_json.returncode == 0
+    summary = json.loads(as_json.stdout)
+    assert summary["ok"] is True
+    assert [(c["name"], c["status"], c["detail"]) for c in summary["checks"]] == [
+        (name, verdict.lower(), detail) for name, (verdict, detail) in found.items()
+    ]
+
+
+@pytest.mark.parametrize("revision", ["base", "previous"])
+async def test_check_fails_on_a_database_behind_the_newest_revision(
+    env: dict[str, str], database_url: str, revision: str
+) -> None:
+    from alembic.script import ScriptDirectory
+
+    from app.migrations import alembic_config, head_revision, upgrade
+    from tests.test_migrations import _downgrade, _run
+
+    head = head_revision()
+    assert head is not None
+    previous = ScriptDirectory.from_config(alembic_config()).get_revision(head).down_revision
+    assert isinstance(previous, str)
+    await _run(database_url, _downgrade, previous if revision == "previous" else "base")
+    try:
+        result = run(check_env(env, database_url), "check")
+    finally:
+        await upgrade(database_url)
+    assert result.returncode == 1
+    found = verdicts(result)
+    assert found["database"][0] == "ok"
+    if revision == "base":
+        expected = f"not migrated (the newest revision is {head}): run `python -m app migrate`"
+    else:
+        expected = f"at revision {previous}, the newest is {head}: run `python -m app migrate`"
+    assert found["schema"] == ("FAILED", expected)
+    assert found["encryption_keys"] == ("skipped", "the schema is not at the newest revision")
+    assert result.stdout.splitlines()[-1] == "1 check failed"
+
+
+def test_check_creates_nothing_where_there_is_no_database(env: dict[str, str], tmp_path: Path) -> None:
+    data = Path(env["CONNECTORS_DATA_DIR"])
+    result = run(env, "check")  # development keys, the default SQLite file under a missing directory
+    assert result.returncode == 1
+    found = verdicts(result)
+    assert found["settings"] == (
+        "ok",
+        f"read from the environment; no development keys at {data / 'dev-keys.json'} yet"
+        " (serve generates them): checked with keys made for this check",
+    )
+    assert found["database"] == (
+        "FAILED",
+        f"no SQLite database at {data / 'connectors.db'}: run `python -m app migrate`",
+    )
+    assert found["schema"] == ("skipped", "the database was not reached")
+    assert found["encryption_keys"] == ("skipped", "the database was not reached")
+    assert not data.exists()
+
+
+async def test_check_names_the_key_id_that_cannot_open_the_stored_secrets(
+    env: dict[str, str], database_url: str, settings: Settings, client: httpx.AsyncClient
+) -> None:
+    import base64
+    import secrets
+
+    from tests.connectors import payloads
+    from tests.connectors.test_crud import create
+
+    connector_id = (await create(client, payloads.basic()))["id"]
+    assert settings.encryption_keys is not None
+    right = settings.encryption_keys.get_secret_value()
+    result = run({**check_env(env, database_url), "CONNECTORS_ENCRYPTION_KEYS": right}, "check")
+    assert result.returncode == 0, result.stdout
+    assert verdicts(result)["encryption_keys"] == (
+        "ok",
+        "the key ring (k1) opens the stored secrets (under k1)",
+    )
+    assert right.split(":")[1] not in result.stdout
+
+    wrong = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    result = run({**check_env(env, database_url), "CONNECTORS_ENCRYPTION_KEYS": f"k1:{wrong}"}, "check")
+    assert result.returncode == 1
+    verdict, detail = verdicts(result)["encryption_keys"]
+    assert verdict == "FAILED"
+    assert detail.startswith(
+        f"key id k1 of CONNECTORS_ENCRYPTION_KEYS cannot open the stored secrets of connector {connector_id}"
+    )
+    assert wrong not in result.stdout
+
+
+def test_check_reports_a_database_it_cannot_reach_without_its_password(env: dict[str, str]) -> None:
+    port = _free_port()  # nothing listens there
+    url = f"postgresql+asyncpg://connectors:CANARY-db-password@127.0.0.1:{port}/connectors"
+    result = run(check_env(env, url), "check")
+    assert result.returncode == 1
+    found = verdicts(result)
+    assert found["database"] == (
+        "FAILED",
+        f"cannot reach postgresql 127.0.0.1:{port}/connectors: ConnectionRefusedError",
+    )
+    assert found["schema"] == ("skipped", "the database was not reached")
+
+
+def test_check_gives_up_on_a_database_that_does_not_answer(env: dict[str, str]) -> None:
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        url = f"postgresql+asyncpg://connectors:CANARY-db-password@127.0.0.1:{port}/connectors"
+        result = run(check_env(env, url), "check", "--timeout", "0.5")
+    assert result.returncode == 1
+    assert verdicts(result)["database"] == (
+        "FAILED",
+        f"cannot reach postgresql 127.0.0.1:{port}/connectors: no answer within 0.5 s",
+    )
+
+
+@pytest.mark.parametrize("redis", ["closed-port", "wrong-credentials"])
+def test_check_reports_a_redis_failure_without_its_password(
+    env: dict[str, str], tmp_path: Path, redis: str, request: pytest.FixtureRequest
+) -> None:
+    database = tmp_path / "connectors.db"
+    env = check_env(env, f"sqlite+aiosqlite:///{database}")
+    assert run(env, "migrate").returncode == 0
+    if redis == "closed-port":
+        port, error = _free_port(), "ConnectionError"
+    else:
+        port, error = request.getfixturevalue("own_redis").port, "AuthenticationError"
+    env["CONNECTORS_REDIS_URL"] = f"redis://checker:CANARY-redis-password@127.0.0.1:{port}/0"
+    result = run(env, "check")
+    assert result.returncode == 1
+    found = verdicts(result)
+    assert found["redis"] == ("FAILED", f"PING to 127.0.0.1:{port}/0 failed: {error}")
+    assert [name for name, (verdict, _) in found.items() if verdict != "ok"] == ["redis"]
+
+
+def test_check_fetches_the_jwks_document(
+    env: dict[str, str], tmp_path: Path, scripted_server: Any, local_ca: Any
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    from tests.support.servers import Reply
+
+    database = tmp_path / "connectors.db"
+    env = check_env(env, f"sqlite+aiosqlite:///{database}")
+    assert run(env, "migrate").returncode == 0
+    del env["CONNECTORS_JWT_SECRET"]
+    env["CONNECTORS_CA_BUNDLE"] = str(local_ca.ca_bundle)
+    env["CONNECTORS_JWKS_URL"] = scripted_server.url("/keys.json")
+    public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    jwk = {**RSAAlgorithm.to_jwk(public, as_dict=True), "kid": "idp-1", "use": "sig"}
+    where = f"the JWKS document at {scripted_server.url('/keys.json')}"
+
+    scripted_server.queue(Reply.json({"keys": [jwk]}), Reply(status=500))
+    result = run(env, "check")
+    assert result.returncode == 0, result.stdout
+    assert verdicts(result)["caller_tokens"] == ("ok", f"{where}: 1 signing key (idp-1)")
+
+    result = run(env, "check")
+    assert result.returncode == 1
+    assert verdicts(result)["caller_tokens"] == ("FAILED", f"{where}: HTTP status 500")
+    assert [request.path for request in scripted_server.requests] == ["/keys.json", "/keys.json"]
+
+    del env["CONNECTORS_JWKS_URL"]
+    result = run({**env, "CONNECTORS_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nCANARY"}, "check")
+    assert result.returncode == 1
+    assert verdicts(result)["caller_tokens"] == ("FAILED", "CONNECTORS_JWT_PUBLIC_KEY: not a PEM public key")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("CONNECTORS_PORT", "eighty"), ("CONNECTORS_ENCRYPTION_KEYS", "k1:CANARYnotbase64")],
+)
+def test_check_with_a_bad_setting_stops_with_one_line(env: dict[str, str], name: str, value: str) -> None:
+    result = run({**explicit_keys(env), name: value}, "check", "--json")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"connectors: {name}: ")
+    assert "CANARY" not in result.stderr

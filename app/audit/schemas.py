@@ -13,7 +13,7 @@ AuditAction = Literal["create", "update", "delete", "validate", "rotate_keys"]
 SUCCEEDED = "succeeded"
 
 
-class AuditEventOut(BaseModel):
+class AuditEvent(BaseModel):
     """One recorded change, refused attempt or check of a connector."""
 
     model_config = ConfigDict(
@@ -53,4 +53,4 @@ class AuditEventOut(BaseModel):
 
 
 class AuditEventList(BaseModel):
-    items: list[AuditEventOut] = Field(description="Newest first")
+    items: list[AuditEvent] = Field(description="Newest first")

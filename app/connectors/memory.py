@@ -39,6 +39,8 @@ class HeldConnector:
     sealed: Mapping[str, str] = field(repr=False)
     # Basic only: the ready Authorization header (a credential: never in a repr).
     basic_header: str | None = field(repr=False)
+    # Basic only: the stored password cannot be decrypted with this key ring (already logged).
+    unreadable: bool = False
 
 
 Loader = Callable[[], Awaitable[HeldConnector | None]]

@@ -7,18 +7,40 @@ import time
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
-from pydantic import BeforeValidator, ValidationError
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response, status
+from fastapi.openapi.models import Example
+from pydantic import AfterValidator, BeforeValidator, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from app.audit.schemas import AuditEventList
 from app.connectors import schemas
 from app.connectors.service import ConnectorService
-from app.core.auth import SCOPE_AUTHORIZE
-from app.core.errors import AppError, ConnectorNotFound, InvalidRequest, VersionMismatch
-from app.core.http import PROBLEM_JSON
+from app.core.auth import SCOPE_AUTHORIZE, SCOPE_READ, SCOPE_WRITE
+from app.core.errors import (
+    AppError,
+    ConnectorLimitReached,
+    ConnectorNotFound,
+    CredentialsRejected,
+    DatabaseUnavailable,
+    DestinationNotAllowed,
+    Forbidden,
+    InvalidRequest,
+    NameTaken,
+    PathOutsideResourceDomain,
+    PayloadTooLarge,
+    SecretRequired,
+    SecretUnreadable,
+    TokenEndpointError,
+    TokenEndpointTimeout,
+    Unauthenticated,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    VersionMismatch,
+)
 from app.core.metrics import Metrics
+from app.core.openapi import ErrorSpec, problems, secured
 from app.core.security import Reader, Writer, authenticate
 from app.core.validation import field_errors
 
@@ -45,7 +67,20 @@ def _uuid(connector_id: str) -> uuid.UUID:
     return uuid.UUID(connector_id)
 
 
-async def parse_id(connector_id: str) -> uuid.UUID:
+# The path parameter as documented: the pattern describes, ``_uuid`` decides (a 404, not a 422).
+ConnectorIdText = Annotated[
+    str,
+    Path(
+        description=(
+            "The connector's id as issued: a lower-case, hyphenated UUID. Any other spelling of the same "
+            "UUID answers 404, like an id that does not exist."
+        ),
+        json_schema_extra={"pattern": f"^{_CANONICAL_ID.pattern}$", "format": "uuid"},
+    ),
+]
+
+
+async def parse_id(connector_id: ConnectorIdText) -> uuid.UUID:
     return _uuid(connector_id)
 
 
@@ -53,26 +88,51 @@ async def parse_id(connector_id: str) -> uuid.UUID:
 # a valid token gets 401 (and one without the scope 403) before any 404.
 ConnectorId = Annotated[uuid.UUID, Depends(parse_id)]
 
+# RFC 9110: "*", or a list of entity tags, strong ("3") or weak (W/"3"), of visible ASCII (the
+# obsolete non-ASCII octets are not taken); empty list elements are allowed and ignored.
+_ENTITY_TAG = r'(?:W/)?"[\x21\x23-\x7e]*"'
+IF_MATCH_PATTERN = rf"^[ \t]*(?:\*|(?:,[ \t]*)*{_ENTITY_TAG}(?:[ \t]*,(?:[ \t]*{_ENTITY_TAG})?)*)[ \t]*$"
+_IF_MATCH = re.compile(IF_MATCH_PATTERN)
 
-async def parse_if_match(if_match: Annotated[str | None, Header()] = None) -> frozenset[int] | None:
-    """The version an ``If-Match`` header names; ``*`` or no header means any version.
+
+def _if_match_syntax(value: str) -> str:
+    if _IF_MATCH.match(value) is None:
+        raise ValueError('must be * or a list of entity tags such as "3"')
+    return value
+
+
+async def parse_if_match(
+    if_match: Annotated[
+        str | SkipJsonSchema[None],
+        AfterValidator(_if_match_syntax),
+        Header(
+            alias="If-Match",
+            description=(
+                'Change only this version: an ETag this service answered (`"3"`), a list of them '
+                '(`"3", "4"`), or `*`. A weak or unknown tag never matches (412); anything else that is '
+                "not a list of entity tags is a 422."
+            ),
+            json_schema_extra={"pattern": IF_MATCH_PATTERN},
+        ),
+    ] = None,
+) -> frozenset[int] | None:
+    """The versions an ``If-Match`` header names; ``*`` or no header means any version.
 
     A list names several; the current version must be one of them. Weak tags never match
-    (RFC 9110 compares If-Match strongly), nor does anything this service did not issue.
+    (RFC 9110 compares If-Match strongly), nor does anything this service did not issue: those
+    leave no version, which no connector has. The service judges that (412) only once the body
+    was found valid: this dependency raises nothing.
     """
     if if_match is None:
         return None
     tags = [tag.strip() for tag in if_match.split(",") if tag.strip()]
     if "*" in tags:
         return None
-    versions = frozenset(
+    return frozenset(
         int(tag[1:-1])
         for tag in tags
         if len(tag) <= 20 and tag[:1] == tag[-1:] == '"' and tag[1:-1].isdigit()
     )
-    if not versions:
-        raise VersionMismatch("If-Match must name an ETag returned by this service")
-    return versions
 
 
 IfMatch = Annotated[frozenset[int] | None, Depends(parse_if_match)]
@@ -90,23 +150,122 @@ def _query_bool(value: object) -> object:
 
 
 Validate = Annotated[
-    bool, BeforeValidator(_query_bool), Query(description="false skips the live credential check")
+    bool,
+    BeforeValidator(_query_bool),
+    Query(
+        description=(
+            "`false` skips the live credential check (the connector is saved `unverified`); exactly "
+            "`true` or `false`"
+        )
+    ),
 ]
 
+# What every operation on /connectors may answer, besides its own errors.
+_CALLER: tuple[ErrorSpec, ...] = (Unauthenticated, Forbidden, DatabaseUnavailable)
+# What a live check of credentials may answer when it fails (on create and update).
+_LIVE_CHECK: tuple[ErrorSpec, ...] = (
+    CredentialsRejected,
+    DestinationNotAllowed,
+    TokenEndpointError,
+    UpstreamUnreachable,
+    TokenEndpointTimeout,
+    UpstreamTimeout,
+)
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_JSON: {}}}
-
-
-_COMMON: dict[int | str, dict[str, Any]] = {
-    401: _problem("Missing, expired or invalid caller token"),
-    403: _problem("The caller token lacks the scope"),
-    422: _problem("Invalid request"),
+_ETAG_HEADER: dict[str, Any] = {
+    "ETag": {
+        "description": 'The connector\'s `version` in quotes (`"3"`): send it back in `If-Match`',
+        "required": True,
+        "schema": {"type": "string", "pattern": '^"[0-9]+"$'},
+    }
 }
-_ONE: dict[int | str, dict[str, Any]] = {**_COMMON, 404: _problem("No such connector")}
-_UPSTREAM: dict[int | str, dict[str, Any]] = {
-    502: _problem("The identity provider or validation URL failed"),
-    504: _problem("The identity provider or validation URL timed out"),
+_ID_FROM_BODY = {"connector_id": "$response.body#/id"}
+# From a created connector to what can be done with it; clients and test generators follow them.
+_CREATED_LINKS: dict[str, Any] = {
+    name: {"operationId": name, "parameters": _ID_FROM_BODY, "description": description}
+    for name, description in (
+        ("getConnector", "Read the connector created"),
+        ("updateConnector", "Change the connector created"),
+        ("deleteConnector", "Delete the connector created"),
+        ("validateConnector", "Check the created connector's credentials"),
+        ("getConnectorHistory", "Read the created connector's history"),
+        ("authorizeConnector", "Get headers for a request through the connector created"),
+    )
+}
+
+_CREATE_EXAMPLES: dict[str, Example] = {
+    "basic": Example(
+        summary="Basic authentication, checked by GET validation_url",
+        value={
+            "name": "Contact Center Connector",
+            "resource_domain_url": "https://api.example.com",
+            "auth": {
+                "type": "basic",
+                "username": "svc-user",
+                "password": "s3cret",
+                "validation_url": "https://api.example.com/auth/check",
+            },
+        },
+    ),
+    "oauth2ClientCredentials": Example(
+        summary="OAuth 2.0, client credentials grant",
+        value={
+            "name": "CRM",
+            "resource_domain_url": "https://crm.example.com/api",
+            "auth": {
+                "type": "oauth2",
+                "grant_type": "client_credentials",
+                "client_id": "abc",
+                "client_secret": "s3cret",
+                "token_url": "https://idp.example.com/oauth/token",
+                "scope": "read write",
+                "client_auth_method": "client_secret_post",
+                "audience": "https://crm.example.com/",
+            },
+        },
+    ),
+    "oauth2Password": Example(
+        summary="OAuth 2.0, resource-owner password grant",
+        value={
+            "name": "Ticketing",
+            "resource_domain_url": "https://tickets.example.com",
+            "auth": {
+                "type": "oauth2",
+                "grant_type": "password",
+                "client_id": "abc",
+                "client_secret": "s3cret",
+                "token_url": "https://idp.example.com/oauth/token",
+                "scope": "read",
+                "username": "svc-user",
+                "password": "s3cret",
+                "extra_token_params": {"resource": "https://tickets.example.com"},
+            },
+        },
+    ),
+}
+_PATCH_EXAMPLES: dict[str, Example] = {
+    "rename": Example(summary="A new name; nothing else changes", value={"name": "Contact Center (EU)"}),
+    "secretRotation": Example(
+        summary="A new client secret; the other auth fields are kept",
+        value={"auth": {"client_secret": "n3w-s3cret"}},
+    ),
+    "moveTokenURL": Example(
+        summary="A URL that moves must come with every secret of the connector's kind",
+        value={"auth": {"token_url": "https://login.example.com/oauth2/token", "client_secret": "s3cret"}},
+    ),
+    "switchType": Example(
+        summary="From Basic to OAuth 2.0: a new type needs the whole new auth object",
+        value={
+            "auth": {
+                "type": "oauth2",
+                "grant_type": "client_credentials",
+                "client_id": "abc",
+                "client_secret": "s3cret",
+                "token_url": "https://idp.example.com/oauth/token",
+                "scope": "read write",
+            }
+        },
+    ),
 }
 
 
@@ -119,16 +278,45 @@ def _etag(version: int) -> str:
 
 @router.post(
     "/{connector_id}/authorize",
+    operation_id="authorizeConnector",
+    summary="Headers for one request",
     response_model=schemas.AuthorizeResponse,
-    responses={**_ONE, **_UPSTREAM},
+    responses={
+        200: {
+            "description": "The URL to call and the headers to send to `resource_origin` only",
+            "headers": {
+                "Cache-Control": {
+                    "description": "`no-store`: the answer holds a credential",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["no-store"]},
+                }
+            },
+        },
+        **problems(
+            "authorizeConnector",
+            *_CALLER,
+            ConnectorNotFound,
+            PayloadTooLarge,
+            InvalidRequest,
+            PathOutsideResourceDomain,
+            SecretUnreadable,
+            (CredentialsRejected, 502),
+            (DestinationNotAllowed, 502),
+            TokenEndpointError,
+            UpstreamUnreachable,
+            TokenEndpointTimeout,
+        ),
+    },
     openapi_extra={
+        **secured(SCOPE_AUTHORIZE),
+        # The endpoint reads its body itself (see below), so the document says what it takes.
         "requestBody": {
             "required": False,
-            "content": {"application/json": {"schema": schemas.AuthorizeRequest.model_json_schema()}},
-        }
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AuthorizeRequest"}}},
+        },
     },
 )
-async def authorize(connector_id: str, request: Request) -> Response:
+async def authorize(connector_id: ConnectorIdText, request: Request) -> Response:
     """The headers for one outbound request to the connector's resource domain."""
     # The hot path: no dependencies, the body parsed and the answer serialised once by pydantic.
     # Requests reach it through ``hot_routes`` below; this declaration documents it.
@@ -175,16 +363,41 @@ def _observe_authorize(request: Request, outcome: str, auth_type: str | None, st
 
 @router.post(
     "",
+    operation_id="createConnector",
+    summary="Create a connector",
     status_code=status.HTTP_201_CREATED,
-    responses={**_COMMON, **_UPSTREAM, 409: _problem("Name taken or limit reached")},
+    responses={
+        201: {
+            "description": "Created: `status` is `authorized` after the live check, `unverified` without it",
+            "headers": {
+                **_ETAG_HEADER,
+                "Location": {
+                    "description": "The connector's URL, `/connectors/{id}`",
+                    "required": True,
+                    "schema": {"type": "string", "format": "uri-reference"},
+                },
+            },
+            "links": _CREATED_LINKS,
+        },
+        **problems(
+            "createConnector",
+            *_CALLER,
+            NameTaken,
+            ConnectorLimitReached,
+            PayloadTooLarge,
+            InvalidRequest,
+            *_LIVE_CHECK,
+        ),
+    },
+    openapi_extra=secured(SCOPE_WRITE),
 )
 async def create_connector(
-    body: schemas.ConnectorCreate,
+    body: Annotated[schemas.ConnectorCreate, Body(openapi_examples=_CREATE_EXAMPLES)],
     principal: Writer,
     service: Service,
     response: Response,
     validate: Validate = True,
-) -> schemas.ConnectorOut:
+) -> schemas.Connector:
     """Create a connector, checking its credentials live unless validate=false."""
     created = await service.create(
         principal.organization_id, body, validate=validate, actor=principal.subject
@@ -194,16 +407,31 @@ async def create_connector(
     return created
 
 
-@router.get("", responses=_COMMON)
+@router.get(
+    "",
+    operation_id="listConnectors",
+    summary="List connectors",
+    responses=problems("listConnectors", *_CALLER),
+    openapi_extra=secured(SCOPE_READ),
+)
 async def list_connectors(principal: Reader, service: Service) -> schemas.ConnectorList:
     """List the organization's connectors, ordered by name."""
     return await service.list(principal.organization_id)
 
 
-@router.get("/{connector_id}", responses=_ONE)
+@router.get(
+    "/{connector_id}",
+    operation_id="getConnector",
+    summary="Read a connector",
+    responses={
+        200: {"description": "The connector", "headers": _ETAG_HEADER},
+        **problems("getConnector", *_CALLER, ConnectorNotFound),
+    },
+    openapi_extra=secured(SCOPE_READ),
+)
 async def get_connector(
     principal: Reader, connector_id: ConnectorId, service: Service, response: Response
-) -> schemas.ConnectorOut:
+) -> schemas.Connector:
     """Read one connector; the ETag names its version."""
     connector = await service.get(principal.organization_id, connector_id)
     response.headers["ETag"] = _etag(connector.version)
@@ -212,17 +440,37 @@ async def get_connector(
 
 @router.patch(
     "/{connector_id}",
-    responses={**_ONE, **_UPSTREAM, 409: _problem("Name taken"), 412: _problem("Stale version")},
+    operation_id="updateConnector",
+    summary="Change a connector",
+    responses={
+        200: {
+            "description": "The connector as changed (or as it was, when nothing changed)",
+            "headers": _ETAG_HEADER,
+        },
+        **problems(
+            "updateConnector",
+            *_CALLER,
+            ConnectorNotFound,
+            NameTaken,
+            VersionMismatch,
+            PayloadTooLarge,
+            InvalidRequest,
+            SecretRequired,
+            SecretUnreadable,
+            *_LIVE_CHECK,
+        ),
+    },
+    openapi_extra=secured(SCOPE_WRITE),
 )
 async def update_connector(
     principal: Writer,
     connector_id: ConnectorId,
-    body: schemas.ConnectorPatch,
+    body: Annotated[schemas.ConnectorPatch, Body(openapi_examples=_PATCH_EXAMPLES)],
     service: Service,
     response: Response,
     if_match: IfMatch,
     validate: Validate = True,
-) -> schemas.ConnectorOut:
+) -> schemas.Connector:
     """Change some fields of a connector; honours If-Match."""
     updated = await service.update(
         principal.organization_id,
@@ -238,8 +486,14 @@ async def update_connector(
 
 @router.delete(
     "/{connector_id}",
+    operation_id="deleteConnector",
+    summary="Delete a connector",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses={**_ONE, 412: _problem("Stale version")},
+    responses={
+        204: {"description": "Deleted; its history stays readable"},
+        **problems("deleteConnector", *_CALLER, ConnectorNotFound, VersionMismatch, InvalidRequest),
+    },
+    openapi_extra=secured(SCOPE_WRITE),
 )
 async def delete_connector(
     principal: Writer, connector_id: ConnectorId, service: Service, if_match: IfMatch
@@ -249,23 +503,34 @@ async def delete_connector(
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-_CHECKED: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The connector with its status; Retry-After when no check ran for this call",
-        "headers": {
-            "Retry-After": {
-                "description": "Whole seconds until the next live check of this version may run",
-                "schema": {"type": "integer", "minimum": 1},
-            }
+@router.post(
+    "/{connector_id}/validate",
+    operation_id="validateConnector",
+    summary="Check a connector's credentials",
+    responses={
+        200: {
+            "description": (
+                "The connector, its `status` the check's outcome (`authorized`, `rejected`, `unreachable`). "
+                "With `Retry-After`, no check ran for this call: one of this version ran less than the "
+                "interval ago, and `status` is its outcome."
+            ),
+            "headers": {
+                **_ETAG_HEADER,
+                "Retry-After": {
+                    "description": "Whole seconds until the next live check of this version may run",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1},
+                },
+            },
         },
-    }
-}
-
-
-@router.post("/{connector_id}/validate", responses={**_CHECKED, **_ONE})
+        # 412 only when the connector kept changing while a check was being started.
+        **problems("validateConnector", *_CALLER, ConnectorNotFound, VersionMismatch, SecretUnreadable),
+    },
+    openapi_extra=secured(SCOPE_WRITE),
+)
 async def validate_connector(
     principal: Writer, connector_id: ConnectorId, service: Service, response: Response
-) -> schemas.ConnectorOut:
+) -> schemas.Connector:
     """Check the stored credentials live (at most once per interval) and record the result in status."""
     result = await service.validate(principal.organization_id, connector_id, actor=principal.subject)
     response.headers["ETag"] = _etag(result.connector.version)
@@ -274,10 +539,19 @@ async def validate_connector(
     return result.connector
 
 
-HistoryLimit = Annotated[int, Query(ge=1, le=1000, description="at most this many events, the newest")]
+HistoryLimit = Annotated[int, Query(ge=1, le=1000, description="At most this many events, the newest")]
 
 
-@router.get("/{connector_id}/history", responses=_ONE)
+@router.get(
+    "/{connector_id}/history",
+    operation_id="getConnectorHistory",
+    summary="A connector's history",
+    responses={
+        200: {"description": "Newest first; also after the connector was deleted"},
+        **problems("getConnectorHistory", *_CALLER, ConnectorNotFound, InvalidRequest),
+    },
+    openapi_extra=secured(SCOPE_READ),
+)
 async def connector_history(
     principal: Reader, connector_id: ConnectorId, service: Service, limit: HistoryLimit = 100
 ) -> AuditEventList:

@@ -24,8 +24,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypeAliasType
 
+from app.connectors import patterns
 from app.connectors.urls import URLRuleError, normalise_base_url, normalise_endpoint_url
 from app.core.validation import LocationRules
 from app.tokens.oauth import RESERVED_TOKEN_PARAMS, token_param_key
@@ -89,29 +91,84 @@ def _secret(value: SecretStr) -> SecretStr:
     return value
 
 
-ConnectorName = Annotated[str, AfterValidator(_name), Field(examples=["Contact Center Connector"])]
+# The document states each rule as a pattern (app.connectors.patterns); the validators decide.
+ConnectorName = Annotated[
+    str,
+    AfterValidator(_name),
+    Field(
+        description=(
+            "1-100 characters once leading and trailing white space is trimmed (it is), with no control or "
+            "invisible character; unique in the organization, compared case-insensitively"
+        ),
+        examples=["Contact Center Connector"],
+        json_schema_extra={"pattern": patterns.NAME},
+    ),
+]
 BaseURL = Annotated[
     str,
     StringConstraints(max_length=2048),
     AfterValidator(_base_url),
-    Field(examples=["https://api.example.com"], json_schema_extra={"pattern": "^https://", "format": "uri"}),
+    Field(
+        description=(
+            "`https://host[:port][/base/path]`: no user name, query or fragment, no dot segment or encoded "
+            "slash in the path; stored normalised (lower-case host, no default port, no trailing slash)"
+        ),
+        examples=["https://api.example.com"],
+        json_schema_extra={"pattern": patterns.BASE_URL, "format": "uri"},
+    ),
 ]
 EndpointURL = Annotated[
     str,
     StringConstraints(max_length=2048),
     AfterValidator(_endpoint_url),
-    Field(json_schema_extra={"pattern": "^https://", "format": "uri"}),
+    Field(
+        description="An `https://` URL with no user name or fragment; a query is allowed",
+        json_schema_extra={"pattern": patterns.ENDPOINT_URL, "format": "uri"},
+    ),
 ]
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_control)]
-Username = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_control)]
-Scope = Annotated[str, StringConstraints(max_length=1024), AfterValidator(_no_control)]
+Identifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=256),
+    AfterValidator(_no_control),
+    Field(json_schema_extra={"pattern": patterns.NO_CONTROL}),
+]
+Username = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=256),
+    AfterValidator(_no_control),
+    Field(json_schema_extra={"pattern": patterns.NO_CONTROL}),
+]
+Scope = Annotated[
+    str,
+    StringConstraints(max_length=1024),
+    AfterValidator(_no_control),
+    Field(json_schema_extra={"pattern": patterns.NO_CONTROL}),
+]
 Secret = Annotated[
     SecretStr,
     AfterValidator(_secret),
-    Field(json_schema_extra={"writeOnly": True, "minLength": 1, "maxLength": 1024}),
+    Field(
+        description="Write-only: never shown again; reads say `has_...: true` instead",
+        json_schema_extra={"writeOnly": True, "minLength": 1, "maxLength": 1024, "pattern": patterns.SECRET},
+    ),
 ]
+Audience = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 ClientAuthMethod = Literal["client_secret_basic", "client_secret_post"]
 TokenLifetime = Annotated[int, Field(ge=1, le=86_400 * 30)]
+# What the document says of extra_token_params; ``_OAuth2Common._check_params`` enforces it.
+_TOKEN_PARAMS_SCHEMA: dict[str, Any] = {
+    "description": (
+        "Extra form fields for the token request. A name is 1-64 ASCII letters, digits, `_`, `-` or `.`, "
+        "never one the token request sets itself (in any case, with `.` or `-` for `_`); no two names "
+        "may differ only in that way. A value has at most 1024 characters and no control character."
+    ),
+    "maxProperties": 10,
+    "propertyNames": {
+        "pattern": patterns.TOKEN_PARAM_NAME,
+        "not": {"pattern": patterns.RESERVED_TOKEN_PARAM},
+    },
+    "additionalProperties": {"type": "string", "maxLength": 1024, "pattern": patterns.NO_CONTROL},
+}
 
 
 class _Strict(BaseModel):
@@ -125,8 +182,10 @@ class _OAuth2Common(_Strict):
     token_url: EndpointURL
     scope: Scope | None = None
     client_auth_method: ClientAuthMethod = "client_secret_basic"
-    audience: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
-    extra_token_params: dict[str, str] = Field(default_factory=dict, max_length=10)
+    audience: Audience | None = None
+    extra_token_params: dict[str, str] = Field(
+        default_factory=dict, max_length=10, json_schema_extra=_TOKEN_PARAMS_SCHEMA
+    )
     token_lifetime_seconds: TokenLifetime | None = None
 
     @field_validator("extra_token_params")
@@ -140,9 +199,12 @@ class _OAuth2Common(_Strict):
                 raise ValueError("parameter names must be 1-64 ASCII letters, digits, '_', '-' or '.'")
             folded = token_param_key(key)
             if folded in RESERVED_TOKEN_PARAMS:
-                raise ValueError("a parameter name is reserved for the token request itself (in any case)")
+                raise ValueError(
+                    "a parameter name is reserved for the token request itself"
+                    " (in any case, with '.' or '-' for '_')"
+                )
             if folded in keys:
-                raise ValueError("two parameter names differ only in case")
+                raise ValueError("two parameter names differ only in case or in '.', '-' and '_'")
             keys.add(folded)
             if len(item) > 1024 or _CONTROL.search(item) or not _utf8(item):
                 raise ValueError("parameter values must be at most 1024 characters, no control characters")
@@ -166,7 +228,7 @@ class BasicAuthIn(_Strict):
     )
 
     type: Literal["basic"]
-    username: Username
+    username: Annotated[Username, Field(json_schema_extra={"pattern": patterns.BASIC_USERNAME})]
     password: Secret
     validation_url: EndpointURL
 
@@ -254,28 +316,74 @@ class ConnectorCreate(_Strict):
         return value
 
 
-class AuthPatch(_Strict):
-    """Fields of ``auth`` to change. Omitted secrets keep their stored values."""
+# A field that may be omitted but not sent as null: ``None`` only stands for "not sent".
+Omissible = SkipJsonSchema[None]
 
-    type: Literal["basic", "oauth2"] | None = None
-    grant_type: Literal["client_credentials", "password"] | None = None
-    username: Username | None = None
-    password: Secret | None = None
-    validation_url: EndpointURL | None = None
-    client_id: Identifier | None = None
-    client_secret: Secret | None = None
-    token_url: EndpointURL | None = None
+
+def _not_null(value: Any) -> Any:
+    if value is None:
+        raise ValueError("may not be null")
+    return value
+
+
+def _no_null_defaults(schema: dict[str, Any]) -> None:
+    # The null default only means "not sent": a field that may not be null shows none.
+    for field in schema.get("properties", {}).values():
+        if "default" in field and field["default"] is None and "anyOf" not in field:
+            del field["default"]
+
+
+class AuthPatch(_Strict):
+    """Fields of ``auth`` to change. Omitted secrets keep their stored values.
+
+    The fields must fit the connector's kind once merged with what is stored; a change of
+    ``type`` or ``grant_type`` needs the whole new ``auth`` object. ``scope``, ``audience`` and
+    ``token_lifetime_seconds`` may be sent as null to remove them; no other field may be null.
+    """
+
+    model_config = ConfigDict(json_schema_extra=_no_null_defaults)
+
+    type: Literal["basic", "oauth2"] | Omissible = None
+    grant_type: Literal["client_credentials", "password"] | Omissible = None
+    username: Username | Omissible = None
+    password: Secret | Omissible = None
+    validation_url: EndpointURL | Omissible = None
+    client_id: Identifier | Omissible = None
+    client_secret: Secret | Omissible = None
+    token_url: EndpointURL | Omissible = None
     scope: Scope | None = None
-    client_auth_method: ClientAuthMethod | None = None
-    audience: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
-    extra_token_params: dict[str, str] | None = None
+    client_auth_method: ClientAuthMethod | Omissible = None
+    audience: Audience | None = None
+    extra_token_params: (
+        Annotated[dict[str, str], Field(json_schema_extra=_TOKEN_PARAMS_SCHEMA)] | Omissible
+    ) = None
     token_lifetime_seconds: TokenLifetime | None = None
+
+    _no_nulls = field_validator(
+        "type",
+        "grant_type",
+        "username",
+        "password",
+        "validation_url",
+        "client_id",
+        "client_secret",
+        "token_url",
+        "client_auth_method",
+        "extra_token_params",
+        mode="before",
+    )(_not_null)
 
 
 class ConnectorPatch(_Strict):
-    name: ConnectorName | None = None
-    resource_domain_url: BaseURL | None = None
+    """Fields of the connector to change; omitted fields keep their values."""
+
+    model_config = ConfigDict(json_schema_extra=_no_null_defaults)
+
+    name: ConnectorName | Omissible = None
+    resource_domain_url: BaseURL | Omissible = None
     auth: AuthPatch | None = None
+
+    _no_nulls = field_validator("name", "resource_domain_url", mode="before")(_not_null)
 
 
 # Read models ----------------------------------------------------------------------------------
@@ -325,33 +433,93 @@ class ConnectorStatus(BaseModel):
     detail: str | None = None
 
 
-class ConnectorOut(BaseModel):
+class Connector(BaseModel):
+    """A connector as read: secrets are never shown, only whether they are set."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "5b0c8f0e-2f7a-4c2e-9d1b-6a1f3c9e8d21",
+                    "name": "Contact Center Connector",
+                    "resource_domain_url": "https://api.example.com",
+                    "auth": {
+                        "type": "oauth2",
+                        "grant_type": "client_credentials",
+                        "client_id": "abc",
+                        "token_url": "https://idp.example.com/oauth/token",
+                        "scope": "read write",
+                        "client_auth_method": "client_secret_basic",
+                        "audience": None,
+                        "extra_token_params": {},
+                        "token_lifetime_seconds": None,
+                        "has_client_secret": True,
+                    },
+                    "status": {"state": "authorized", "checked_at": "2026-11-24T10:00:00Z", "detail": None},
+                    "version": 3,
+                    "created_at": "2026-11-20T09:30:00Z",
+                    "updated_at": "2026-11-24T09:59:58Z",
+                }
+            ]
+        }
+    )
+
     id: UUID
     name: str
     resource_domain_url: str
     auth: AuthOut
     status: ConnectorStatus
-    version: int
+    version: int = Field(description="The configuration's version; the ETag is this number in quotes")
     created_at: datetime
     updated_at: datetime
 
 
 class ConnectorList(BaseModel):
-    items: list[ConnectorOut]
-    limit: int
+    items: list[Connector] = Field(description="Ordered by name")
+    limit: int = Field(description="How many connectors the organization may have")
 
 
 class AuthorizeRequest(_Strict):
-    path: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    """What the headers are for; the body may be omitted (no path, no forced refresh)."""
+
+    path: (
+        Annotated[
+            str,
+            StringConstraints(max_length=2048),
+            Field(
+                description=(
+                    "Path and query under the resource domain URL's base path, appended as sent. No "
+                    "control, space, invisible character, backslash or `#`; refused with 422 "
+                    "`path_outside_resource_domain` when it, or any form a server could decode or "
+                    "normalise it to, leaves the base path (an absolute URL, `//host`, a dot segment, "
+                    "`%2e`, `%2f`, ...)."
+                ),
+                examples=["/v1/customers?id=7"],
+                json_schema_extra={"pattern": patterns.AUTHORIZE_PATH},
+            ),
+        ]
+        | None
+    ) = None
     # A JSON boolean only: pydantic would also read "yes", "1" or 1 as true.
-    force_refresh: Annotated[bool, Field(strict=True)] = False
+    force_refresh: Annotated[
+        bool,
+        Field(
+            strict=True,
+            description=(
+                "true after the resource refused the token given: that token is dropped and a new one "
+                "fetched (a JSON boolean; omit it for false)"
+            ),
+        ),
+    ] = False
 
 
 class AuthorizeResponse(BaseModel):
-    url: str
-    headers: dict[str, str]
-    resource_origin: str
-    expires_at: datetime | None
+    url: str = Field(description="The resource domain URL joined with the path")
+    headers: dict[str, str] = Field(
+        description="Headers to send with the request, `Authorization` among them"
+    )
+    resource_origin: str = Field(description="Send the headers only to this origin")
+    expires_at: datetime | None = Field(description="When the token expires; null for Basic")
 
 
 # How validation errors of these models name their fields (app.core.validation).

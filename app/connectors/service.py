@@ -34,7 +34,7 @@ from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.repository import AuditRepository
-from app.audit.schemas import SUCCEEDED, AuditAction, AuditEventList, AuditEventOut
+from app.audit.schemas import SUCCEEDED, AuditAction, AuditEvent, AuditEventList
 from app.connectors import schemas
 from app.connectors.follower import ChangeFollower
 from app.connectors.kinds import Kind, TokenConfig, kind_for, kind_of
@@ -42,6 +42,7 @@ from app.connectors.memory import ConnectorMemory, HeldConnector
 from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository, StatsRepository
 from app.connectors.urls import URLRuleError, join_resource_path, origin_of
+from app.core import tracing
 from app.core.clock import Clock
 from app.core.crypto import DecryptionError, KeyRing, secret_aad
 from app.core.db import Database
@@ -59,6 +60,7 @@ from app.core.errors import (
     SecretUnreadable,
     VersionMismatch,
 )
+from app.core.lru import LRU
 from app.core.validation import field_errors
 from app.tokens.basic import basic_header
 from app.tokens.types import CheckState, ConfigLoader, IssuedToken, OAuth2Config, TokenGrant
@@ -66,6 +68,7 @@ from app.tokens.types import CheckState, ConfigLoader, IssuedToken, OAuth2Config
 log = logging.getLogger(__name__)
 
 _AUTH_ADAPTER: TypeAdapter[Any] = TypeAdapter(schemas.AuthIn)
+_UNREADABLE = "the connector's stored secrets cannot be decrypted with the service's keys"
 
 
 class CredentialChecker(Protocol):
@@ -104,7 +107,7 @@ class Validation:
     """The answer to ``POST /validate``: the connector, and, when no check ran for this call
     (one of this version ran less than the interval ago), the whole seconds until the next may."""
 
-    connector: schemas.ConnectorOut
+    connector: schemas.Connector
     retry_after: int | None = None
 
 
@@ -151,6 +154,8 @@ class ConnectorService:
         # POST /validate: at most one live check per connector version per interval; the checks
         # under way here, shared by every caller asking meanwhile, and how many have ended.
         self.validate_interval = validate_interval
+        # Stored values found unreadable, each logged once (with its connector and key id).
+        self._unreadable_logged: LRU[tuple[uuid.UUID, str, str], bool] = LRU(1024)
         self._validations: dict[tuple[str, uuid.UUID, int], asyncio.Future[Validation | None]] = {}
         self._validations_ended = 0
 
@@ -161,7 +166,7 @@ class ConnectorService:
             rows = await ConnectorRepository(session).list(organization_id)
         return schemas.ConnectorList(items=[self.to_out(row) for row in rows], limit=self.max_per_org)
 
-    async def get(self, organization_id: str, connector_id: uuid.UUID) -> schemas.ConnectorOut:
+    async def get(self, organization_id: str, connector_id: uuid.UUID) -> schemas.Connector:
         async with self.db.read() as session:
             row = await self._require(ConnectorRepository(session), organization_id, connector_id)
         return self.to_out(row)
@@ -180,7 +185,7 @@ class ConnectorService:
             events = await AuditRepository(session).for_connector(organization_id, connector_id, limit=limit)
             if not events:
                 await self._require(ConnectorRepository(session), organization_id, connector_id)
-        return AuditEventList(items=[AuditEventOut.model_validate(event) for event in events])
+        return AuditEventList(items=[AuditEvent.model_validate(event) for event in events])
 
     # Writes ------------------------------------------------------------------------------------
 
@@ -191,7 +196,7 @@ class ConnectorService:
         *,
         validate: bool,
         actor: str | None = None,
-    ) -> schemas.ConnectorOut:
+    ) -> schemas.Connector:
         kind = kind_for(body.auth)
         public, secrets = kind.split(body.auth)
         name_key = schemas.name_key(body.name)
@@ -244,7 +249,7 @@ class ConnectorService:
         if_match: Collection[int] | None,
         validate: bool,
         actor: str | None = None,
-    ) -> schemas.ConnectorOut:
+    ) -> schemas.Connector:
         try:
             return await self._update(
                 organization_id, connector_id, patch, if_match=if_match, validate=validate, actor=actor
@@ -264,7 +269,7 @@ class ConnectorService:
         if_match: Collection[int] | None,
         validate: bool,
         actor: str | None,
-    ) -> schemas.ConnectorOut:
+    ) -> schemas.Connector:
         async with self.db.read() as session:
             repo = ConnectorRepository(session)
             row = await self._require(repo, organization_id, connector_id)
@@ -305,6 +310,9 @@ class ConnectorService:
             return self.to_out(row)
 
         values: dict[str, Any] = {"name": name, "name_key": name_key, "version": row.version + 1}
+        if not credentials_touched and row.validate_claimed_version == row.version:
+            # Same credentials: the last check still counts, or a rename loop would lift the limit.
+            values["validate_claimed_version"] = row.version + 1
         grant: TokenGrant | None = None
         if credentials_touched:
             if secrets is None:
@@ -312,7 +320,7 @@ class ConnectorService:
             await self._check_destinations(base_url, kind, public)
             sent_at = self.clock.monotonic()
             if validate:
-                grant = await self._live_check(kind, public, secrets)
+                grant = await self._live_check(kind, public, secrets, connector_id=connector_id)
             values.update(
                 self._credential_columns(
                     organization_id, connector_id, base_url, kind, public, secrets, validate, self.clock.now()
@@ -476,7 +484,7 @@ class ConnectorService:
         detail: str | None = None
         sent_at = self.clock.monotonic()
         try:
-            grant = await self._live_check(kind, row.auth_config, secrets)
+            grant = await self._live_check(kind, row.auth_config, secrets, connector_id=connector_id)
         except CredentialsRejected as error:
             state, detail = "rejected", _detail_of(error)
         except AppError as error:
@@ -523,6 +531,8 @@ class ConnectorService:
             url = join_resource_path(held.base_url, request.path)
         except URLRuleError as error:
             raise PathOutsideResourceDomain(str(error)) from None
+        if held.unreadable:
+            raise SecretUnreadable(_UNREADABLE)
         if held.basic_header is not None:
             return schemas.AuthorizeResponse.model_construct(
                 url=url,
@@ -622,8 +632,13 @@ class ConnectorService:
 
     def _held_from(self, row: Connector) -> HeldConnector:
         header: str | None = None
+        unreadable = False
         if row.auth_type == "basic":
-            header = basic_header(row.auth_config["username"], self._decrypt(row)["password"])
+            try:
+                header = basic_header(row.auth_config["username"], self._decrypt(row)["password"])
+            except SecretUnreadable:
+                # Held all the same: authorize answers the problem from memory, not a load a call.
+                unreadable = True
         return HeldConnector(
             organization_id=row.organization_id,
             version=row.version,
@@ -637,6 +652,7 @@ class ConnectorService:
             # Basic needs only its header; OAuth decrypts these when a token request is sent.
             sealed={} if header is not None else dict(row.secrets),
             basic_header=header,
+            unreadable=unreadable,
         )
 
     async def _oauth_config(self, connector_id: uuid.UUID, held: HeldConnector) -> OAuth2Config:
@@ -653,12 +669,8 @@ class ConnectorService:
 
     def _changed_here(self, row: Connector) -> None:
         """A change committed here: hold the new copy at once and tell the other replicas."""
-        try:
-            self._replace(row)
-        except SecretUnreadable:
-            # Committed all the same (a rename needs no secret): authorize answers the problem
-            # when it loads the connector, instead of serving an outdated copy.
-            self._forget_here(row.id)
+        # A copy whose secret cannot be opened is held too: authorize answers its problem.
+        self._replace(row)
         self._notify(row.id)
 
     def _replace(self, row: Connector, *, force: bool = False) -> None:
@@ -694,10 +706,8 @@ class ConnectorService:
                 continue
             try:
                 self._replace(row, force=force)
-            except SecretUnreadable:
-                self._forget_here(row.id)  # already logged, with the connector and key id
             except Exception as error:
-                # Not servable here (a secret this key ring cannot open): stop serving the old copy
+                # Not servable here (a row this version cannot read): stop serving the old copy
                 # rather than stop following every other change.
                 log.warning(
                     "a changed connector could not be held",
@@ -776,9 +786,9 @@ class ConnectorService:
 
     # Helpers -----------------------------------------------------------------------------------
 
-    def to_out(self, row: Connector) -> schemas.ConnectorOut:
+    def to_out(self, row: Connector) -> schemas.Connector:
         kind = kind_of(row.auth_type, row.grant_type)
-        return schemas.ConnectorOut.model_validate(
+        return schemas.Connector.model_validate(
             {
                 "id": row.id,
                 "name": row.name,
@@ -812,9 +822,18 @@ class ConnectorService:
             await self.check_destination(url)
 
     async def _live_check(
-        self, kind: Kind, public: Mapping[str, Any], secrets: Mapping[str, SecretStr]
+        self,
+        kind: Kind,
+        public: Mapping[str, Any],
+        secrets: Mapping[str, SecretStr],
+        *,
+        connector_id: uuid.UUID | None = None,
     ) -> TokenGrant | None:
-        return await self.check_credentials(kind.build_config(public, secrets))
+        """Check the credentials; the check's span names ``connector_id`` (none before a create)."""
+        if connector_id is None:
+            return await self.check_credentials(kind.build_config(public, secrets))
+        with tracing.for_connector(connector_id):
+            return await self.check_credentials(kind.build_config(public, secrets))
 
     def _merge_auth(
         self, row: Connector, patch: schemas.AuthPatch | None
@@ -906,6 +925,10 @@ class ConnectorService:
                     self.keyring.decrypt(token, aad=secret_aad(organization_id, connector_id, name))
                 )
             except DecryptionError as error:
+                if (connector_id, name, token) in self._unreadable_logged:
+                    raise SecretUnreadable(_UNREADABLE) from None
+                # Once per stored value: every authorize of an OAuth connector would log it again.
+                self._unreadable_logged.put((connector_id, name, token), True)
                 try:
                     key_id: str | None = self.keyring.key_id_of(token)
                 except DecryptionError:
@@ -922,9 +945,7 @@ class ConnectorService:
                         "reason": str(error),
                     },
                 )
-                raise SecretUnreadable(
-                    "the connector's stored secrets cannot be decrypted with the service's keys"
-                ) from None
+                raise SecretUnreadable(_UNREADABLE) from None
         return secrets
 
     def _notify(self, connector_id: uuid.UUID) -> None:

@@ -156,6 +156,11 @@ class _JwksError(Exception):
     """The JWKS document could not be fetched or used; the message is safe to log."""
 
 
+class JwksUnavailable(Exception):
+    """The JWKS document could not be fetched now, or holds no usable key; the message is one
+    printable line (the reason, never a token)."""
+
+
 def _parse_jwks(body: bytes) -> dict[str, _VerificationKey]:
     try:
         document = json.loads(body)
@@ -239,6 +244,15 @@ class _JwksCache:
                 if len(body) > MAX_JWKS_BYTES:
                     raise _JwksError("the document is too large")
         return _parse_jwks(bytes(body))
+
+    async def key_ids(self) -> tuple[str, ...]:
+        """Fetch the document now, whatever the cache holds, and name its usable signing keys."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                keys = await self._fetch()
+        except (httpx.HTTPError, TimeoutError, _JwksError) as error:
+            raise JwksUnavailable(str(error) or type(error).__name__) from None
+        return tuple(sorted(keys))
 
     async def aclose(self) -> None:
         task = self._inflight
@@ -435,6 +449,22 @@ class TokenVerifier:
             raise Unauthenticated("token expired")
         if any(value is not None and value > now + leeway for value in (nbf, iat)):
             raise Unauthenticated("token not yet valid")
+
+    @property
+    def algorithm(self) -> str | None:
+        """The one algorithm the configured secret or public key verifies; None with a JWKS URL."""
+        return None if self._static_key is None else self._static_key.algorithm
+
+    async def jwks_key_ids(self) -> tuple[str, ...]:
+        """With ``CONNECTORS_JWKS_URL``, fetch the document now (the client, limits and timeout
+        verification uses) and return the key ids of its usable signing keys; ``()`` without one.
+
+        ``JwksUnavailable`` when it cannot be fetched or holds no usable key. For
+        ``python -m app check``: verification itself keeps to its cache and its refetch limits.
+        """
+        if self._jwks is None:
+            return ()
+        return await self._jwks.key_ids()
 
     async def aclose(self) -> None:
         """Release the JWKS client, if any."""

@@ -22,8 +22,11 @@ import logging
 import secrets
 from collections.abc import Callable
 
+from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from app.core import tracing
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +39,15 @@ class Broadcast:
         channel: str = "connectors:changes",
         retry_max: float = 5.0,
         on_error: Callable[[str], None] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        """``tracer``: a span per publish (the command name only); the subscription, which lasts
+        as long as the process, has none."""
         self.redis = redis
         self.channel = channel
         self.retry_max = retry_max
         self._on_error = on_error
+        self._tracer = tracer
         self.subscribed = asyncio.Event()
         # Tags this process's notices, so that it does not act on its own.
         self.origin = secrets.token_hex(8)
@@ -49,7 +56,10 @@ class Broadcast:
         """Send a notice; a failure is logged and counted, never raised (the followers' interval
         still bounds how long other replicas serve the old state)."""
         try:
-            await self.redis.publish(self.channel, f"{self.origin} {message}")
+            with tracing.client_span(
+                self._tracer, "PUBLISH", {"db.system": "redis", "db.operation.name": "PUBLISH"}
+            ):
+                await self.redis.publish(self.channel, f"{self.origin} {message}")
         except (RedisError, OSError) as error:
             self._failed("publish", error)
 

@@ -3,7 +3,8 @@
 Every setting is an environment variable prefixed ``CONNECTORS_``. ``load_settings`` turns a bad
 value into one ``ConfigError`` line naming the variable, never echoing its value;
 ``unknown_variables`` names the prefixed variables nothing reads (a misspelling is otherwise
-silently ignored).
+silently ignored). The one exception: the standard ``OTEL_*`` variables of tracing, which the
+OpenTelemetry SDK reads itself (``app.core.tracing``).
 """
 
 from __future__ import annotations
@@ -161,6 +162,16 @@ class Settings(BaseSettings):
         if sum(m is not None for m in methods) > 1:
             raise ValueError(
                 "set only one of CONNECTORS_JWT_SECRET, CONNECTORS_JWT_PUBLIC_KEY, CONNECTORS_JWKS_URL"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _validate_interval_covers_a_check(self) -> Settings:
+        # A check may take up to the outbound deadline: a shorter interval would let another
+        # replica claim the next check while the first is still waiting on the provider.
+        if self.validate_interval_seconds < self.outbound_timeout_seconds:
+            raise ValueError(
+                "CONNECTORS_VALIDATE_INTERVAL_SECONDS must be at least CONNECTORS_OUTBOUND_TIMEOUT_SECONDS"
             )
         return self
 

@@ -28,13 +28,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from opentelemetry.trace import Span, SpanKind, Tracer, get_current_span
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from app.core import tracing
 from app.core.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -93,9 +95,13 @@ class Database:
         *,
         retry_interval: float = RETRY_INTERVAL_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
+        tracer: Tracer | None = None,
     ) -> None:
         """``retry_interval``: while the database is away, at most one attempt to reach it per
-        interval; every other transaction in between fails at once."""
+        interval; every other transaction in between fails at once. ``tracer``: a span per
+        statement (``trace_statements``)."""
+        if tracer is not None:
+            trace_statements(engine, tracer)
         self.engine = engine
         self.retry_interval = retry_interval
         self._monotonic = monotonic
@@ -153,6 +159,84 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+# Tracing ---------------------------------------------------------------------------------------
+
+# Where a statement's span waits for its end: on its execution context, which lives as long.
+_SPAN_ATTRIBUTE = "_connectors_span"
+
+
+def trace_statements(engine: AsyncEngine, tracer: Tracer) -> None:
+    """A client span per statement run inside a traced operation (a request, or work a request
+    started), under the span current where it was awaited.
+
+    Statements outside one (the change follower's polls, once a second per process) are not
+    traced: each would be a trace of its own, and the follower's lag is a metric. A span records
+    the database system, the operation (the statement's first keyword: SELECT, UPDATE, BEGIN,
+    ...) and, when the statement is built from one table, that table's name: never the
+    statement's text or its parameters. A failure records the exception's class name.
+    """
+    system = engine.dialect.name
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "before_cursor_execute")
+    def _before(
+        _connection: Connection, _cursor: Any, statement: str, _parameters: Any, context: Any, _many: bool
+    ) -> None:
+        if context is None or not get_current_span().get_span_context().is_valid:
+            return
+        operation = _operation(statement)
+        table = _table(context)
+        attributes: dict[str, Any] = {"db.system": system, "db.operation.name": operation}
+        if table is not None:
+            attributes["db.collection.name"] = table
+        name = f"{operation} {table}" if table is not None else operation
+        setattr(
+            context,
+            _SPAN_ATTRIBUTE,
+            tracing.start_span(tracer, name, kind=SpanKind.CLIENT, attributes=attributes),
+        )
+
+    @event.listens_for(sync_engine, "after_cursor_execute")
+    def _after(
+        _connection: Connection, _cursor: Any, _statement: str, _parameters: Any, context: Any, _many: bool
+    ) -> None:
+        _end(context)
+
+    @event.listens_for(sync_engine, "handle_error")
+    def _failed(exception_context: ExceptionContext) -> None:
+        _end(exception_context.execution_context, exception_context.original_exception)
+
+
+def _end(context: Any, error: BaseException | None = None) -> None:
+    """End the span of the statement ``context`` runs, if it has one still open."""
+    span: Span | None = getattr(context, _SPAN_ATTRIBUTE, None)
+    if span is None:
+        return
+    setattr(context, _SPAN_ATTRIBUTE, None)
+    if error is not None:
+        tracing.mark_failed(span, error)
+    span.end()
+
+
+def _operation(statement: str) -> str:
+    """The statement's first word, if it is a plain keyword (it is never a value)."""
+    words = statement.split(None, 1)
+    first = words[0].upper() if words else ""
+    return first if first.isascii() and first.isalpha() and len(first) <= 16 else "OTHER"
+
+
+def _table(context: Any) -> str | None:
+    """The one table a compiled statement is about, when that is known without more work."""
+    compiled = getattr(context, "compiled", None)
+    table = getattr(getattr(compiled, "statement", None), "table", None)  # INSERT, UPDATE, DELETE
+    if table is None:
+        froms = getattr(getattr(compiled, "compile_state", None), "froms", None)
+        if froms is not None and len(froms) == 1:
+            table = froms[0]
+    name = getattr(table, "name", None)
+    return name if isinstance(name, str) else None
 
 
 # SQLite result codes (the primary code, the low byte) that say the file could not be used now.

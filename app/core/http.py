@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.context import request_id
 from app.core.errors import AppError, PayloadTooLarge, Unauthenticated
 from app.core.security import authenticate
 from app.core.validation import LocationRules, field_errors
@@ -35,6 +36,7 @@ _HTTP_CODES = {
 def problem(
     status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
+    """A problem+json answer; inside a request it names the request's id (``request_id``)."""
     body: dict[str, Any] = {
         "type": f"urn:connectors:problem:{code}",
         "title": title,
@@ -43,6 +45,9 @@ def problem(
         "code": code,
         **extra,
     }
+    current = request_id.get()
+    if current is not None:
+        body["request_id"] = current
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 

@@ -2,6 +2,8 @@
 
 The access line carries method, route template, status, duration and organization. It never
 carries a header, a query string, a body or a path parameter's value beyond the route template.
+Every line written while a request is served, by any logger, names the request's ``request_id``
+(``app.core.requestid``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core.context import request_id
 
 access_log = logging.getLogger("connectors.access")
 
@@ -33,6 +37,11 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        # Read when the line is written, which for this handler is when it is logged: every line
+        # written while a request is served names it, whichever logger wrote it.
+        current = request_id.get()
+        if current is not None:
+            entry["request_id"] = current
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info and record.exc_info[0] is not None:
             # The type only: an exception's text can hold anything, including a secret.

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 
+from opentelemetry.trace import Span, Tracer
 from pydantic import SecretStr
 
+from app.core import tracing
 from app.core.errors import CredentialsRejected, InvalidRequest, UpstreamUnreachable
 from app.core.outbound import OutboundClient
 from app.tokens.types import BasicConfig
@@ -29,12 +31,26 @@ def basic_header(username: str, password: SecretStr) -> str:
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
-async def check_basic(outbound: OutboundClient, config: BasicConfig) -> None:
+async def check_basic(outbound: OutboundClient, config: BasicConfig, *, tracer: Tracer | None = None) -> None:
     """``GET validation_url`` with the Basic header: 2xx accepts, 401/403 reject.
 
     Raises ``CredentialsRejected``, ``UpstreamUnreachable``, ``UpstreamTimeout`` or
-    ``DestinationNotAllowed``.
+    ``DestinationNotAllowed``. With ``tracer``, a client span records the URL's host, the status
+    and the outcome.
     """
+    with tracing.outbound_span(tracer, "validation request", "GET", config.validation_url) as span:
+        try:
+            await _check(outbound, config, span)
+        except CredentialsRejected:
+            span.set_attribute(tracing.OUTCOME, "rejected")
+            raise
+        except Exception:
+            span.set_attribute(tracing.OUTCOME, "unreachable")
+            raise
+        span.set_attribute(tracing.OUTCOME, "authorized")
+
+
+async def _check(outbound: OutboundClient, config: BasicConfig, span: Span) -> None:
     response = await outbound.request(
         "GET",
         config.validation_url,
@@ -42,6 +58,7 @@ async def check_basic(outbound: OutboundClient, config: BasicConfig) -> None:
         kind="validation",
     )
     status = response.status_code
+    span.set_attribute("http.response.status_code", status)
     if 200 <= status < 300:
         return
     if status in (401, 403):

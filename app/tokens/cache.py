@@ -103,6 +103,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from app.core import tracing
 from app.core.clock import Clock
 from app.core.errors import (
     ERROR_CLASSES,
@@ -408,13 +409,15 @@ class TokenCache:
 
     async def _renew(self, key: CacheKey, entry: _Entry, load: ConfigLoader) -> IssuedToken:
         """Run one flight: through the replicas' shared store when there is one, else alone."""
-        if self._shared is not None and self._shared.available():
-            try:
-                return await self._renew_shared(self._shared, key, entry, load)
-            except SharedUnavailable:
-                pass
-        refresh_token, entry.refresh_token = entry.refresh_token, None
-        return await self._renew_alone(key, entry, load, refresh_token, None)
+        # Its spans (Redis commands, the token request, status writes) name the connector.
+        with tracing.for_connector(key[0]):
+            if self._shared is not None and self._shared.available():
+                try:
+                    return await self._renew_shared(self._shared, key, entry, load)
+                except SharedUnavailable:
+                    pass
+            refresh_token, entry.refresh_token = entry.refresh_token, None
+            return await self._renew_alone(key, entry, load, refresh_token, None)
 
     async def _renew_shared(
         self, shared: SharedTokenStore, key: CacheKey, entry: _Entry, load: ConfigLoader

@@ -13,8 +13,9 @@ The choices that are not forced by the RFC, and why:
   token for another API. Extra parameters never replace a field that the grant, the client
   authentication, ``scope`` or ``audience`` define (``RESERVED_TOKEN_PARAMS``): a configuration
   could otherwise swap the grant type or send the client secret in a second place. Names are
-  compared by ``token_param_key`` (NFKC, trimmed, case-folded), since many providers read form
-  names without regard to case: ``GRANT_TYPE`` is ``grant_type`` to them. Of two extra names
+  compared by ``token_param_key`` (NFKC, trimmed, case-folded, ``.``, ``-`` and spaces read as
+  ``_``), since many providers read form names without regard to case, and PHP reads ``.`` as
+  ``_``: ``GRANT_TYPE`` and ``grant.type`` are ``grant_type`` to them. Of two extra names
   with the same key, only the first is sent.
 * **A response is judged on status and body together.** A 2xx counts only with a JSON object
   holding a string ``access_token`` of visible ASCII (it ends up in a header) and no ``error``
@@ -49,6 +50,9 @@ from collections.abc import Mapping
 from typing import Final, NoReturn
 from urllib.parse import quote
 
+from opentelemetry.trace import Span, Tracer
+
+from app.core import tracing
 from app.core.errors import AppError, CredentialsRejected, InvalidRequest, TokenEndpointError
 from app.core.metrics import Metrics
 from app.core.outbound import OutboundClient
@@ -107,11 +111,13 @@ _SAFE_ERROR_CODE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _NUMERIC: Final = re.compile(r"\d{1,12}(?:\.\d{1,9})?")
 # Visible ASCII only: a token becomes part of an Authorization header.
 _HEADER_SAFE_TOKEN: Final = re.compile(r"[\x21-\x7e]+")
+_NAME_SEPARATORS: Final = re.compile(r"[.\- ]")
 
 
 def token_param_key(name: str) -> str:
-    """What a form field name is compared by: a provider may ignore case in names."""
-    return unicodedata.normalize("NFKC", name).strip().casefold()
+    """What a form field name is compared by: a provider may ignore case in names, and some read
+    ``.``, ``-`` and spaces in a name as ``_`` (PHP turns ``grant.type`` into ``grant_type``)."""
+    return _NAME_SEPARATORS.sub("_", unicodedata.normalize("NFKC", name).strip().casefold())
 
 
 def client_basic_header(client_id: str, client_secret: str) -> str:
@@ -130,34 +136,54 @@ class OAuth2TokenClient:
         default_token_lifetime_seconds: int,
         *,
         metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        """``tracer``: a client span per token request (``app.core.tracing``)."""
         if default_token_lifetime_seconds <= 0:
             raise ValueError("default_token_lifetime_seconds must be positive")
         self._outbound = outbound
         self._default_lifetime = default_token_lifetime_seconds
         self._requests = (metrics or Metrics()).token_requests
+        self._tracer = tracer
 
     async def __call__(self, config: OAuth2Config, refresh_token: str | None = None) -> TokenGrant:
         """Run the configured grant, or the refresh grant when ``refresh_token`` is given."""
         form, headers = build_token_request(config, refresh_token)
-        # Counted in the vocabulary of a connector's status; a cancelled request is not counted.
-        try:
-            grant = await self._send(config, form, headers, refreshing=refresh_token is not None)
-        except (CredentialsRejected, RefreshTokenRejected):
-            self._requests.labels(form["grant_type"], "rejected").inc()
-            raise
-        except Exception:
-            self._requests.labels(form["grant_type"], "unreachable").inc()
-            raise
-        self._requests.labels(form["grant_type"], "authorized").inc()
+        grant_type = form["grant_type"]
+        # The span records the token URL's host, the grant type, the status and the outcome only.
+        with tracing.outbound_span(
+            self._tracer, "token request", "POST", config.token_url, {"connectors.grant_type": grant_type}
+        ) as span:
+            # Counted in the vocabulary of a connector's status; a cancelled request is not counted.
+            try:
+                grant = await self._send(
+                    config, form, headers, refreshing=refresh_token is not None, span=span
+                )
+            except (CredentialsRejected, RefreshTokenRejected):
+                self._requests.labels(grant_type, "rejected").inc()
+                span.set_attribute(tracing.OUTCOME, "rejected")
+                raise
+            except Exception:
+                self._requests.labels(grant_type, "unreachable").inc()
+                span.set_attribute(tracing.OUTCOME, "unreachable")
+                raise
+            self._requests.labels(grant_type, "authorized").inc()
+            span.set_attribute(tracing.OUTCOME, "authorized")
         return grant
 
     async def _send(
-        self, config: OAuth2Config, form: dict[str, str], headers: dict[str, str], *, refreshing: bool
+        self,
+        config: OAuth2Config,
+        form: dict[str, str],
+        headers: dict[str, str],
+        *,
+        refreshing: bool,
+        span: Span,
     ) -> TokenGrant:
         response = await self._outbound.request(
             "POST", config.token_url, headers=headers, data=form, kind="token"
         )
+        span.set_attribute("http.response.status_code", response.status_code)
         body = _json_object(response.content)
         status = response.status_code
         if 200 <= status < 300 and (body is None or "error" not in body):

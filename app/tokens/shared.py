@@ -69,9 +69,11 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.core import tracing
 from app.core.clock import Clock
 from app.core.crypto import DecryptionError, KeyRing
 
@@ -131,7 +133,9 @@ class SharedTokenStore:
         prefix: str = "connectors",
         on_error: Callable[[str], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        tracer: Tracer | None = None,
     ) -> None:
+        """``tracer``: a span per command, naming the command only (``_run``)."""
         if redis.connection_pool.connection_kwargs.get("socket_timeout", 1.0) is None:
             # The socket timeout is the only bound on a call: without it a stalled connection
             # would hold a flight, and every replica waiting on its lock, indefinitely.
@@ -145,6 +149,7 @@ class SharedTokenStore:
         self.prefix = prefix
         self.sleep = sleep
         self._on_error = on_error
+        self._tracer = tracer
         self._down_until = float("-inf")
         self._release = redis.register_script(_RELEASE)
         self._take_refresh = redis.register_script(_TAKE_REFRESH)
@@ -185,7 +190,7 @@ class SharedTokenStore:
                 SharedFailure(**failure) if failure is not None else None,
             )
 
-        return await self._call("read", run)
+        return await self._call("read", "MGET", run)
 
     async def try_lock(self, key: CacheKey) -> str | None:
         """The owner value when the lock was taken, None when another replica holds it."""
@@ -194,7 +199,7 @@ class SharedTokenStore:
         async def run() -> bool:
             return bool(await self.redis.set(self._key("lock", key), owner, nx=True, px=self._lock_ms()))
 
-        if not await self._call("lock", run):
+        if not await self._call("lock", "SET", run):
             return None
         flight = asyncio.current_task()
         if flight is not None:
@@ -205,7 +210,7 @@ class SharedTokenStore:
         async def run() -> bool:
             return bool(await self.redis.exists(self._key("lock", key)))
 
-        return await self._call("lock", run)
+        return await self._call("lock", "EXISTS", run)
 
     async def release(self, key: CacheKey, owner: str) -> None:
         held = self._held_by_this_flight()
@@ -215,7 +220,7 @@ class SharedTokenStore:
         async def run() -> None:
             await self._release(keys=[self._key("lock", key)], args=[owner])
 
-        await self._call("unlock", run)
+        await self._call("unlock", "EVALSHA", run)
 
     async def take_refresh_token(self, key: CacheKey) -> str | None:
         """The refresh token, taken out of the store; called by the lock holder just before its
@@ -236,7 +241,7 @@ class SharedTokenStore:
             opened = self._open(key, "refresh", raw)
             return str(opened["refresh_token"]) if opened is not None else None
 
-        return await self._call("refresh", run)
+        return await self._call("refresh", "EVALSHA", run)
 
     async def publish_token(self, key: CacheKey, token: SharedToken, refresh_token: str | None) -> None:
         """Store a fresh token (and the refresh token to use next), clearing a stored failure."""
@@ -251,7 +256,7 @@ class SharedTokenStore:
                     pipe.set(self._key("refresh", key), sealed, ex=REFRESH_TOKEN_TTL_SECONDS)
                 await pipe.execute()
 
-        await self._call("publish", run)
+        await self._call("publish", "MULTI", run)
 
     async def publish_failure(self, key: CacheKey, failure: SharedFailure, ttl: float) -> None:
         async def run() -> None:
@@ -261,7 +266,7 @@ class SharedTokenStore:
                 px=max(1, int(ttl * 1000)),
             )
 
-        await self._call("publish", run)
+        await self._call("publish", "SET", run)
 
     # Plumbing ----------------------------------------------------------------------------------
 
@@ -293,20 +298,31 @@ class SharedTokenStore:
             return None
         return value if isinstance(value, dict) else None
 
-    async def _call(self, operation: str, run: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, operation: str, command_name: str, run: Callable[[], Awaitable[T]]) -> T:
         """Run one command, waiting as long as the client's socket timeouts allow; see "Redis
-        trouble" in the module docstring."""
+        trouble" in the module docstring. ``command_name`` (``MULTI`` for a transaction) names
+        its span."""
         if not self.available():
             raise SharedUnavailable(operation)
-        command = asyncio.create_task(self._run(operation, run), name=f"redis {operation}")
+        command = asyncio.create_task(self._run(operation, command_name, run), name=f"redis {operation}")
         self._commands.add(command)
         command.add_done_callback(self._finished)
         # A cancelled caller stops waiting; the command itself runs to its end.
         return await asyncio.shield(command)
 
-    async def _run(self, operation: str, run: Callable[[], Awaitable[T]]) -> T:
+    async def _run(self, operation: str, command_name: str, run: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await run()
+            # The span names the command, never a key or a value: values are tokens.
+            with tracing.client_span(
+                self._tracer,
+                command_name,
+                {
+                    "db.system": "redis",
+                    "db.operation.name": command_name,
+                    "connectors.redis.operation": operation,
+                },
+            ):
+                return await run()
         except (RedisError, OSError, TimeoutError) as error:
             # Only failures of the connection or the server reach here: the store sets no timer,
             # so a TimeoutError is the client's socket timeout, not a slow reply cut short.

@@ -397,7 +397,7 @@ async def test_the_first_poll_rereads_what_was_held_before_it(
     assert await _header(client_here, connector_id) != before
 
 
-async def test_a_row_that_cannot_be_held_is_dropped_and_following_goes_on(
+async def test_a_row_that_cannot_be_opened_answers_its_problem_and_following_goes_on(
     app_factory: AppFactory, settings: Settings, client_for: ClientFor
 ) -> None:
     here, client_here, client_there = await replicas(
@@ -416,7 +416,10 @@ async def test_a_row_that_cannot_be_held_is_dropped_and_following_goes_on(
     )
     await service_of(here).follower.poll()
     assert await _header(client_here, fine) != before
-    assert uuid.UUID(broken) not in service_of(here).memory.held_ids()
+    # The old header is no longer served: the new copy is held, and answers its problem.
+    assert_problem(await authorize(client_here, broken), 500, "secret_unreadable")
+    held = service_of(here).memory.get(uuid.UUID(broken))
+    assert held is not None and held.unreadable
 
 
 async def test_a_rejection_outlives_no_evicted_copy(

@@ -340,6 +340,8 @@ async def test_another_organizations_history_is_indistinguishable_from_missing(
     kept = await create(owner, payloads.basic(name="kept"))
     gone = await create(owner, payloads.basic(name="gone"))
     assert (await owner.delete(f"/connectors/{gone['id']}")).status_code == 204
+    # One request id for all, so that only what the answers say about the connector may differ.
+    stranger.headers["X-Request-ID"] = "stranger"
     absent = await stranger.get(f"/connectors/{MISSING}/history")
     malformed = await stranger.get("/connectors/not-a-uuid/history")
     assert_problem(absent, 404, "connector_not_found")

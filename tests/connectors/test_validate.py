@@ -11,13 +11,17 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
+from app.connectors.repository import ConnectorRepository
 from app.core.config import ConfigError, Settings, parse_settings
+from app.core.db import Database, build_engine
 from app.main import Overrides
+from tests.conftest import canary
 from tests.connectors import payloads
 from tests.connectors.test_authorize import authorize
 from tests.connectors.test_crud import NO_CHECK, create
@@ -229,7 +233,7 @@ async def test_basic_repeats_within_the_interval_make_no_request(
 
 
 @pytest.mark.parametrize("kind", ["oauth2", "basic"])
-async def test_a_change_allows_a_check_at_once(
+async def test_new_credentials_allow_a_check_at_once_and_a_rename_does_not(
     timed: httpx.AsyncClient,
     idp: AuthorizationServerThread,
     scripted_server: ScriptedServer,
@@ -250,11 +254,19 @@ async def test_a_change_allows_a_check_at_once(
     assert "retry-after" in (await validate(timed, created["id"])).headers
     assert provider_requests() == 1
 
-    patched = await timed.patch(url, json={"name": "Renamed"}, params=NO_CHECK)
+    # A rename is a new version with the same credentials: the last check still counts, or a
+    # rename between validates would lift the limit.
+    renamed = await timed.patch(url, json={"name": "Renamed"}, params=NO_CHECK)
+    assert renamed.status_code == 200, renamed.text
+    assert "retry-after" in (await validate(timed, created["id"])).headers
+    assert provider_requests() == 1
+
+    secret = {"password": canary("new")} if kind == "basic" else {"client_secret": canary("new")}
+    patched = await timed.patch(url, json={"auth": secret}, params=NO_CHECK)
     assert patched.status_code == 200, patched.text
     checked = await validate(timed, created["id"])
     assert "retry-after" not in checked.headers
-    assert checked.json()["version"] == created["version"] + 1
+    assert checked.json()["version"] == created["version"] + 2
     assert provider_requests() == 2
     assert "retry-after" in (await validate(timed, created["id"])).headers
     assert provider_requests() == 2
@@ -329,3 +341,35 @@ async def test_replicas_make_one_request_between_them_within_the_interval(
     assert provider_requests() == 2
     assert sum("retry-after" not in answer.headers for answer in answers) >= 1
     assert len(await validate_events(one, created["id"])) == 2
+
+
+# The claim itself ---------------------------------------------------------------------------------
+
+
+async def test_a_claim_is_granted_once_per_interval_and_version(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    created = await create(client, payloads.basic())
+    connector_id, version = uuid.UUID(created["id"]), created["version"]
+    at = datetime.now(UTC)
+    db = Database(build_engine(database_url))
+
+    async def claim(when: datetime, of_version: int = version) -> bool:
+        async with db.write() as session:
+            repo = ConnectorRepository(session)
+            return await repo.claim_check("org-a", connector_id, of_version, at=when, interval=10)
+
+    try:
+        assert await claim(at)
+        assert not await claim(at)
+        assert not await claim(at + timedelta(seconds=9.9))
+        assert await claim(at + timedelta(seconds=10))
+        # A version the connector is not at is never claimed.
+        assert not await claim(at + timedelta(seconds=60), version + 1)
+    finally:
+        await db.dispose()
+
+
+def test_the_interval_must_cover_a_check() -> None:
+    with pytest.raises(ConfigError, match="at least CONNECTORS_OUTBOUND_TIMEOUT_SECONDS"):
+        parse_settings(validate_interval_seconds="4", outbound_timeout_seconds="5")

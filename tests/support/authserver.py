@@ -116,6 +116,16 @@ class AuthStore:
         with self.lock:
             return next((t for t in self.tokens if t.access_token == access_token), None)
 
+    def revoke(self, access_token: str) -> None:
+        """Revoke an issued access token, and the refresh token issued with it (RFC 7009); resource
+        servers that ask the store (``is_revoked``) refuse it from then on."""
+        with self.lock:
+            for token in self.tokens:
+                if token.access_token == access_token:
+                    token.revoked = True
+                    return
+        raise KeyError("no such access token")
+
 
 class _PasswordGrant(grants.ResourceOwnerPasswordCredentialsGrant):  # type: ignore[misc]
     TOKEN_ENDPOINT_AUTH_METHODS = _CLIENT_AUTH_METHODS

@@ -1,9 +1,9 @@
 """The databases a test session makes on the shared PostgreSQL server, and their removal.
 
 Each session (each pytest process) creates one database there, named
-``connectors_test_<host>_<pid>_<random>``: ``<host>`` is a short hash of this machine's name and
-``<pid>`` the creating process. The session drops it when it ends, whatever its tests did. A
-session that was killed cannot, so every session first drops the leftovers of earlier ones:
+``connectors_test_<host>_<pid>_<random>``: ``<host>`` is a short hash of this machine's name
+and pid namespace, ``<pid>`` the creating process. The session drops it when it ends, whatever
+its tests did. A session that was killed cannot, so every session first drops the leftovers of earlier ones:
 databases whose name carries this machine's hash and the pid of a process that no longer exists.
 Anything else is left alone: databases of other machines (their pids mean nothing here), of
 processes still running, names in another format, and any database someone is connected to
@@ -25,8 +25,16 @@ PREFIX = "connectors_test_"
 
 
 def host_tag() -> str:
-    """Eight hex digits naming this machine in database names."""
-    return hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+    """Eight hex digits naming this machine, and its process-id namespace, in database names.
+
+    Containers may share a host name but not their pids: the namespace keeps one from taking
+    another's live session for a dead one.
+    """
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.blake2s(f"{socket.gethostname()}\0{namespace}".encode(), digest_size=4).hexdigest()
 
 
 def database_name(pid: int | None = None) -> str:

@@ -135,6 +135,8 @@ async def test_extras_never_replace_a_field_whatever_their_case(
         " scope ": "admin",
         "\uff53\uff43\uff4f\uff50\uff45": "admin",
         "Audience": "https://evil.example.test",
+        "grant.type": "implicit",
+        "Refresh-Token": "forged",
         "resource": "urn:api",
         "RESOURCE": "urn:other",
     }
