@@ -140,7 +140,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             held_capacity=settings.connector_cache_size,
             max_staleness=settings.max_staleness_seconds,
             poll_interval=settings.change_poll_interval_seconds,
-            validate_interval=settings.validate_interval_seconds,
+            # A check may take up to the outbound deadline: no replica claims the next one sooner.
+            validate_interval=max(settings.validate_interval_seconds, settings.outbound_timeout_seconds),
             on_change=(lambda connector_id: broadcast.publish(str(connector_id))) if broadcast else None,
         )
         service_ref.append(service)

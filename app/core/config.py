@@ -166,16 +166,6 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _validate_interval_covers_a_check(self) -> Settings:
-        # A check may take up to the outbound deadline: a shorter interval would let another
-        # replica claim the next check while the first is still waiting on the provider.
-        if self.validate_interval_seconds < self.outbound_timeout_seconds:
-            raise ValueError(
-                "CONNECTORS_VALIDATE_INTERVAL_SECONDS must be at least CONNECTORS_OUTBOUND_TIMEOUT_SECONDS"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _staleness_above_the_poll_interval(self) -> Settings:
         if self.max_staleness_seconds <= 2 * self.change_poll_interval_seconds:
             raise ValueError(

@@ -368,8 +368,3 @@ async def test_a_claim_is_granted_once_per_interval_and_version(
         assert not await claim(at + timedelta(seconds=60), version + 1)
     finally:
         await db.dispose()
-
-
-def test_the_interval_must_cover_a_check() -> None:
-    with pytest.raises(ConfigError, match="at least CONNECTORS_OUTBOUND_TIMEOUT_SECONDS"):
-        parse_settings(validate_interval_seconds="4", outbound_timeout_seconds="5")
