@@ -35,7 +35,7 @@ from app.core.errors import DatabaseUnavailable
 from app.core.http import BodyLimitMiddleware, UnexpectedErrorMiddleware, install_error_handlers, problem
 from app.core.logs import AccessLogMiddleware
 from app.core.metrics import CONTENT_TYPE, HTTPMetricsMiddleware, Metrics
-from app.core.openapi import install_openapi, readiness_responses
+from app.core.openapi import install_openapi, liveness_responses, readiness_responses
 from app.core.outbound import OutboundClient
 from app.core.requestid import RequestIdMiddleware
 from app.core.tracing import TracingMiddleware, setup_tracing
@@ -204,7 +204,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     install_docs(app)
     install_openapi(app, models=[schemas.AuthorizeRequest])
 
-    @app.get("/healthz", tags=["health"], operation_id="getLiveness")
+    @app.get("/healthz", tags=["health"], operation_id="getLiveness", responses=liveness_responses())
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}

@@ -153,7 +153,8 @@ Secret = Annotated[
     ),
 ]
 Audience = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
-ClientAuthMethod = Literal["client_secret_basic", "client_secret_post"]
+# Named, so the document (and a client generated from it) has one of each, not one per model.
+ClientAuthMethod = TypeAliasType("ClientAuthMethod", Literal["client_secret_basic", "client_secret_post"])
 TokenLifetime = Annotated[int, Field(ge=1, le=86_400 * 30)]
 # What the document says of extra_token_params; ``_OAuth2Common._check_params`` enforces it.
 _TOKEN_PARAMS_SCHEMA: dict[str, Any] = {
@@ -169,6 +170,9 @@ _TOKEN_PARAMS_SCHEMA: dict[str, Any] = {
     },
     "additionalProperties": {"type": "string", "maxLength": 1024, "pattern": patterns.NO_CONTROL},
 }
+ExtraTokenParams = TypeAliasType(
+    "ExtraTokenParams", Annotated[dict[str, str], Field(json_schema_extra=_TOKEN_PARAMS_SCHEMA)]
+)
 
 
 class _Strict(BaseModel):
@@ -183,9 +187,7 @@ class _OAuth2Common(_Strict):
     scope: Scope | None = None
     client_auth_method: ClientAuthMethod = "client_secret_basic"
     audience: Audience | None = None
-    extra_token_params: dict[str, str] = Field(
-        default_factory=dict, max_length=10, json_schema_extra=_TOKEN_PARAMS_SCHEMA
-    )
+    extra_token_params: ExtraTokenParams = Field(default_factory=dict, max_length=10)
     token_lifetime_seconds: TokenLifetime | None = None
 
     @field_validator("extra_token_params")
@@ -354,9 +356,7 @@ class AuthPatch(_Strict):
     scope: Scope | None = None
     client_auth_method: ClientAuthMethod | Omissible = None
     audience: Audience | None = None
-    extra_token_params: (
-        Annotated[dict[str, str], Field(json_schema_extra=_TOKEN_PARAMS_SCHEMA)] | Omissible
-    ) = None
+    extra_token_params: ExtraTokenParams | Omissible = None
     token_lifetime_seconds: TokenLifetime | None = None
 
     _no_nulls = field_validator(
@@ -403,7 +403,7 @@ class _OAuth2OutCommon(BaseModel):
     scope: str | None = None
     client_auth_method: ClientAuthMethod
     audience: str | None = None
-    extra_token_params: dict[str, str] = Field(default_factory=dict)
+    extra_token_params: ExtraTokenParams = Field(default_factory=dict)
     token_lifetime_seconds: int | None = None
     has_client_secret: bool
 

@@ -10,12 +10,15 @@ Routes declare what they answer with the helpers here: ``secured(scope)`` as the
 * ``Problem`` (RFC 9457, with this service's ``code``, ``errors`` and ``request_id``) and, per
   operation, ``<OperationId>Problem``: a ``Problem`` whose ``code`` and ``status`` list exactly
   what that operation answers, so a generated client gets a typed error for each status;
+* an inline answer titled like a component (those problems, ``Liveness``, ``Readiness``) made
+  one, so that generated classes are named after it;
 * FastAPI's own 422 answer (``HTTPValidationError``) removed: every error here is a problem.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -26,10 +29,20 @@ from pydantic.json_schema import models_json_schema
 from app.core.errors import AppError, DatabaseUnavailable
 from app.core.http import PROBLEM_JSON
 
-__all__ = ["BEARER", "ErrorSpec", "install_openapi", "problems", "readiness_responses", "secured"]
+__all__ = [
+    "BEARER",
+    "ErrorSpec",
+    "install_openapi",
+    "liveness_responses",
+    "problems",
+    "readiness_responses",
+    "secured",
+]
 
 BEARER: Final = "bearerAuth"
 _REF: Final = "#/components/schemas/"
+# A title that names a component (FastAPI titles its inline schemas "Response Something").
+_COMPONENT_NAME: Final = re.compile(r"[A-Z][A-Za-z0-9]*")
 _PROBLEM_FIELDS: Final = ("type", "title", "status", "detail", "code")
 
 # An error an operation answers, with the status it has there when that is not its class's own
@@ -169,6 +182,25 @@ def problems(operation_id: str, *errors: ErrorSpec) -> dict[int | str, dict[str,
     return responses
 
 
+def liveness_responses() -> dict[int | str, dict[str, Any]]:
+    """What ``GET /healthz`` answers."""
+    return {
+        200: {
+            "description": "The process answers",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "title": "Liveness",
+                        "type": "object",
+                        "required": ["status"],
+                        "properties": {"status": {"type": "string", "enum": ["ok"]}},
+                    }
+                }
+            },
+        }
+    }
+
+
 def readiness_responses() -> dict[int | str, dict[str, Any]]:
     """What ``GET /readyz`` answers."""
     return {
@@ -259,11 +291,14 @@ def _is_framework_422(content: Mapping[str, Any]) -> bool:
 
 
 def _hoist(media: dict[str, Any], schemas: dict[str, Any]) -> None:
-    """A titled inline problem schema becomes a component of that name, referred to."""
+    """An inline schema titled like a component (a problem, a health answer) becomes a component
+    of that name, referred to: generated clients then name its class after it."""
     schema = media.get("schema")
-    if not isinstance(schema, dict) or "$ref" in schema or "allOf" not in schema or "title" not in schema:
+    if not isinstance(schema, dict) or "$ref" in schema:
         return
-    name = schema["title"]
+    name = schema.get("title")
+    if not isinstance(name, str) or _COMPONENT_NAME.fullmatch(name) is None:
+        return
     if schemas.setdefault(name, schema) != schema:
         raise ValueError(f"two different schemas are both named {name}")
     media["schema"] = {"$ref": _REF + name}
