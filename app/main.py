@@ -133,7 +133,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             db=db,
             keyring=keyring,
             tokens=tokens,
-            check_credentials=LiveChecker(outbound, fetcher, tracer=tracer),
+            checker=LiveChecker(outbound, fetcher, tracer=tracer),
             check_destination=outbound.check_destination,
             clock=clock,
             max_per_org=settings.max_connectors_per_org,

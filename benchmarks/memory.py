@@ -29,7 +29,7 @@ from app.core.config import Settings
 from app.core.crypto import KeyRing, secret_aad
 from app.tokens.basic import basic_header
 from app.tokens.cache import TokenCache
-from app.tokens.types import OAuth2Config, TokenGrant
+from app.tokens.types import OAuth2Config, StaticCredential, TokenGrant
 
 SETTINGS = Settings(
     encryption_keys="k1:" + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("="),
@@ -44,7 +44,17 @@ def basic(index: int) -> tuple[uuid.UUID, HeldConnector]:
     url = "https://api.example.com"
     public = {"username": username, "validation_url": f"{url}/auth/check"}
     held = HeldConnector(
-        f"org-{index // 5:06d}", 1, 0, url, origin_of(url), "authorized", "basic", None, public, {}, header
+        f"org-{index // 5:06d}",
+        1,
+        0,
+        url,
+        origin_of(url),
+        "authorized",
+        "basic",
+        None,
+        public,
+        {},
+        StaticCredential(headers={"Authorization": header}),
     )
     return uuid.uuid4(), held
 

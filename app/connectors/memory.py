@@ -1,8 +1,8 @@
 """The connectors a process holds in memory for authorize, and how a miss is loaded.
 
 A held connector is everything authorize and a token renewal need: the organization, version and
-status, the URLs, for Basic the ready header, and for OAuth the public fields with the secrets
-still encrypted (they are decrypted only when a token request is about to be sent). Authorize
+status, the URLs, for Basic and API keys the ready credential, and for OAuth the public fields
+with the secrets still encrypted (decrypted only when a token request is about to be sent). Authorize
 therefore answers from memory alone, and keeps answering, renewals included, while the database
 is away.
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.lru import LRU
+from app.tokens.types import StaticCredential
 
 
 @dataclass(slots=True)
@@ -37,9 +38,9 @@ class HeldConnector:
     # Non-secret auth fields, and the secrets as stored (ciphertexts bound to this connector).
     public: Mapping[str, Any]
     sealed: Mapping[str, str] = field(repr=False)
-    # Basic only: the ready Authorization header (a credential: never in a repr).
-    basic_header: str | None = field(repr=False)
-    # Basic only: the stored password cannot be decrypted with this key ring (already logged).
+    # Kinds that issue no tokens (Basic, API keys): what authorize hands out (never in a repr).
+    credential: StaticCredential | None = field(repr=False)
+    # Such a kind's stored secret cannot be decrypted with this key ring (already logged).
     unreadable: bool = False
 
 

@@ -338,8 +338,7 @@ async def authorize(connector_id: ConnectorIdText, request: Request) -> Response
         auth_type = service.auth_type_of(*asked) if asked is not None else None
         _observe_authorize(request, outcome, auth_type, started)
         raise
-    # Only Basic answers carry no expiry.
-    _observe_authorize(request, "ok", "basic" if result.expires_at is None else "oauth2", started)
+    _observe_authorize(request, "ok", service.auth_type_of(*asked), started)
     return Response(result.model_dump_json(), media_type="application/json", headers=_NO_STORE)
 
 

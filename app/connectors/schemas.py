@@ -1,17 +1,19 @@
 """The connector's wire shapes.
 
-``auth`` is a discriminated union: on ``type`` (basic | oauth2), then for OAuth 2.0 on
-``grant_type`` (client_credentials | password). Secrets are ``SecretStr`` and write-only: read
-models carry ``has_password`` / ``has_client_secret`` instead. Adding a kind of credentials is one
-new input model, one read model, and one entry in ``app.connectors.kinds``.
+``auth`` is a discriminated union on ``type``, built from the registered kinds
+(``app.connectors.kinds``): a kind with variants (the OAuth 2.0 grants) adds a union on its
+variant field, and OAuth 2.0 one on ``client_auth_method``. Secrets are ``SecretStr`` and
+write-only: read models carry ``has_<name>`` instead. ``AuthPatch``, the fields a PATCH may send
+in ``auth``, is every kind's input fields, each optional; the merged result is validated by the
+kind's own model.
 """
 
 from __future__ import annotations
 
-import re
 import unicodedata
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from uuid import UUID
 
 from pydantic import (
@@ -19,20 +21,61 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     StringConstraints,
+    create_model,
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import SkipJsonSchema
+from pydantic.fields import FieldInfo
 from typing_extensions import TypeAliasType
 
 from app.connectors import patterns
-from app.connectors.urls import URLRuleError, normalise_base_url, normalise_endpoint_url
+from app.connectors.fields import (
+    CONTROL,
+    Audience,
+    EndpointURL,
+    ExtraTokenParams,
+    Identifier,
+    Omissible,
+    Scope,
+    Secret,
+    Strict,
+    TokenLifetime,
+    Username,
+    no_null_defaults,
+    not_null,
+)
+from app.connectors.kinds import KINDS, fill_defaults
+from app.connectors.kinds.basic import BasicAuthIn, BasicAuthOut
+from app.connectors.kinds.oauth2 import ClientAuthMethod
+from app.connectors.urls import URLRuleError, normalise_base_url
 from app.core.validation import LocationRules
-from app.tokens.oauth import RESERVED_TOKEN_PARAMS, token_param_key
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+__all__ = [
+    "LOCATIONS",
+    "Audience",
+    "AuthIn",
+    "AuthOut",
+    "AuthPatch",
+    "AuthorizeRequest",
+    "AuthorizeResponse",
+    "BasicAuthIn",
+    "BasicAuthOut",
+    "ClientAuthMethod",
+    "Connector",
+    "ConnectorCreate",
+    "ConnectorList",
+    "ConnectorPatch",
+    "ConnectorStatus",
+    "EndpointURL",
+    "ExtraTokenParams",
+    "Identifier",
+    "Scope",
+    "Secret",
+    "TokenLifetime",
+    "Username",
+    "name_key",
+]
 
 
 def _name(value: str) -> str:
@@ -41,9 +84,7 @@ def _name(value: str) -> str:
         raise ValueError("must be 1-100 characters after trimming")
     # Control characters, and the invisible ones (format, line and paragraph separators, bidi
     # overrides) that make two names look alike or reorder what an admin reads.
-    if _CONTROL.search(value) or any(
-        unicodedata.category(c) in ("Cc", "Cs", "Cf", "Zl", "Zp") for c in value
-    ):
+    if CONTROL.search(value) or any(unicodedata.category(c) in ("Cc", "Cs", "Cf", "Zl", "Zp") for c in value):
         raise ValueError("may not contain control or invisible characters")
     return value
 
@@ -58,37 +99,6 @@ def _base_url(value: str) -> str:
         return normalise_base_url(value)
     except URLRuleError as error:
         raise ValueError(str(error)) from None
-
-
-def _endpoint_url(value: str) -> str:
-    try:
-        return normalise_endpoint_url(value)
-    except URLRuleError as error:
-        raise ValueError(str(error)) from None
-
-
-def _no_control(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError("may not contain control characters")
-    return value
-
-
-def _utf8(value: str) -> bool:
-    # JSON can carry a lone surrogate (\ud800), which no UTF-8 store accepts.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _secret(value: SecretStr) -> SecretStr:
-    raw = value.get_secret_value()
-    if not 1 <= len(raw) <= 1024:
-        raise ValueError("must be 1-1024 characters")
-    if "\x00" in raw or not _utf8(raw):
-        raise ValueError("may not contain NUL or unpaired surrogates")
-    return value
 
 
 # The document states each rule as a pattern (app.connectors.patterns); the validators decide.
@@ -117,312 +127,154 @@ BaseURL = Annotated[
         json_schema_extra={"pattern": patterns.BASE_URL, "format": "uri"},
     ),
 ]
-EndpointURL = Annotated[
-    str,
-    StringConstraints(max_length=2048),
-    AfterValidator(_endpoint_url),
-    Field(
-        description="An `https://` URL with no user name or fragment; a query is allowed",
-        json_schema_extra={"pattern": patterns.ENDPOINT_URL, "format": "uri"},
-    ),
-]
-Identifier = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=256),
-    AfterValidator(_no_control),
-    Field(json_schema_extra={"pattern": patterns.NO_CONTROL}),
-]
-Username = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=256),
-    AfterValidator(_no_control),
-    Field(json_schema_extra={"pattern": patterns.NO_CONTROL}),
-]
-Scope = Annotated[
-    str,
-    StringConstraints(max_length=1024),
-    AfterValidator(_no_control),
-    Field(json_schema_extra={"pattern": patterns.NO_CONTROL}),
-]
-Secret = Annotated[
-    SecretStr,
-    AfterValidator(_secret),
-    Field(
-        description="Write-only: never shown again; reads say `has_...: true` instead",
-        json_schema_extra={"writeOnly": True, "minLength": 1, "maxLength": 1024, "pattern": patterns.SECRET},
-    ),
-]
-Audience = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
-# Named, so the document (and a client generated from it) has one of each, not one per model.
-ClientAuthMethod = TypeAliasType("ClientAuthMethod", Literal["client_secret_basic", "client_secret_post"])
-TokenLifetime = Annotated[int, Field(ge=1, le=86_400 * 30)]
-# What the document says of extra_token_params; ``_OAuth2Common._check_params`` enforces it.
-_TOKEN_PARAMS_SCHEMA: dict[str, Any] = {
-    "description": (
-        "Extra form fields for the token request. A name is 1-64 ASCII letters, digits, `_`, `-` or `.`, "
-        "never one the token request sets itself (in any case, with `.` or `-` for `_`); no two names "
-        "may differ only in that way. A value has at most 1024 characters and no control character."
-    ),
-    "maxProperties": 10,
-    "propertyNames": {
-        "pattern": patterns.TOKEN_PARAM_NAME,
-        "not": {"pattern": patterns.RESERVED_TOKEN_PARAM},
-    },
-    "additionalProperties": {"type": "string", "maxLength": 1024, "pattern": patterns.NO_CONTROL},
-}
-ExtraTokenParams = TypeAliasType(
-    "ExtraTokenParams", Annotated[dict[str, str], Field(json_schema_extra=_TOKEN_PARAMS_SCHEMA)]
-)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+# ``auth``, built from the registry ---------------------------------------------------------------
 
 
-class _OAuth2Common(_Strict):
-    type: Literal["oauth2"]
-    client_id: Identifier
-    client_secret: Secret
-    token_url: EndpointURL
-    scope: Scope | None = None
-    client_auth_method: ClientAuthMethod = "client_secret_basic"
-    audience: Audience | None = None
-    extra_token_params: ExtraTokenParams = Field(default_factory=dict, max_length=10)
-    token_lifetime_seconds: TokenLifetime | None = None
-
-    @field_validator("extra_token_params")
-    @classmethod
-    def _check_params(cls, value: dict[str, str]) -> dict[str, str]:
-        # ASCII names only, so no space or lookalike character can hide a reserved name; and
-        # compared without case, as many providers read form names.
-        keys: set[str] = set()
-        for key, item in value.items():
-            if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", key):
-                raise ValueError("parameter names must be 1-64 ASCII letters, digits, '_', '-' or '.'")
-            folded = token_param_key(key)
-            if folded in RESERVED_TOKEN_PARAMS:
-                raise ValueError(
-                    "a parameter name is reserved for the token request itself"
-                    " (in any case, with '.' or '-' for '_')"
+def _type_union(direction: str) -> Any:
+    """One member per ``type``: the kind's model, or a named union over its variants."""
+    members: list[Any] = []
+    by_type: dict[str, list[Any]] = {}
+    for kind in KINDS:
+        model = kind.input_model if direction == "In" else kind.output_model
+        by_type.setdefault(kind.auth_type, []).append(model)
+    for auth_type, models in by_type.items():
+        kind = next(kind for kind in KINDS if kind.auth_type == auth_type)
+        if len(models) == 1:
+            members.append(models[0])
+        else:
+            # A named alias makes the inner union a schema of its own, so the outer discriminator's
+            # mapping can reference it (OpenAPI allows only references there).
+            members.append(
+                TypeAliasType(
+                    f"{kind.schema_prefix}Auth{direction}",
+                    Annotated[Union[tuple(models)], Field(discriminator=kind.variant_field)],  # noqa: UP007
                 )
-            if folded in keys:
-                raise ValueError("two parameter names differ only in case or in '.', '-' and '_'")
-            keys.add(folded)
-            if len(item) > 1024 or _CONTROL.search(item) or not _utf8(item):
-                raise ValueError("parameter values must be at most 1024 characters, no control characters")
-        return value
+            )
+    return Annotated[Union[tuple(members)], Field(discriminator="type")]  # noqa: UP007
 
 
-class BasicAuthIn(_Strict):
-    """Basic authentication, checked by ``GET validation_url``."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "type": "basic",
-                    "username": "svc-user",
-                    "password": "s3cret",
-                    "validation_url": "https://api.example.com/auth/check",
-                }
-            ]
-        }
-    )
-
-    type: Literal["basic"]
-    username: Annotated[Username, Field(json_schema_extra={"pattern": patterns.BASIC_USERNAME})]
-    password: Secret
-    validation_url: EndpointURL
-
-    @field_validator("username")
-    @classmethod
-    def _no_colon(cls, value: str) -> str:
-        # The server splits user-id and password at the first colon (RFC 7617 section 2).
-        if ":" in value:
-            raise ValueError("a Basic authentication username may not contain ':'")
-        return value
+AuthIn: Any = _type_union("In")
+AuthOut: Any = _type_union("Out")
 
 
-class OAuth2ClientCredentialsIn(_OAuth2Common):
-    """OAuth 2.0 client credentials grant (the default grant)."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "type": "oauth2",
-                    "grant_type": "client_credentials",
-                    "client_id": "abc",
-                    "client_secret": "s3cret",
-                    "token_url": "https://idp.example.com/oauth/token",
-                    "scope": "read write",
-                }
-            ]
-        }
-    )
-
-    grant_type: Literal["client_credentials"] = "client_credentials"
-
-
-class OAuth2PasswordIn(_OAuth2Common):
-    """OAuth 2.0 resource-owner password grant."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "type": "oauth2",
-                    "grant_type": "password",
-                    "client_id": "abc",
-                    "client_secret": "s3cret",
-                    "token_url": "https://idp.example.com/oauth/token",
-                    "scope": "read",
-                    "username": "svc-user",
-                    "password": "s3cret",
-                }
-            ]
-        }
-    )
-
-    grant_type: Literal["password"]
-    username: Username
-    password: Secret
-
-
-# A named alias makes the inner union a schema of its own, so the outer discriminator's mapping
-# can reference it (OpenAPI allows only references there).
-OAuth2AuthIn = TypeAliasType(
-    "OAuth2AuthIn",
-    Annotated[OAuth2ClientCredentialsIn | OAuth2PasswordIn, Field(discriminator="grant_type")],
-)
-AuthIn = Annotated[BasicAuthIn | OAuth2AuthIn, Field(discriminator="type")]
-
-
-def _default_grant(value: Any) -> Any:
-    # grant_type may be omitted: client_credentials is the default grant.
-    if isinstance(value, dict) and value.get("type") == "oauth2" and "grant_type" not in value:
-        return {**value, "grant_type": "client_credentials"}
-    return value
-
-
-class ConnectorCreate(_Strict):
+class ConnectorCreate(Strict):
     name: ConnectorName
     resource_domain_url: BaseURL
     auth: AuthIn
 
     @model_validator(mode="before")
     @classmethod
-    def _grant_default(cls, value: Any) -> Any:
+    def _tag_defaults(cls, value: Any) -> Any:
+        # grant_type and client_auth_method may be omitted (client_credentials, client_secret_basic).
         if isinstance(value, dict) and "auth" in value:
-            return {**value, "auth": _default_grant(value["auth"])}
+            return {**value, "auth": fill_defaults(value["auth"])}
         return value
 
 
-# A field that may be omitted but not sent as null: ``None`` only stands for "not sent".
-Omissible = SkipJsonSchema[None]
+def _models(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The models of a (possibly named, annotated, nested) union."""
+    if isinstance(annotation, TypeAliasType):
+        annotation = annotation.__value__
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    for member in get_args(annotation):
+        yield from _models(member)
 
 
-def _not_null(value: Any) -> Any:
-    if value is None:
-        raise ValueError("may not be null")
-    return value
+def _literals(annotation: Any) -> list[Any]:
+    if isinstance(annotation, TypeAliasType):
+        annotation = annotation.__value__
+    return list(get_args(annotation)) if get_origin(annotation) is Literal else []
 
 
-def _no_null_defaults(schema: dict[str, Any]) -> None:
-    # The null default only means "not sent": a field that may not be null shows none.
-    for field in schema.get("properties", {}).values():
-        if "default" in field and field["default"] is None and "anyOf" not in field:
-            del field["default"]
+def _patch_fields() -> dict[str, Any]:
+    """Every kind's input fields, optional. A field that is optional in some kind may be sent as
+    null (it removes the value); a field kinds define differently is checked by the kind only."""
+    seen: dict[str, list[FieldInfo]] = {}
+    for kind in KINDS:
+        for model in _models(kind.input_model):
+            for name, info in model.model_fields.items():
+                seen.setdefault(info.alias or name, []).append(info)
+    fields: dict[str, Any] = {}
+    # The tags first (type, grant_type, client_auth_method), then fields in the kinds' order.
+    ordered = sorted(seen.items(), key=lambda item: not any(_literals(info.annotation) for info in item[1]))
+    for name, infos in ordered:
+        tags = [value for info in infos for value in _literals(info.annotation)]
+        nullable = any(not info.is_required() and info.default is None for info in infos)
+        first = infos[0]
+        same = all(
+            (info.annotation, repr(info.metadata), info.json_schema_extra)
+            == (first.annotation, repr(first.metadata), first.json_schema_extra)
+            for info in infos
+        )
+        if name == "client_auth_method":
+            inner: Any = ClientAuthMethod
+        elif tags:
+            inner = Literal.__getitem__(tuple(dict.fromkeys(tags)))
+        elif same:
+            inner = Annotated[
+                first.annotation,
+                *first.metadata,
+                Field(description=first.description, json_schema_extra=first.json_schema_extra),
+            ]
+        else:
+            inner = first.annotation
+        annotation = inner | None if nullable else inner | Omissible
+        alias = first.alias
+        fields[name.replace("-", "_") if alias is None else f"{alias}_"] = (
+            annotation,
+            Field(default=None, alias=alias),
+        )
+    return fields
 
 
-class AuthPatch(_Strict):
-    """Fields of ``auth`` to change. Omitted secrets keep their stored values.
-
-    The fields must fit the connector's kind once merged with what is stored; a change of
-    ``type`` or ``grant_type`` needs the whole new ``auth`` object. ``scope``, ``audience`` and
-    ``token_lifetime_seconds`` may be sent as null to remove them; no other field may be null.
-    """
-
-    model_config = ConfigDict(json_schema_extra=_no_null_defaults)
-
-    type: Literal["basic", "oauth2"] | Omissible = None
-    grant_type: Literal["client_credentials", "password"] | Omissible = None
-    username: Username | Omissible = None
-    password: Secret | Omissible = None
-    validation_url: EndpointURL | Omissible = None
-    client_id: Identifier | Omissible = None
-    client_secret: Secret | Omissible = None
-    token_url: EndpointURL | Omissible = None
-    scope: Scope | None = None
-    client_auth_method: ClientAuthMethod | Omissible = None
-    audience: Audience | None = None
-    extra_token_params: ExtraTokenParams | Omissible = None
-    token_lifetime_seconds: TokenLifetime | None = None
-
-    _no_nulls = field_validator(
-        "type",
-        "grant_type",
-        "username",
-        "password",
-        "validation_url",
-        "client_id",
-        "client_secret",
-        "token_url",
-        "client_auth_method",
-        "extra_token_params",
-        mode="before",
-    )(_not_null)
+_PATCH_FIELDS = _patch_fields()
 
 
-class ConnectorPatch(_Strict):
+AuthPatch: type[BaseModel] = create_model(
+    "AuthPatch",
+    __base__=Strict,
+    __doc__=(
+        "Fields of `auth` to change. Omitted secrets keep their stored values.\n\n"
+        "The fields must fit the connector's kind once merged with what is stored; a change of `type` or "
+        "`grant_type` needs the whole new `auth` object, and a change of `client_auth_method` the new "
+        "method's secrets. Fields that are optional in the connector's kind may be sent as null to remove "
+        "them; no other field may be null."
+    ),
+    __validators__={
+        "_no_nulls": field_validator(
+            *[
+                name
+                for name, (annotation, _) in _PATCH_FIELDS.items()
+                if type(None) not in get_args(annotation) or Omissible in get_args(annotation)
+            ],
+            mode="before",
+        )(not_null)
+    },
+    **_PATCH_FIELDS,
+)
+AuthPatch.model_config["json_schema_extra"] = no_null_defaults
+AuthPatch.model_rebuild(force=True)
+
+
+class ConnectorPatch(Strict):
     """Fields of the connector to change; omitted fields keep their values."""
 
-    model_config = ConfigDict(json_schema_extra=_no_null_defaults)
+    model_config = ConfigDict(json_schema_extra=no_null_defaults)
 
     name: ConnectorName | Omissible = None
     resource_domain_url: BaseURL | Omissible = None
     auth: AuthPatch | None = None
 
-    _no_nulls = field_validator("name", "resource_domain_url", mode="before")(_not_null)
+    _no_nulls = field_validator("name", "resource_domain_url", mode="before")(not_null)
 
 
 # Read models ----------------------------------------------------------------------------------
-
-
-class BasicAuthOut(BaseModel):
-    type: Literal["basic"]
-    username: str
-    validation_url: str
-    has_password: bool
-
-
-class _OAuth2OutCommon(BaseModel):
-    type: Literal["oauth2"]
-    client_id: str
-    token_url: str
-    scope: str | None = None
-    client_auth_method: ClientAuthMethod
-    audience: str | None = None
-    extra_token_params: ExtraTokenParams = Field(default_factory=dict)
-    token_lifetime_seconds: int | None = None
-    has_client_secret: bool
-
-
-class OAuth2ClientCredentialsOut(_OAuth2OutCommon):
-    grant_type: Literal["client_credentials"]
-
-
-class OAuth2PasswordOut(_OAuth2OutCommon):
-    grant_type: Literal["password"]
-    username: str
-    has_password: bool
-
-
-OAuth2AuthOut = TypeAliasType(
-    "OAuth2AuthOut",
-    Annotated[OAuth2ClientCredentialsOut | OAuth2PasswordOut, Field(discriminator="grant_type")],
-)
-AuthOut = Annotated[BasicAuthOut | OAuth2AuthOut, Field(discriminator="type")]
 
 StatusState = Literal["unverified", "authorized", "rejected", "unreachable"]
 
@@ -479,7 +331,7 @@ class ConnectorList(BaseModel):
     limit: int = Field(description="How many connectors the organization may have")
 
 
-class AuthorizeRequest(_Strict):
+class AuthorizeRequest(Strict):
     """What the headers are for; the body may be omitted (no path, no forced refresh)."""
 
     path: (
@@ -522,11 +374,15 @@ class AuthorizeResponse(BaseModel):
     expires_at: datetime | None = Field(description="When the token expires; null for Basic")
 
 
+def _location_tags() -> dict[str, set[str]]:
+    tags: dict[str, set[str]] = {"auth": {kind.auth_type for kind in KINDS}}
+    for kind in KINDS:
+        if kind.variant is not None:
+            tags.setdefault(kind.auth_type, set()).add(kind.variant)
+        for key, values in kind.location_tags().items():
+            tags.setdefault(key, set()).update(values)
+    return tags
+
+
 # How validation errors of these models name their fields (app.core.validation).
-LOCATIONS = LocationRules(
-    tags={
-        "auth": {"basic", "oauth2"},
-        "oauth2": {"client_credentials", "password"},
-    },
-    free_keys={"extra_token_params"},
-)
+LOCATIONS = LocationRules(tags=_location_tags(), free_keys={"extra_token_params"})

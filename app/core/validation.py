@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,11 +59,23 @@ class LocationRules:
 _NO_RULES = LocationRules()
 
 
+def _null_branch(error: Any, valued: Collection[tuple[Any, ...]]) -> bool:
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") != "none_required" or not loc or loc[-1] != "none":
+        return False
+    parent = loc[:-1]
+    return any(other[: len(parent)] == parent and other != loc for other in valued)
+
+
 def field_errors(
     errors: Any, prefix: Sequence[str] = (), rules: LocationRules = _NO_RULES
 ) -> list[dict[str, str]]:
     """Turn pydantic's errors (a ``ValidationError`` or its ``errors()``) into safe entries."""
-    items: Iterable[Any] = errors.errors() if hasattr(errors, "errors") else errors
+    items: list[Any] = list(errors.errors() if hasattr(errors, "errors") else errors)
+    # A field that may be omitted but not null (``X | Omissible``) fails both branches of its
+    # union; the null branch's error says nothing to a caller who sent a value.
+    valued = {tuple(error.get("loc", ())) for error in items if error.get("type") != "none_required"}
+    items = [error for error in items if not _null_branch(error, valued)]
     result: list[dict[str, str]] = []
     for error in items:
         kind = str(error.get("type", ""))

@@ -1,17 +1,17 @@
-"""The live credential check run before a connector is saved, and on demand."""
+"""The live credential checks a connector kind runs before it is saved, and on demand."""
 
 from __future__ import annotations
 
 from opentelemetry.trace import Tracer
 
 from app.core.outbound import OutboundClient
-from app.tokens.basic import check_basic
-from app.tokens.types import BasicConfig, OAuth2Config, TokenFetcher, TokenGrant
+from app.tokens.static import check_static
+from app.tokens.types import OAuth2Config, StaticCredential, TokenFetcher, TokenGrant
 
 
 class LiveChecker:
-    """OAuth 2.0: fetch a token (kept, so the first authorize needs no request). Basic: GET the
-    validation URL with the header."""
+    """What a kind's check may do (``app.connectors.kinds.CheckTools``): send a credential to a
+    validation URL, or fetch a token (kept, so the first authorize needs no request)."""
 
     def __init__(
         self, outbound: OutboundClient, fetcher: TokenFetcher, *, tracer: Tracer | None = None
@@ -20,8 +20,8 @@ class LiveChecker:
         self.fetcher = fetcher
         self.tracer = tracer
 
-    async def __call__(self, config: BasicConfig | OAuth2Config) -> TokenGrant | None:
-        if isinstance(config, BasicConfig):
-            await check_basic(self.outbound, config, tracer=self.tracer)
-            return None
+    async def static(self, url: str, credential: StaticCredential) -> None:
+        await check_static(self.outbound, url, credential, tracer=self.tracer)
+
+    async def token(self, config: OAuth2Config) -> TokenGrant:
         return await self.fetcher(config)

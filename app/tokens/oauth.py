@@ -2,12 +2,13 @@
 
 The choices that are not forced by the RFC, and why:
 
-* **Client authentication is one method, never both.** ``client_secret_basic`` puts the client id
-  and secret in an HTTP Basic header, each percent-encoded first (RFC 6749 §2.3.1 asks for the
-  form encoding of Appendix B). Everything but the unreserved characters is escaped, and a space
-  becomes ``%20`` rather than ``+``: servers that decode with plain percent-decoding (Authlib does)
-  and servers that form-decode both read ``%20`` as a space, while ``+`` means a space only to the
-  latter. ``client_secret_post`` sends ``client_id`` and ``client_secret`` as form fields.
+* **Client authentication is one method, never both**, applied by the configuration's
+  ``client_auth`` (one module per method in ``app.connectors.kinds.client_auth``).
+  ``client_secret_basic`` puts the client id and secret in an HTTP Basic header, each
+  percent-encoded first (RFC 6749 §2.3.1 asks for the form encoding of Appendix B). Everything but
+  the unreserved characters is escaped, and a space becomes ``%20`` rather than ``+``: servers that
+  decode with plain percent-decoding (Authlib does) and servers that form-decode both read ``%20``
+  as a space, while ``+`` means a space only to the latter (``client_basic_header``).
 * **Scope, audience and the extra parameters go on every request, refreshes included.** Providers
   such as Auth0 pick the API a token is for from ``audience``; a refresh without it can return a
   token for another API. Extra parameters never replace a field that the grant, the client
@@ -181,7 +182,12 @@ class OAuth2TokenClient:
         span: Span,
     ) -> TokenGrant:
         response = await self._outbound.request(
-            "POST", config.token_url, headers=headers, data=form, kind="token"
+            "POST",
+            config.token_url,
+            headers=headers,
+            data=form,
+            kind="token",
+            client_certificate=config.client_auth.certificate,
         )
         span.set_attribute("http.response.status_code", response.status_code)
         body = _json_object(response.content)
@@ -221,12 +227,9 @@ def build_token_request(
             form[name] = value
 
     headers = {"Accept": "application/json"}
-    secret = config.client_secret.get_secret_value()
-    if config.client_auth_method == "client_secret_post":
-        form["client_id"] = config.client_id
-        form["client_secret"] = secret
-    else:
-        headers["Authorization"] = client_basic_header(config.client_id, secret)
+    config.client_auth.apply(
+        client_id=config.client_id, token_url=config.token_url, form=form, headers=headers
+    )
     return form, headers
 
 

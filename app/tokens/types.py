@@ -6,15 +6,17 @@ with the secrets already decrypted (as ``SecretStr``) and returns headers or tok
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import SecretStr
 
+if TYPE_CHECKING:
+    from app.core.outbound import ClientCertificate
+
 GrantType = Literal["client_credentials", "password"]
-ClientAuthMethod = Literal["client_secret_basic", "client_secret_post"]
 CheckState = Literal["authorized", "rejected", "unreachable"]
 
 
@@ -26,13 +28,47 @@ class BasicConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StaticCredential:
+    """A credential sent as it is with every request: header values and query parameters.
+
+    Basic and API-key connectors hand it out from memory; its values are secrets.
+    """
+
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    query: Sequence[tuple[str, str]] = field(default=(), repr=False)
+
+
+class ClientAuth(Protocol):
+    """How a token request authenticates the client (RFC 6749 §2.3, RFC 7523, RFC 8705).
+
+    One implementation per method (``app.connectors.kinds.client_auth``), holding the material
+    it needs, already decrypted. ``apply`` adds what the method sends to the form and headers
+    of one request; ``certificate`` is the TLS client certificate the connection presents.
+    """
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def certificate(self) -> ClientCertificate | None: ...
+
+    def apply(
+        self,
+        *,
+        client_id: str,
+        token_url: str,
+        form: MutableMapping[str, str],
+        headers: MutableMapping[str, str],
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
 class OAuth2Config:
     grant_type: GrantType
     token_url: str
     client_id: str
-    client_secret: SecretStr
+    client_auth: ClientAuth
     scope: str | None = None
-    client_auth_method: ClientAuthMethod = "client_secret_basic"
     audience: str | None = None
     extra_token_params: Mapping[str, str] = field(default_factory=dict)
     # Lifetime assumed when a token response has no expires_in; None means the service default.

@@ -121,27 +121,8 @@ async def test_basic_check_timeout_is_504_and_saves_nothing(
     assert (await client_for().get("/connectors")).json()["items"] == []
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "https://evil.example.com/x",
-        "//evil.example.com/x",
-        "\\\\evil.example.com",
-        "/..",
-        "/a/../../x",
-        "/%2e%2e/x",
-        "/a%2fb",
-        "/x\r\nHost: evil",
-        "@evil.example.com",
-        "/x#frag",
-        "http:/x",
-        "/..;/admin",
-        "/a/.;x/b",
-        "/x\u00a0y",
-        "/x\u2028y",
-        "/\ufeffx",
-    ],
-)
+# The other paths: tests/unit/test_url_rules.py (and the encoded forms in test_urls.py).
+@pytest.mark.parametrize("path", ["https://evil.example.com/x", "/a/../../x"])
 async def test_paths_leaving_the_resource_domain_are_refused(client: httpx.AsyncClient, path: str) -> None:
     created = (await client.post("/connectors", json=payloads.basic(), params={"validate": "false"})).json()
     assert_problem(await authorize(client, created["id"], path=path), 422, "path_outside_resource_domain")
@@ -488,16 +469,8 @@ async def test_password_grant_renews_with_the_refresh_token_of_a_real_provider(
     assert idp.store.find_access_token(second.removeprefix("Bearer ")) is records[1]
 
 
-@pytest.mark.parametrize(
-    ("path", "url"),
-    [
-        ("/", "https://api.example.com/base/"),
-        ("", "https://api.example.com/base"),
-        ("?q=1", "https://api.example.com/base?q=1"),
-        ("items/7", "https://api.example.com/base/items/7"),
-        ("//", None),
-    ],
-)
+# The other paths: tests/unit/test_url_rules.py.
+@pytest.mark.parametrize(("path", "url"), [("items/7", "https://api.example.com/base/items/7"), ("//", None)])
 async def test_paths_join_as_an_http_client_would(
     client: httpx.AsyncClient, path: str, url: str | None
 ) -> None:

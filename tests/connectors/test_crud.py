@@ -90,21 +90,8 @@ async def test_urls_are_normalised(client: httpx.AsyncClient) -> None:
     assert created["auth"]["token_url"] == "https://idp.example.com/oauth/token"
 
 
-@pytest.mark.parametrize(
-    "url",
-    [
-        "http://api.example.com",
-        "https://user:pw@api.example.com",
-        "https://api.example.com/?q=1",
-        "https://api.example.com/#frag",
-        "https://api.example.com/a/../b",
-        "ftp://api.example.com",
-        "https://",
-        "https://api example.com",
-        "https://api.example.com:0",
-        "https://api.example.com:99999",
-    ],
-)
+# The rule's other cases: tests/unit/test_url_rules.py.
+@pytest.mark.parametrize("url", ["http://api.example.com", "https://api.example.com/a/../b"])
 async def test_bad_resource_domain_urls_are_refused(client: httpx.AsyncClient, url: str) -> None:
     body = payloads.basic()
     body["resource_domain_url"] = url
@@ -118,9 +105,7 @@ async def test_bad_resource_domain_urls_are_refused(client: httpx.AsyncClient, u
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"name": "   "}, "name"),
-        ({"name": "x" * 101}, "name"),
-        ({"name": "bad\x07name"}, "name"),
+        ({"name": "   "}, "name"),  # the name rule's other cases: tests/unit/test_names.py
         ({"auth": {"type": "kerberos", "password": "CANARY-tag"}}, "auth"),
         (
             {
@@ -452,14 +437,8 @@ async def test_unpaired_surrogates_are_refused_not_a_500(client: httpx.AsyncClie
     assert_problem(response, 422, "invalid_request")
 
 
-@pytest.mark.parametrize(
-    ("url", "stored"),
-    [
-        ("https://faß.de/x", "https://xn--fa-hia.de/x"),
-        ("https://Bu\u0308cher.example", "https://xn--bcher-kva.example"),
-        ("https://xn--fa-hia.de", "https://xn--fa-hia.de"),
-    ],
-)
+# The rule's other cases: tests/unit/test_url_rules.py.
+@pytest.mark.parametrize(("url", "stored"), [("https://faß.de/x", "https://xn--fa-hia.de/x")])
 async def test_international_hosts_are_stored_as_clients_would_encode_them(
     client: httpx.AsyncClient, url: str, stored: str
 ) -> None:
@@ -474,7 +453,8 @@ async def test_invisible_characters_in_a_host_are_refused(client: httpx.AsyncCli
     assert_problem(await client.post("/connectors", json=body, params=NO_CHECK), 422, "invalid_request")
 
 
-@pytest.mark.parametrize("name", ["alpha\u200b", "a\u202eb", "line\u2028sep", "wo\u2029rd"])
+# The rule's other cases: tests/unit/test_names.py.
+@pytest.mark.parametrize("name", ["alpha\u200b"])
 async def test_invisible_characters_in_names_are_refused(client: httpx.AsyncClient, name: str) -> None:
     response = await client.post("/connectors", json=payloads.basic(name=name), params=NO_CHECK)
     assert_problem(response, 422, "invalid_request")
@@ -488,22 +468,8 @@ async def test_names_compare_after_compatibility_normalisation(client: httpx.Asy
     assert_problem(fullwidth, 409, "name_taken")
 
 
-@pytest.mark.parametrize(
-    ("header", "status"),
-    [
-        ('"1"', 200),
-        ('"7", "1"', 200),
-        (' , "7",,"1" ,', 200),
-        ("*", 200),
-        ('W/"1"', 412),
-        ('"7"', 412),
-        ('"a"', 412),
-        ("1", 422),
-        ("null", 422),
-        ('"1", *', 422),
-        ("", 422),
-    ],
-)
+# The other forms: tests/unit/test_request_params.py.
+@pytest.mark.parametrize(("header", "status"), [('"7", "1"', 200), ('W/"1"', 412), ('"1", *', 422)])
 async def test_if_match_forms(client: httpx.AsyncClient, header: str, status: int) -> None:
     created = await create(client, payloads.basic())
     response = await client.patch(
@@ -512,24 +478,8 @@ async def test_if_match_forms(client: httpx.AsyncClient, header: str, status: in
     assert response.status_code == status, response.text
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        {"GRANT_TYPE": "implicit"},
-        {"Client_Secret": "x"},
-        {"client_ID": "intruder"},
-        {"Scope": "admin"},
-        {" scope": "admin"},
-        {"scope ": "admin"},
-        {"\uff53\uff43\uff4f\uff50\uff45": "admin"},
-        {"Refresh_Token": "forged"},
-        {"AUDIENCE": "https://evil.example.com"},
-        {"grant.type": "implicit"},
-        {"client-secret": "x"},
-        {"resource": "urn:a", "RESOURCE": "urn:b"},
-        {"x.region": "eu", "X_Region": "us"},
-    ],
-)
+# The other spellings: tests/unit/test_token_params.py.
+@pytest.mark.parametrize("params", [{"GRANT_TYPE": "implicit"}, {"resource": "urn:a", "RESOURCE": "urn:b"}])
 async def test_reserved_token_parameters_are_refused_in_any_case(
     client: httpx.AsyncClient, params: dict[str, str]
 ) -> None:

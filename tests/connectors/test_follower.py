@@ -28,6 +28,7 @@ from app.core.crypto import KeyRing
 from app.core.db import Database, build_engine
 from app.main import Overrides
 from app.rotation import rotate
+from app.tokens.types import StaticCredential
 from tests.conftest import canary
 from tests.connectors import payloads
 from tests.connectors.test_authorize import authorize, counter_tokens
@@ -328,7 +329,7 @@ def _held(change_seq: int) -> HeldConnector:
         grant_type=None,
         public={},
         sealed={},
-        basic_header="Basic x",
+        credential=StaticCredential(headers={"Authorization": "Basic x"}),
     )
 
 

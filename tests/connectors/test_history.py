@@ -119,7 +119,7 @@ async def test_update_lists_only_the_fields_that_changed(client_as: ClientAs) ->
     assert response.status_code == 200, response.text
     update, first = await history(alice, created["id"])
     assert (update["action"], update["actor"], update["outcome"]) == ("update", "bob", "succeeded")
-    assert update["changed_fields"] == ["name", "auth.client_secret", "auth.token_url"]
+    assert update["changed_fields"] == ["name", "auth.token_url", "auth.client_secret"]
     assert first["action"] == "create"
 
 

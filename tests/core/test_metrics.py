@@ -9,6 +9,7 @@ import prometheus_client
 import pytest
 from pydantic import SecretStr
 
+from app.connectors.kinds.client_auth.client_secret_basic import ClientSecretBasic
 from app.core.errors import AppError, CredentialsRejected, DestinationNotAllowed
 from app.core.metrics import CONNECTOR_STATES, CONTENT_TYPE, Metrics, status_class
 from app.core.outbound import OutboundClient
@@ -153,7 +154,7 @@ def _config(token_url: str) -> OAuth2Config:
         grant_type="client_credentials",
         token_url=token_url,
         client_id="client",
-        client_secret=SecretStr("CANARY-metrics-secret"),
+        client_auth=ClientSecretBasic(SecretStr("CANARY-metrics-secret")),
     )
 
 

@@ -2,9 +2,14 @@
 
 Our token client is checked against an implementation written by someone else, so a shared
 misreading of RFC 6749 cannot pass unnoticed. The server supports the client credentials,
-password and refresh token grants, both ``client_secret_basic`` and ``client_secret_post``
-(each client is registered with one of them, as providers do), issues refresh tokens for the
-password grant, and rotates them: a used refresh token is revoked.
+password and refresh token grants, ``client_secret_basic``, ``client_secret_post`` and
+``private_key_jwt`` (each client is registered with one of them, as providers do), issues refresh
+tokens for the password grant, and rotates them: a used refresh token is revoked.
+
+``private_key_jwt`` clients are registered with a public JWK, and their assertions are verified
+by Authlib's RFC 7523 client authentication (``JWTBearerClientAssertion``): signature, ``iss`` =
+``sub``, ``aud`` (the token URL unless ``AuthStore.assertion_audiences`` says otherwise), ``exp``
+and a ``jti`` never seen before. Every assertion received is kept (``AuthStore.assertions``).
 
 One deliberate change from Authlib's defaults: a wrong resource-owner password answers
 ``invalid_grant``, as RFC 6749 §5.2 says and as common providers do; Authlib answers
@@ -24,11 +29,17 @@ from typing import Any, Self
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import ClientMixin, TokenMixin, grants
-from authlib.oauth2.rfc6749.errors import InvalidGrantError
+from authlib.oauth2.rfc6749.errors import InvalidClientError, InvalidGrantError
+from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
 from flask import Flask, Response
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import Key, import_key
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-_CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
+_CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
+# The algorithms a private_key_jwt client may sign with; a registered key's "alg" narrows them.
+_ASSERTION_ALGORITHMS = ["RS256", "PS256", "ES256"]
 
 
 @dataclass
@@ -38,6 +49,8 @@ class RegisteredClient(ClientMixin):  # type: ignore[misc]
     auth_method: str = "client_secret_basic"
     grant_types: tuple[str, ...] = ("client_credentials", "password", "refresh_token")
     scope: str = "read write"
+    # private_key_jwt: the public key the client's assertions are verified with.
+    public_jwk: dict[str, Any] | None = None
 
     def get_client_id(self) -> str:
         return self.client_id
@@ -55,6 +68,8 @@ class RegisteredClient(ClientMixin):  # type: ignore[misc]
         return False
 
     def check_client_secret(self, client_secret: str) -> bool:
+        if not self.client_secret:
+            return False  # a client registered without a secret has none to match
         return secrets.compare_digest(self.client_secret.encode(), client_secret.encode())
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
@@ -101,12 +116,22 @@ class AuthStore:
     clients: dict[str, RegisteredClient] = field(default_factory=dict)
     users: dict[str, str] = field(default_factory=dict)
     tokens: list[IssuedTokenRecord] = field(default_factory=list)
+    # private_key_jwt: the audiences an assertion may name (the server sets its token URL), the
+    # jti values seen, and every client assertion received, verified or not.
+    assertion_audiences: list[str] = field(default_factory=list)
+    seen_jtis: set[tuple[str, str]] = field(default_factory=set)
+    assertions: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_client(self, client: RegisteredClient) -> RegisteredClient:
         with self.lock:
             self.clients[client.client_id] = client
         return client
+
+    def set_public_jwk(self, client_id: str, public_jwk: dict[str, Any]) -> None:
+        """Register another public key for a ``private_key_jwt`` client (the old one stops working)."""
+        with self.lock:
+            self.clients[client_id].public_jwk = public_jwk
 
     def add_user(self, username: str, password: str) -> None:
         with self.lock:
@@ -125,6 +150,52 @@ class AuthStore:
                     token.revoked = True
                     return
         raise KeyError("no such access token")
+
+
+class _PrivateKeyJWT(JWTBearerClientAssertion):  # type: ignore[misc]
+    """``private_key_jwt`` (RFC 7523 §2.2) as Authlib implements it; the store provides the
+    audiences, the client's public key and the jti values seen."""
+
+    CLIENT_AUTH_METHOD = "private_key_jwt"
+
+    def __init__(self, store: AuthStore) -> None:
+        super().__init__(validate_jti=True)
+        self.store = store
+
+    def __call__(self, query_client: Any, request: Any) -> RegisteredClient | None:
+        assertion = request.form.get("client_assertion")
+        if assertion:
+            with self.store.lock:
+                self.store.assertions.append(assertion)
+        client: RegisteredClient | None = super().__call__(query_client, request)
+        return client
+
+    def get_audiences(self) -> list[str]:
+        with self.store.lock:
+            return list(self.store.assertion_audiences)
+
+    def validate_jti(self, claims: Any, jti: str) -> bool:
+        with self.store.lock:
+            key = (str(claims["sub"]), jti)
+            if key in self.store.seen_jtis:
+                return False
+            self.store.seen_jtis.add(key)
+            return True
+
+    def resolve_client_public_key(self, client: RegisteredClient) -> Key:
+        if client.public_jwk is None:
+            raise InvalidClientError(description="The client has no public key registered.")
+        return import_key(client.public_jwk)
+
+    def process_assertion_claims(self, assertion: str, resolve_key: Key) -> Any:
+        # Authlib's own, naming the algorithms allowed: joserfc otherwise takes only those it
+        # recommends, which leaves out PS256.
+        try:
+            token = jwt.decode(assertion, resolve_key, algorithms=_ASSERTION_ALGORITHMS)
+        except JoseError as error:
+            raise InvalidClientError(description=error.description) from error
+        self.verify_claims(token.claims)
+        return token.claims
 
 
 class _PasswordGrant(grants.ResourceOwnerPasswordCredentialsGrant):  # type: ignore[misc]
@@ -190,6 +261,7 @@ def create_app(store: AuthStore, *, access_token_lifetime: int = 3600) -> Flask:
             store.tokens.append(record)
 
     server = AuthorizationServer(app, query_client=query_client, save_token=save_token)
+    server.register_client_auth_method(_PrivateKeyJWT.CLIENT_AUTH_METHOD, _PrivateKeyJWT(store))
     # Authlib instantiates grants per request; the store reaches them as a class attribute.
     password_grant = type("PasswordGrant", (_PasswordGrant,), {"store": store})
     refresh_grant = type("RefreshTokenGrant", (_RefreshTokenGrant,), {"store": store})
@@ -226,10 +298,17 @@ class AuthorizationServerThread:
             "127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler, ssl_context=ssl_context
         )
         self._thread: threading.Thread | None = None
+        if not self.store.assertion_audiences:
+            self.store.assertion_audiences = [self.token_url]
 
     @property
     def token_url(self) -> str:
         return f"https://127.0.0.1:{self._server.server_port}/oauth/token"
+
+    @property
+    def issuer(self) -> str:
+        """The server's issuer identifier, an audience some providers want instead of the token URL."""
+        return f"https://127.0.0.1:{self._server.server_port}"
 
     def add_clients(self, clients: Iterable[RegisteredClient]) -> None:
         for client in clients:

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from app.connectors.kinds.client_auth.client_secret_basic import ClientSecretBasic
 from app.core.errors import (
     AppError,
     CredentialsRejected,
@@ -115,7 +116,7 @@ def make_config() -> OAuth2Config:
         grant_type="client_credentials",
         token_url="https://idp.example.com/oauth/token",
         client_id="client",
-        client_secret=SecretStr("client-secret-value"),
+        client_auth=ClientSecretBasic(SecretStr("client-secret-value")),
     )
 
 

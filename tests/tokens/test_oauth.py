@@ -8,6 +8,7 @@ from urllib.parse import unquote, unquote_plus
 import pytest
 from pydantic import SecretStr
 
+from app.connectors.kinds.client_auth import method_of
 from app.core.errors import (
     AppError,
     CredentialsRejected,
@@ -17,7 +18,7 @@ from app.core.errors import (
 )
 from app.core.outbound import OutboundClient
 from app.tokens.oauth import MAX_EXPIRES_IN_SECONDS, OAuth2TokenClient, client_basic_header
-from app.tokens.types import OAuth2Config, RefreshTokenRejected, TokenFetcher
+from app.tokens.types import ClientAuth, OAuth2Config, RefreshTokenRejected, TokenFetcher
 from tests.support.authserver import AuthorizationServerThread, RegisteredClient
 from tests.support.fixtures import MakeOutbound
 from tests.support.servers import RecordedRequest, Reply, ScriptedServer
@@ -26,17 +27,31 @@ CANARY = "CANARY-0c1d-provider-text"
 DEFAULT_LIFETIME = 900
 
 
+def _client_auth(method: str, secret: SecretStr) -> ClientAuth:
+    return method_of(method).build({}, {"client_secret": secret})
+
+
+def _with_client_auth(config: OAuth2Config, changes: dict[str, object]) -> OAuth2Config:
+    """``changes`` may name ``client_auth_method`` and ``client_secret`` as a connector does."""
+    method = changes.pop("client_auth_method", config.client_auth.method)
+    secret = changes.pop("client_secret", None)
+    if secret is None:
+        secret = getattr(config.client_auth, "client_secret")  # noqa: B009
+    assert isinstance(method, str) and isinstance(secret, SecretStr)
+    return replace(config, client_auth=_client_auth(method, secret), **changes)  # type: ignore[arg-type]
+
+
 def _config(token_url: str, **changes: object) -> OAuth2Config:
     base = OAuth2Config(
         grant_type="client_credentials",
         token_url=token_url,
         client_id="svc client",
-        client_secret=SecretStr("s3cr&t:+/%é"),
+        client_auth=_client_auth("client_secret_basic", SecretStr("s3cr&t:+/%é")),
         scope="read write",
         audience="https://api.example.test",
         extra_token_params={"resource": "urn:api", "grant_type": "implicit", "client_secret": "x"},
     )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return _with_client_auth(base, dict(changes))
 
 
 def _basic_credentials(request: RecordedRequest) -> tuple[str, str]:
@@ -482,11 +497,10 @@ def _authlib_config(
         grant_type="client_credentials",
         token_url=server.token_url,
         client_id=client.client_id,
-        client_secret=SecretStr(client.client_secret),
-        client_auth_method=client.auth_method,  # type: ignore[arg-type]
+        client_auth=_client_auth(client.auth_method, SecretStr(client.client_secret)),
         scope="read",
     )
-    return replace(config, **changes)  # type: ignore[arg-type]
+    return _with_client_auth(config, dict(changes))
 
 
 @pytest.mark.parametrize("client_name", ["basic", "post"])

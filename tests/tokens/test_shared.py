@@ -16,6 +16,7 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from app.connectors.kinds.client_auth.client_secret_basic import ClientSecretBasic
 from app.core.clock import SystemClock
 from app.core.crypto import KeyRing
 from app.core.errors import CredentialsRejected, TokenEndpointError
@@ -31,7 +32,7 @@ CONFIG = OAuth2Config(
     grant_type="client_credentials",
     token_url="https://idp.example.test/token",
     client_id="c",
-    client_secret=SecretStr("CANARY-shared"),
+    client_auth=ClientSecretBasic(SecretStr("CANARY-shared")),
 )
 
 

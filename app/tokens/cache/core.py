@@ -1,31 +1,7 @@
-"""The in-process OAuth token cache: absolute expiry, single flight, refresh ahead.
+"""The :class:`TokenCache`: one entry per connector version, the hot path, and the flights.
 
-One entry per connector, keyed by ``(connector id, connector version)``. A newer version is a new
-entry and replaces the older one, so a changed connector never gets a token obtained with its old
-configuration and the cache never grows beyond one entry per connector. At most ``capacity``
-entries are kept (more only while the extra ones have a token request under way): when full,
-the least recently used entry without a request under way goes. A request for a version
-older than the newest one seen (a caller holding a stale snapshot) is answered by a token request
-of its own that is shared by its concurrent callers but never cached.
-
-Expiry
-    A token's expiry is absolute and measured on the monotonic clock from the moment its request
-    was *sent*, not from when the answer arrived: ``expires = sent_at + expires_in``. Time spent
-    on the wire only ever shortens what the cache believes, never lengthens it.
-
-    A token is handed out only while ``now < expires - leeway``, with
-    ``leeway = min(60 s, 10 % of the lifetime)``. The caller still has to use the token, and the
-    resource server's clock may run ahead of ours; a minute covers both for ordinary tokens, while
-    the 10 % cap keeps short-lived tokens useful (a 30 s token is handed out for 27 s instead of
-    never, a 3600 s token for 3540 s). ``IssuedToken.expires_at`` is that same last moment,
-    converted to wall-clock time: a caller may rely on it.
-
-Refresh ahead
-    Once a token is past its refresh point, ``min(300 s, 20 % of the lifetime)`` before it stops
-    being handed out (70 % into a 30 s token, 90 % into a 3600 s one), the next caller starts one
-    background renewal and, like every caller after it, gets the cached token at once. Only when
-    the token is no longer usable do callers wait for a token request. A steady stream of calls
-    therefore never waits on the identity provider, and a burst after a quiet period waits once.
+How long a token is handed out and when it is renewed ahead is :mod:`app.tokens.cache.schedule`;
+how entries are keyed and bounded is told in the package docstring.
 
 Single flight
     Each entry has at most one token request running, as one asyncio task that every waiting
@@ -98,9 +74,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 from collections.abc import Hashable
-from dataclasses import dataclass
 from datetime import timedelta
 
 from app.core import tracing
@@ -114,6 +88,8 @@ from app.core.errors import (
 )
 from app.core.lru import LRU
 from app.core.metrics import Metrics
+from app.tokens.cache.entries import _NEVER, CacheKey, _detached, _Entry, _running, _Token
+from app.tokens.cache.schedule import token_schedule
 from app.tokens.shared import SharedFailure, SharedToken, SharedTokenStore, SharedUnavailable
 from app.tokens.types import (
     CheckState,
@@ -126,75 +102,8 @@ from app.tokens.types import (
     TokenGrant,
 )
 
-log = logging.getLogger(__name__)
-
-CacheKey = tuple[Hashable, int]
-
-LEEWAY_MAX_SECONDS = 60.0
-LEEWAY_FRACTION = 0.1
-REFRESH_AHEAD_MAX_SECONDS = 300.0
-REFRESH_AHEAD_FRACTION = 0.2
-# Longer lifetimes are cut to this, so wall-clock arithmetic cannot overflow.
-MAX_LIFETIME_SECONDS = 366 * 86_400.0
-
-_NEVER = -math.inf
-
-
-def _running(entry: _Entry) -> asyncio.Task[IssuedToken] | None:
-    """The entry's token request if it is still running.
-
-    A finished flight stays on the entry until its done-callback runs on a later turn of the
-    loop; joining it then would hand out the result of a request that may be long past.
-    """
-    flight = entry.flight
-    return flight if flight is not None and not flight.done() else None
-
-
-def token_schedule(expires_in: float, sent_at: float) -> tuple[float, float]:
-    """The monotonic times until which a token is handed out and from which it is renewed."""
-    lifetime = _clamp_lifetime(expires_in)
-    usable_until = sent_at + lifetime - min(LEEWAY_MAX_SECONDS, lifetime * LEEWAY_FRACTION)
-    refresh_at = usable_until - min(REFRESH_AHEAD_MAX_SECONDS, lifetime * REFRESH_AHEAD_FRACTION)
-    return usable_until, refresh_at
-
-
-def _clamp_lifetime(expires_in: float) -> float:
-    if math.isnan(expires_in) or expires_in <= 0:
-        return 0.0
-    return min(expires_in, MAX_LIFETIME_SECONDS)
-
-
-def _detached(error: AppError) -> AppError:
-    """A copy of ``error`` without traceback, cause or context: safe to keep and to raise again."""
-    cls = type(error)
-    clone = cls.__new__(cls, *error.args)
-    clone.__dict__.update(error.__dict__)
-    return clone
-
-
-@dataclass(frozen=True, slots=True)
-class _Token:
-    issued: IssuedToken
-    usable_until: float
-    refresh_at: float
-    # clock.monotonic() when the token arrived here.
-    received_at: float
-
-
-@dataclass(slots=True, eq=False)
-class _Entry:
-    version: int
-    token: _Token | None = None
-    refresh_token: str | None = None
-    flight: asyncio.Task[IssuedToken] | None = None
-    # A caller awaits the flight: it must not be cancelled when the entry is dropped.
-    joined: bool = False
-    rejected: AppError | None = None
-    failure: AppError | None = None
-    failures: int = 0
-    retry_at: float = _NEVER
-    # The last token a caller reported refused: a shared copy of it is not taken over.
-    stale: str | None = None
+# The package's name: log lines keep the logger name they have always had.
+log = logging.getLogger("app.tokens.cache")
 
 
 class TokenCache:

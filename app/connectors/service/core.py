@@ -30,21 +30,24 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.repository import AuditRepository
 from app.audit.schemas import SUCCEEDED, AuditAction, AuditEvent, AuditEventList
 from app.connectors import schemas
 from app.connectors.follower import ChangeFollower
-from app.connectors.kinds import Kind, TokenConfig, kind_for, kind_of
+from app.connectors.kinds import CheckTools, Kind, kind_for, kind_of
 from app.connectors.memory import ConnectorMemory, HeldConnector
 from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository, StatsRepository
+from app.connectors.service.audit_fields import changed_fields, detail_of, fields_set
+from app.connectors.service.patching import merge_auth
+from app.connectors.service.sealing import UNREADABLE, SecretSealer
 from app.connectors.urls import URLRuleError, join_resource_path, origin_of
 from app.core import tracing
 from app.core.clock import Clock
-from app.core.crypto import DecryptionError, KeyRing, secret_aad
+from app.core.crypto import KeyRing
 from app.core.db import Database
 from app.core.errors import (
     AppError,
@@ -60,21 +63,10 @@ from app.core.errors import (
     SecretUnreadable,
     VersionMismatch,
 )
-from app.core.lru import LRU
-from app.core.validation import field_errors
-from app.tokens.basic import basic_header
-from app.tokens.types import CheckState, ConfigLoader, IssuedToken, OAuth2Config, TokenGrant
+from app.tokens.static import with_query
+from app.tokens.types import CheckState, ConfigLoader, IssuedToken, OAuth2Config, StaticCredential, TokenGrant
 
-log = logging.getLogger(__name__)
-
-_AUTH_ADAPTER: TypeAdapter[Any] = TypeAdapter(schemas.AuthIn)
-_UNREADABLE = "the connector's stored secrets cannot be decrypted with the service's keys"
-
-
-class CredentialChecker(Protocol):
-    """Checks credentials live; returns the token an OAuth check obtained, None for Basic."""
-
-    async def __call__(self, config: TokenConfig) -> TokenGrant | None: ...
+log = logging.getLogger("app.connectors.service")
 
 
 class DestinationChecker(Protocol):
@@ -118,7 +110,7 @@ class ConnectorService:
         db: Database,
         keyring: KeyRing,
         tokens: Tokens,
-        check_credentials: CredentialChecker,
+        checker: CheckTools,
         check_destination: DestinationChecker,
         clock: Clock,
         max_per_org: int,
@@ -130,8 +122,10 @@ class ConnectorService:
     ) -> None:
         self.db = db
         self.keyring = keyring
+        self.sealer = SecretSealer(keyring)
         self.tokens = tokens
-        self.check_credentials = check_credentials
+        # What kinds' live checks use (app.tokens.check.LiveChecker).
+        self.checker = checker
         self.check_destination = check_destination
         self.clock = clock
         self.max_per_org = max_per_org
@@ -154,8 +148,6 @@ class ConnectorService:
         # POST /validate: at most one live check per connector version per interval; the checks
         # under way here, shared by every caller asking meanwhile, and how many have ended.
         self.validate_interval = validate_interval
-        # Stored values found unreadable, each logged once (with its connector and key id).
-        self._unreadable_logged: LRU[tuple[uuid.UUID, str, str], bool] = LRU(1024)
         self._validations: dict[tuple[str, uuid.UUID, int], asyncio.Future[Validation | None]] = {}
         self._validations_ended = 0
 
@@ -209,6 +201,8 @@ class ConnectorService:
                 raise NameTaken()
         await self._check_destinations(body.resource_domain_url, kind, public)
         sent_at = self.clock.monotonic()
+        # A kind with nothing to check against (an API key without a validation URL) stays unverified.
+        validate = validate and kind.checkable(public)
         grant = await self._live_check(kind, public, secrets) if validate else None
         connector_id = uuid.uuid4()
         now = self.clock.now()
@@ -232,7 +226,7 @@ class ConnectorService:
                 raise NameTaken()
             await repo.add(row)
             await self._audit(
-                session, organization_id, connector_id, "create", actor, _fields_set(body), SUCCEEDED, at=now
+                session, organization_id, connector_id, "create", actor, fields_set(body), SUCCEEDED, at=now
             )
             await repo.record_change(organization_id, connector_id, now, row=row)
         self._changed_here(row)
@@ -256,7 +250,7 @@ class ConnectorService:
             )
         except AppError as error:
             await self._record_refusal(
-                organization_id, connector_id, "update", actor, _fields_set(patch), error
+                organization_id, connector_id, "update", actor, fields_set(patch), error
             )
             raise
 
@@ -286,7 +280,9 @@ class ConnectorService:
             ):
                 raise NameTaken()
         base_url = patch.resource_domain_url or row.resource_domain_url
-        kind, public, secrets, sent_secrets = self._merge_auth(row, patch.auth)
+        merged = merge_auth(row, patch.auth, self.sealer.open_row)
+        kind, public, secrets, sent_secrets = merged.kind, merged.public, merged.secrets, merged.sent_secrets
+        secret_names = set(secrets) if secrets is not None else set(row.secrets)
         old_kind = kind_of(row.auth_type, row.grant_type)
         credentials_touched = (
             kind is not old_kind
@@ -298,7 +294,7 @@ class ConnectorService:
             kind is old_kind and any(public.get(u) != row.auth_config.get(u) for u in kind.guarded_urls)
         )
         if url_moved:
-            missing = [name for name in kind.secret_fields if name not in sent_secrets]
+            missing = sorted(name for name in secret_names if name not in sent_secrets)
             if missing:
                 raise SecretRequired(
                     "a change of a URL must send the secrets again",
@@ -316,9 +312,10 @@ class ConnectorService:
         grant: TokenGrant | None = None
         if credentials_touched:
             if secrets is None:
-                secrets = self._decrypt(row)
+                secrets = self.sealer.open_row(row)
             await self._check_destinations(base_url, kind, public)
             sent_at = self.clock.monotonic()
+            validate = validate and kind.checkable(public)
             if validate:
                 grant = await self._live_check(kind, public, secrets, connector_id=connector_id)
             values.update(
@@ -333,7 +330,7 @@ class ConnectorService:
                 await self._require(repo, organization_id, connector_id)
                 raise VersionMismatch("the connector changed while this update was processed")
             updated = await self._require(repo, organization_id, connector_id)
-            changed = _changed_fields(row, name, base_url, kind, public, sent_secrets)
+            changed = changed_fields(row, name, base_url, kind, public, sent_secrets, secret_names)
             await self._audit(
                 session,
                 organization_id,
@@ -387,6 +384,8 @@ class ConnectorService:
         for _ in range(3):
             ended = self._validations_ended
             row = await self._read_for_validation(organization_id, connector_id)
+            if not kind_of(row.auth_type, row.grant_type).checkable(row.auth_config):
+                return Validation(self.to_out(row))  # nothing to check against: stays as it is
             key = (organization_id, connector_id, row.version)
             flight = self._validations.get(key)
             if flight is None:
@@ -463,7 +462,7 @@ class ConnectorService:
         """
         organization_id, connector_id = row.organization_id, row.id
         # Before the claim: secrets that cannot be opened must not hold back the next attempt.
-        secrets = self._decrypt(row)
+        secrets = self.sealer.open_row(row)
         claimed_at = self.clock.now()
         async with self.db.write() as session:
             repo = ConnectorRepository(session)
@@ -486,9 +485,9 @@ class ConnectorService:
         try:
             grant = await self._live_check(kind, row.auth_config, secrets, connector_id=connector_id)
         except CredentialsRejected as error:
-            state, detail = "rejected", _detail_of(error)
+            state, detail = "rejected", detail_of(error)
         except AppError as error:
-            state, detail = "unreachable", _detail_of(error)
+            state, detail = "unreachable", detail_of(error)
         now = self.clock.now()
         async with self.db.write() as session:
             repo = ConnectorRepository(session)
@@ -532,11 +531,12 @@ class ConnectorService:
         except URLRuleError as error:
             raise PathOutsideResourceDomain(str(error)) from None
         if held.unreadable:
-            raise SecretUnreadable(_UNREADABLE)
-        if held.basic_header is not None:
+            raise SecretUnreadable(UNREADABLE)
+        if held.credential is not None:
+            # Basic, API keys: handed out from memory, never an outbound call.
             return schemas.AuthorizeResponse.model_construct(
-                url=url,
-                headers={"Authorization": held.basic_header},
+                url=with_query(url, held.credential.query),
+                headers=dict(held.credential.headers),
                 resource_origin=held.origin,
                 expires_at=None,
             )
@@ -546,7 +546,7 @@ class ConnectorService:
         stale = self.tokens.peek(key) if request.force_refresh else None
         try:
             token = await self.tokens.get(
-                key, lambda: self._oauth_config(connector_id, held), stale_token=stale
+                key, lambda: self._token_config(connector_id, held), stale_token=stale
             )
         except (CredentialsRejected, DestinationNotAllowed) as error:
             # On save these are the caller's input problem (422); here the upstream failed.
@@ -612,7 +612,7 @@ class ConnectorService:
             self._notify(connector_id)
 
     def auth_type_of(self, organization_id: str, connector_id: uuid.UUID) -> str | None:
-        """``basic`` or ``oauth2`` if authorize holds the connector in memory, else None."""
+        """The connector's ``type`` if authorize holds it in memory, else None."""
         held = self.memory.peek(connector_id)
         if held is None or held.organization_id != organization_id:
             return None
@@ -631,11 +631,12 @@ class ConnectorService:
         return self._held_from(row) if row is not None else None
 
     def _held_from(self, row: Connector) -> HeldConnector:
-        header: str | None = None
+        kind = kind_of(row.auth_type, row.grant_type)
+        credential: StaticCredential | None = None
         unreadable = False
-        if row.auth_type == "basic":
+        if not kind.issues_tokens:
             try:
-                header = basic_header(row.auth_config["username"], self._decrypt(row)["password"])
+                credential = kind.credential(row.auth_config, self.sealer.open_row(row))
             except SecretUnreadable:
                 # Held all the same: authorize answers the problem from memory, not a load a call.
                 unreadable = True
@@ -649,23 +650,21 @@ class ConnectorService:
             auth_type=row.auth_type,
             grant_type=row.grant_type,
             public=dict(row.auth_config),
-            # Basic needs only its header; OAuth decrypts these when a token request is sent.
-            sealed={} if header is not None else dict(row.secrets),
-            basic_header=header,
+            # A static credential is all authorize needs; token kinds decrypt these for a request.
+            sealed={} if not kind.issues_tokens else dict(row.secrets),
+            credential=credential,
             unreadable=unreadable,
         )
 
-    async def _oauth_config(self, connector_id: uuid.UUID, held: HeldConnector) -> OAuth2Config:
+    async def _token_config(self, connector_id: uuid.UUID, held: HeldConnector) -> OAuth2Config:
         """The token request's configuration, decrypted from the held copy just before use.
 
         It runs inside the token cache's flight, which hands an error of its own to the waiting
         callers unchanged and reports nothing, so an unreadable secret never marks the connector
         rejected.
         """
-        secrets = self._open(held.organization_id, connector_id, held.sealed)
-        config = kind_of(held.auth_type, held.grant_type).build_config(held.public, secrets)
-        assert isinstance(config, OAuth2Config)
-        return config
+        secrets = self.sealer.open(held.organization_id, connector_id, held.sealed)
+        return kind_of(held.auth_type, held.grant_type).token_config(held.public, secrets)
 
     def _changed_here(self, row: Connector) -> None:
         """A change committed here: hold the new copy at once and tell the other replicas."""
@@ -793,7 +792,7 @@ class ConnectorService:
                 "id": row.id,
                 "name": row.name,
                 "resource_domain_url": row.resource_domain_url,
-                "auth": kind.read_model(row.auth_config, row.secrets).model_dump(),
+                "auth": kind.read_model(row.auth_config, row.secrets),
                 "status": {
                     "state": row.status_state,
                     "checked_at": row.status_checked_at,
@@ -818,7 +817,7 @@ class ConnectorService:
             raise ConnectorLimitReached(f"an organization may have at most {self.max_per_org} connectors")
 
     async def _check_destinations(self, base_url: str, kind: Kind, public: Mapping[str, Any]) -> None:
-        for url in (base_url, *(public[name] for name in kind.guarded_urls)):
+        for url in (base_url, *kind.destinations(public)):
             await self.check_destination(url)
 
     async def _live_check(
@@ -831,50 +830,9 @@ class ConnectorService:
     ) -> TokenGrant | None:
         """Check the credentials; the check's span names ``connector_id`` (none before a create)."""
         if connector_id is None:
-            return await self.check_credentials(kind.build_config(public, secrets))
+            return await kind.check(self.checker, public, secrets)
         with tracing.for_connector(connector_id):
-            return await self.check_credentials(kind.build_config(public, secrets))
-
-    def _merge_auth(
-        self, row: Connector, patch: schemas.AuthPatch | None
-    ) -> tuple[Kind, dict[str, Any], dict[str, SecretStr] | None, set[str]]:
-        """The auth after a patch: its kind, public fields, all secrets, and the secrets sent.
-
-        The secrets are None when the patch leaves the auth as stored: nothing is decrypted for
-        a change that does not need them (a rename works even when the key ring cannot open them).
-        """
-        current = kind_of(row.auth_type, row.grant_type)
-        if patch is None or _restates(row, current, _raw_fields(patch)):
-            return current, dict(row.auth_config), None, set()
-        sent = patch.model_fields_set
-        new_type = patch.type or row.auth_type
-        new_grant: str | None
-        if "grant_type" in sent:
-            new_grant = patch.grant_type
-        elif new_type == row.auth_type:
-            new_grant = row.grant_type
-        else:
-            new_grant = "client_credentials" if new_type == "oauth2" else None
-        raw = _raw_fields(patch)
-        if (new_type, new_grant) != (row.auth_type, row.grant_type):
-            # A change of kind needs the whole new auth object: nothing is carried over.
-            raw.update(type=new_type)
-            if new_type == "oauth2":
-                raw["grant_type"] = new_grant
-            auth = _validate_auth(raw)
-            kind = kind_for(auth)
-            public, secrets = kind.split(auth)
-            return kind, public, secrets, set(secrets)
-        stored = self._decrypt(row)
-        sent_secrets = {name for name in current.secret_fields if name in sent and raw.get(name) is not None}
-        merged: dict[str, Any] = {**row.auth_config, "type": row.auth_type}
-        if row.grant_type:
-            merged["grant_type"] = row.grant_type
-        merged.update({name: value.get_secret_value() for name, value in stored.items()})
-        merged.update({k: v for k, v in raw.items() if k not in ("type", "grant_type")})
-        auth = _validate_auth(merged)
-        public, secrets = current.split(auth)
-        return current, public, secrets, sent_secrets
+            return await kind.check(self.checker, public, secrets)
 
     def _credential_columns(
         self,
@@ -891,62 +849,14 @@ class ConnectorService:
         return {
             "resource_domain_url": base_url,
             "auth_type": kind.auth_type,
-            "grant_type": kind.grant_type,
+            "grant_type": kind.variant,
             "auth_config": public,
-            "secrets": self._encrypt(organization_id, connector_id, secrets),
+            "secrets": self.sealer.seal(organization_id, connector_id, secrets),
             "key_id": self.keyring.primary_key_id,
             "status_state": "authorized" if validated else "unverified",
             "status_checked_at": now if validated else None,
             "status_detail": None,
         }
-
-    def _encrypt(
-        self, organization_id: str, connector_id: uuid.UUID, secrets: Mapping[str, SecretStr]
-    ) -> dict[str, str]:
-        return {
-            name: self.keyring.encrypt(
-                value.get_secret_value(), aad=secret_aad(organization_id, connector_id, name)
-            )
-            for name, value in secrets.items()
-        }
-
-    def _decrypt(self, row: Connector) -> dict[str, SecretStr]:
-        return self._open(row.organization_id, row.id, row.secrets)
-
-    def _open(
-        self, organization_id: str, connector_id: uuid.UUID, sealed: Mapping[str, str]
-    ) -> dict[str, SecretStr]:
-        """Decrypt a connector's stored secrets; one that the key ring cannot open is
-        ``SecretUnreadable``, logged here once with the connector and key id (never the value)."""
-        secrets: dict[str, SecretStr] = {}
-        for name, token in sealed.items():
-            try:
-                secrets[name] = SecretStr(
-                    self.keyring.decrypt(token, aad=secret_aad(organization_id, connector_id, name))
-                )
-            except DecryptionError as error:
-                if (connector_id, name, token) in self._unreadable_logged:
-                    raise SecretUnreadable(_UNREADABLE) from None
-                # Once per stored value: every authorize of an OAuth connector would log it again.
-                self._unreadable_logged.put((connector_id, name, token), True)
-                try:
-                    key_id: str | None = self.keyring.key_id_of(token)
-                except DecryptionError:
-                    key_id = None  # not in a known format: there is no key id to name
-                log.error(
-                    "a stored secret cannot be decrypted",
-                    extra={
-                        "organization": organization_id,
-                        "connector": str(connector_id),
-                        "key_id": key_id,
-                        "key_in_ring": key_id in self.keyring.key_ids,
-                        "field": name,
-                        # DecryptionError's text names no key material, ciphertext or plaintext.
-                        "reason": str(error),
-                    },
-                )
-                raise SecretUnreadable(_UNREADABLE) from None
-        return secrets
 
     def _notify(self, connector_id: uuid.UUID) -> None:
         if self.on_change is not None:
@@ -963,82 +873,3 @@ class ConnectorService:
         await self.memory.aclose()
         if self._background_tasks:
             await asyncio.gather(*self._background_tasks, return_exceptions=True)
-
-
-def _raw_fields(patch: BaseModel) -> dict[str, Any]:
-    raw: dict[str, Any] = {}
-    for name in patch.model_fields_set:
-        value = getattr(patch, name)
-        raw[name] = value.get_secret_value() if isinstance(value, SecretStr) else value
-    return raw
-
-
-def _restates(row: Connector, kind: Kind, raw: Mapping[str, Any]) -> bool:
-    """True when an auth patch sends no secret and only values equal to the stored ones."""
-    stored = {**row.auth_config, "type": row.auth_type, "grant_type": row.grant_type}
-    return all(
-        name not in kind.secret_fields and name in stored and stored[name] == value
-        for name, value in raw.items()
-    )
-
-
-def _validate_auth(raw: dict[str, Any]) -> BaseModel:
-    try:
-        auth: BaseModel = _AUTH_ADAPTER.validate_python(raw)
-    except ValidationError as error:
-        raise InvalidRequest(errors=field_errors(error, prefix=("auth",), rules=schemas.LOCATIONS)) from None
-    return auth
-
-
-def _detail_of(error: AppError) -> str:
-    provider = error.extra.get("provider_error")
-    return f"{error.code}: {provider}" if isinstance(provider, str) else error.code
-
-
-# Audit field names: names only, never values. Auth fields are listed in one fixed order.
-_AUTH_FIELD_ORDER = {name: index for index, name in enumerate(schemas.AuthPatch.model_fields)}
-
-
-def _auth_names(names: Collection[str]) -> list[str]:
-    ordered = sorted(names, key=lambda name: (_AUTH_FIELD_ORDER.get(name, len(_AUTH_FIELD_ORDER)), name))
-    return [f"auth.{name}" for name in ordered]
-
-
-def _fields_set(body: schemas.ConnectorCreate | schemas.ConnectorPatch) -> list[str]:
-    """The fields a request sets, whatever their values (those of a refused attempt included)."""
-    sent = body.model_fields_set
-    names = [name for name in ("name", "resource_domain_url") if name in sent]
-    auth: BaseModel | None = body.auth
-    return names + (_auth_names(auth.model_fields_set) if auth is not None else [])
-
-
-def _changed_fields(
-    row: Connector,
-    name: str,
-    base_url: str,
-    kind: Kind,
-    public: Mapping[str, Any],
-    sent_secrets: Collection[str],
-) -> list[str]:
-    """What an update changed. A secret counts when a new value was sent (or it was dropped)."""
-    names = [
-        field
-        for field, new, old in (
-            ("name", name, row.name),
-            ("resource_domain_url", base_url, row.resource_domain_url),
-        )
-        if new != old
-    ]
-    # An absent field, None and an empty value ({} for extra_token_params) all mean "not set".
-    auth = {
-        key
-        for key in {*public, *row.auth_config}
-        if (public.get(key) or None) != (row.auth_config.get(key) or None)
-    }
-    if kind.auth_type != row.auth_type:
-        auth.add("type")
-    if kind.grant_type != row.grant_type:
-        auth.add("grant_type")
-    auth.update(sent_secrets)
-    auth.update(set(row.secrets) - set(kind.secret_fields))
-    return names + _auth_names(auth)

@@ -1,0 +1,68 @@
+"""The registry of connector kinds.
+
+A kind is one module (``basic``, ``oauth2_client_credentials``, ...) holding a ``Kind``
+(``app.connectors.kinds.base``); OAuth 2.0 client-authentication methods are registered the same
+way in ``app.connectors.kinds.client_auth``. Everything else (the wire shapes in
+``app.connectors.schemas``, the service, the router, the token layer) looks a kind up here and
+calls it, and never branches on its name. The README's "Adding a kind" says what a new one takes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from app.connectors.kinds import api_key, basic, oauth2_client_credentials, oauth2_password
+from app.connectors.kinds.base import CheckTools, Kind, StaticKind, TokenKind
+
+__all__ = ["KINDS", "CheckTools", "Kind", "StaticKind", "TokenKind", "fill_defaults", "kind_for", "kind_of"]
+
+# In the order the document lists them; the first variant of a type is its default.
+KINDS: tuple[Kind, ...] = (
+    basic.KIND,
+    oauth2_client_credentials.KIND,
+    oauth2_password.KIND,
+    api_key.KIND,
+)
+_BY_TAGS = {(kind.auth_type, kind.variant): kind for kind in KINDS}
+
+
+def kind_of(auth_type: str, variant: str | None) -> Kind:
+    """The kind stored as ``auth_type`` and ``grant_type``; KeyError if none is registered."""
+    return _BY_TAGS[(auth_type, variant)]
+
+
+def kind_for(auth: BaseModel) -> Kind:
+    """The kind of a validated input model."""
+    auth_type = getattr(auth, "type")  # noqa: B009
+    variants = [kind for kind in KINDS if kind.auth_type == auth_type]
+    field = variants[0].variant_field
+    return kind_of(auth_type, getattr(auth, field) if field is not None else None)
+
+
+def default_kind(auth_type: str) -> Kind | None:
+    """The kind an input of ``auth_type`` that names no variant is (the first registered)."""
+    return next((kind for kind in KINDS if kind.auth_type == auth_type), None)
+
+
+def fill_defaults(raw: Any) -> Any:
+    """An ``auth`` input with the tags it may leave out filled in (``grant_type`` and
+    ``client_auth_method`` of OAuth 2.0), so that the discriminated unions can pick its model."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        return raw
+    kind = default_kind(raw["type"])
+    if kind is None:
+        return raw
+    if kind.variant_field is not None:
+        if kind.variant_field not in raw:
+            raw = {**raw, kind.variant_field: kind.variant}
+        chosen = (
+            _BY_TAGS.get((kind.auth_type, raw[kind.variant_field]))
+            if isinstance(raw[kind.variant_field], str)
+            else None
+        )
+        if chosen is None:
+            return raw
+        kind = chosen
+    return kind.fill_defaults(raw)
