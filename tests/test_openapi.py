@@ -17,6 +17,7 @@ import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
 from app.connectors import schemas
+from app.connectors.kinds import KINDS
 from app.core.config import Settings
 from app.core.errors import ERROR_CLASSES
 from app.main import create_app
@@ -340,7 +341,14 @@ def test_bodies_and_answers_are_named_schemas() -> None:
 
 
 EXAMPLES = {
-    ("createConnector", schemas.ConnectorCreate): {"basic", "oauth2ClientCredentials", "oauth2Password"},
+    ("createConnector", schemas.ConnectorCreate): {
+        "basic",
+        "oauth2ClientCredentials",
+        "oauth2Password",
+        "oauth2PrivateKeyJWT",
+        "oauth2TlsClientAuth",
+        "apiKey",
+    },
     ("updateConnector", schemas.ConnectorPatch): {"rename", "secretRotation", "moveTokenURL", "switchType"},
 }
 
@@ -355,10 +363,15 @@ def test_named_examples_for_every_auth_shape_are_valid(operation_id: str, model:
         model.model_validate(example["value"])
     if model is schemas.ConnectorCreate:
         shapes = {
-            (e["value"]["auth"]["type"], e["value"]["auth"].get("grant_type"))
+            (
+                e["value"]["auth"]["type"],
+                e["value"]["auth"].get("grant_type"),
+                e["value"]["auth"].get("client_auth_method"),
+            )
             for e in media["examples"].values()
         }
-        assert shapes == {("basic", None), ("oauth2", "client_credentials"), ("oauth2", "password")}
+        assert {shape[:2] for shape in shapes} == {(kind.auth_type, kind.variant) for kind in KINDS}
+        assert {shape[2] for shape in shapes} - {None} >= {"private_key_jwt", "tls_client_auth"}
 
 
 def parameter(operation_id: str, name: str) -> dict[str, Any]:

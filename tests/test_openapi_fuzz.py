@@ -109,6 +109,25 @@ _SAME_PARAMETER = "two parameter names differ only in case or in '.', '-' and '_
 _AUTH_MERGE = {"unknown field", "Field required", "a Basic authentication username may not contain ':'"}
 
 
+# A PEM key or certificate is judged by what it holds, which no schema can state; so is an API
+# key's name or prefix against the stored `in`.
+_KEY_FIELDS = {"auth.private_key", "auth.tls_certificate", "auth.tls_private_key"}
+_API_KEY_MERGE = {
+    "a query parameter name must be 1-64 ASCII letters, digits, '-', '.', '_' or '~'",
+    "a prefix is only sent with in: header; send null or leave it out with in: query",
+    "that header name is reserved: the HTTP client or a proxy sets it itself, or it describes the body",
+}
+
+
+def _key_material(body: dict[str, Any]) -> bool:
+    errors = body.get("errors") or []
+    return (
+        body.get("code") == "invalid_request"
+        and bool(errors)
+        and all(e["field"] in _KEY_FIELDS for e in errors)
+    )
+
+
 def _only(body: dict[str, Any], code: str, reasons: set[str]) -> bool:
     errors = body.get("errors") or []
     return body.get("code") == code and bool(errors) and all(error["reason"] in reasons for error in errors)
@@ -116,13 +135,16 @@ def _only(body: dict[str, Any], code: str, reasons: set[str]) -> bool:
 
 # By operation: given a refusal's status and problem body, whether it is one of them.
 INTENDED_REFUSALS: dict[str, Callable[[int, dict[str, Any]], bool]] = {
-    "createConnector": lambda status, body: _only(body, "invalid_request", {_SAME_PARAMETER}),
+    "createConnector": lambda status, body: (
+        _only(body, "invalid_request", {_SAME_PARAMETER}) or _key_material(body)
+    ),
     "updateConnector": lambda status, body: (
         # A stale or unknown If-Match: the precondition failed, the request was well formed.
         status == 412
         # A URL that moves needs the secrets again.
         or body.get("code") == "secret_required"
-        or _only(body, "invalid_request", {*_AUTH_MERGE, _SAME_PARAMETER})
+        or _only(body, "invalid_request", {*_AUTH_MERGE, *_API_KEY_MERGE, _SAME_PARAMETER})
+        or _key_material(body)
     ),
     "deleteConnector": lambda status, body: status == 412,
     # What the path becomes once decoded or normalised (README, "Paths given to /authorize").

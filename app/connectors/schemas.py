@@ -192,6 +192,14 @@ def _literals(annotation: Any) -> list[Any]:
     return list(get_args(annotation)) if get_origin(annotation) is Literal else []
 
 
+def _shape(info: FieldInfo) -> FieldInfo:
+    """The field as a kind takes a value: an optional field's type without ``None``."""
+    args = get_args(info.annotation)
+    if type(None) in args and len(args) == 2:
+        return FieldInfo.from_annotation(next(arg for arg in args if arg is not type(None)))
+    return info
+
+
 def _patch_fields() -> dict[str, Any]:
     """Every kind's input fields, optional. A field that is optional in some kind may be sent as
     null (it removes the value); a field kinds define differently is checked by the kind only."""
@@ -206,11 +214,12 @@ def _patch_fields() -> dict[str, Any]:
     for name, infos in ordered:
         tags = [value for info in infos for value in _literals(info.annotation)]
         nullable = any(not info.is_required() and info.default is None for info in infos)
-        first = infos[0]
+        shapes = [_shape(info) for info in infos]
+        first = shapes[0]
         same = all(
             (info.annotation, repr(info.metadata), info.json_schema_extra)
             == (first.annotation, repr(first.metadata), first.json_schema_extra)
-            for info in infos
+            for info in shapes
         )
         if name == "client_auth_method":
             inner: Any = ClientAuthMethod
@@ -225,7 +234,7 @@ def _patch_fields() -> dict[str, Any]:
         else:
             inner = first.annotation
         annotation = inner | None if nullable else inner | Omissible
-        alias = first.alias
+        alias = infos[0].alias
         fields[name.replace("-", "_") if alias is None else f"{alias}_"] = (
             annotation,
             Field(default=None, alias=alias),
@@ -366,12 +375,17 @@ class AuthorizeRequest(Strict):
 
 
 class AuthorizeResponse(BaseModel):
-    url: str = Field(description="The resource domain URL joined with the path")
+    url: str = Field(
+        description=(
+            "The resource domain URL joined with the path; for an API key sent as a query parameter, "
+            "with the key added"
+        )
+    )
     headers: dict[str, str] = Field(
-        description="Headers to send with the request, `Authorization` among them"
+        description="Headers to send with the request (none for an API key sent in the query)"
     )
     resource_origin: str = Field(description="Send the headers only to this origin")
-    expires_at: datetime | None = Field(description="When the token expires; null for Basic")
+    expires_at: datetime | None = Field(description="When the token expires; null for Basic and API keys")
 
 
 def _location_tags() -> dict[str, set[str]]:

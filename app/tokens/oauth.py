@@ -157,9 +157,7 @@ class OAuth2TokenClient:
         ) as span:
             # Counted in the vocabulary of a connector's status; a cancelled request is not counted.
             try:
-                grant = await self._send(
-                    config, form, headers, refreshing=refresh_token is not None, span=span
-                )
+                grant = await self._send(config, form, headers, refresh_token=refresh_token, span=span)
             except (CredentialsRejected, RefreshTokenRejected):
                 self._requests.labels(grant_type, "rejected").inc()
                 span.set_attribute(tracing.OUTCOME, "rejected")
@@ -178,14 +176,20 @@ class OAuth2TokenClient:
         form: dict[str, str],
         headers: dict[str, str],
         *,
-        refreshing: bool,
+        refresh_token: str | None,
         span: Span,
     ) -> TokenGrant:
+        first = [form]
+
+        def attempt_form() -> dict[str, str]:
+            # A retry sends a form made afresh: a client assertion (its jti) is good for one use.
+            return first.pop() if first else build_token_request(config, refresh_token)[0]
+
         response = await self._outbound.request(
             "POST",
             config.token_url,
             headers=headers,
-            data=form,
+            data=attempt_form,
             kind="token",
             client_certificate=config.client_auth.certificate,
         )
@@ -195,7 +199,7 @@ class OAuth2TokenClient:
         if 200 <= status < 300 and (body is None or "error" not in body):
             lifetime = config.token_lifetime_seconds or self._default_lifetime
             return _grant_from(body, status, lifetime)
-        _raise_for_error(status, body, refreshing=refreshing)
+        _raise_for_error(status, body, refreshing=refresh_token is not None)
 
 
 def build_token_request(

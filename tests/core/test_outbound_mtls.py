@@ -20,7 +20,6 @@ from contextlib import suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol, Self
 
 import httpcore
@@ -255,17 +254,6 @@ class MutualTLSServer:
             with suppress(OSError):
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
         self._server.server_close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class Serve(Protocol):
@@ -584,7 +572,6 @@ async def test_connections_never_carry_another_identity(
 async def test_an_evicted_pool_is_closed_and_all_close_with_the_client(
     local_ca: LocalCA,
     serve: Serve,
-    client_ca: LocalCA,
     alice: ClientCertificate,
     bob: ClientCertificate,
 ) -> None:

@@ -5,10 +5,14 @@ Authlib has no RFC 8705 method, so one is registered with
 ``AuthorizationServer.register_client_auth_method``. The TLS layer asks every client for a
 certificate and verifies it against the client CA it is given (``ssl.CERT_REQUIRED``): a
 certificate that is expired or issued by another CA ends the handshake with an alert, before any
-HTTP. Werkzeug puts the verified certificate into the WSGI environ (``SSL_CLIENT_CERT``, PEM);
-the method finds the client named by the form's ``client_id`` and accepts it only if the
+HTTP. The handshake runs in the connection's thread, and after refusing one the server reads
+what the client still sends before it closes (``_linger``), as careful servers do: closing with
+unread data resets the connection, and on loopback the reset can overtake the alert.
+
+Werkzeug puts the verified certificate into the WSGI environ (``SSL_CLIENT_CERT``, PEM). The
+method finds the client named by the form's ``client_id`` and accepts it only if the
 certificate's subject is the one registered for that client (``tls_client_auth_subject_dn``,
-RFC 8705 §2.1.2), and, when one is registered, its SHA-256 fingerprint too.
+RFC 8705 §2.1.2).
 
 The grants, the token store and the client model are those of ``tests.support.authserver``; the
 secret methods stay available, so one server can serve a client that moves to a certificate.
@@ -18,10 +22,11 @@ Every request's certificate is recorded (``seen``), so tests see what the provid
 from __future__ import annotations
 
 import hashlib
-import hmac
+import socket
 import ssl
 import threading
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -31,7 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Flask, Response
 from flask import request as flask_request
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import ThreadedWSGIServer
 
 from tests.support.authserver import (
     AuthStore,
@@ -78,18 +83,12 @@ class CertificateClient(RegisteredClient):
     client_secret: str = ""
     auth_method: str = TLS_CLIENT_AUTH
     tls_client_auth_subject_dn: str = ""
-    # Pins one certificate when set; otherwise any certificate with the subject is the client's.
-    tls_client_auth_sha256: str | None = None
 
     def check_client_secret(self, client_secret: str) -> bool:
         return False
 
     def check_certificate(self, seen: SeenCertificate) -> bool:
-        if not self.tls_client_auth_subject_dn or seen.subject != self.tls_client_auth_subject_dn:
-            return False
-        return self.tls_client_auth_sha256 is None or hmac.compare_digest(
-            seen.fingerprint, self.tls_client_auth_sha256
-        )
+        return bool(self.tls_client_auth_subject_dn) and seen.subject == self.tls_client_auth_subject_dn
 
 
 def _peer_certificate() -> SeenCertificate | None:
@@ -119,6 +118,49 @@ class _CertificatePasswordGrant(_PasswordGrant):
 
 class _CertificateRefreshTokenGrant(_RefreshTokenGrant):
     TOKEN_ENDPOINT_AUTH_METHODS = _CLIENT_AUTH_METHODS
+
+
+def _linger(sock: ssl.SSLSocket) -> None:
+    """After refusing a handshake, read (below TLS) what the client still sends until it hangs up."""
+    with suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        while socket.socket.recv(sock, 65536):
+            pass
+
+
+class _CertificateHandler(_QuietHandler):
+    # Bounds the handshake, and the lingering after a refused one.
+    timeout = 5
+    refused = False
+
+    def setup(self) -> None:
+        sock = self.request
+        assert isinstance(sock, ssl.SSLSocket)
+        sock.settimeout(self.timeout)
+        try:
+            sock.do_handshake()
+        except OSError:  # a refused certificate (ssl.SSLError), a timeout, a reset
+            _linger(sock)
+            self.refused = True
+        super().setup()
+
+    def handle(self) -> None:
+        if not self.refused:
+            super().handle()
+
+
+class _Server(ThreadedWSGIServer):
+    """Werkzeug's threaded server, accepting on a plain socket: each connection is wrapped without
+    a handshake, which ``_CertificateHandler`` makes in the connection's own thread."""
+
+    def __init__(self, app: Flask, ssl_context: ssl.SSLContext) -> None:
+        super().__init__("127.0.0.1", 0, app, handler=_CertificateHandler)
+        # Set after the socket is made, so it stays plain; werkzeug reads it to speak of https.
+        self.ssl_context = self._tls = ssl_context
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = self.socket.accept()
+        return self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
 
 @dataclass
@@ -192,9 +234,7 @@ class MutualTLSAuthorizationServer:
         self.store = store or AuthStore()
         self.observed = Observed()
         app = create_app(self.store, self.observed)
-        self._server: BaseWSGIServer = make_server(
-            "127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler, ssl_context=ssl_context
-        )
+        self._server = _Server(app, ssl_context)
         self._thread: threading.Thread | None = None
 
     @property

@@ -268,3 +268,21 @@ def test_the_key_is_in_no_repr_or_error() -> None:
     assert not [line for line in pem_body_lines(broken) if line in error_text(raised.value)]
     with pytest.raises(ValueError, match="ES256"):
         PrivateKeyJWT(SecretStr(pem), signing_alg="ES256")
+
+
+async def test_a_retried_request_carries_a_new_assertion(
+    fetch: OAuth2TokenClient, scripted_server: ScriptedServer
+) -> None:
+    # A provider that saw the first assertion may refuse its jti a second time.
+    scripted_server.queue(
+        Reply.json({"error": "temporarily_unavailable"}, status=503),
+        Reply.json({"access_token": "at-1", "token_type": "Bearer", "expires_in": 60}),
+    )
+
+    grant = await fetch(config(scripted_server.url("/oauth/token")))
+
+    assert grant.access_token == "at-1"
+    first, second = (
+        unverified(request.form()["client_assertion"])[1] for request in scripted_server.requests
+    )
+    assert first["jti"] != second["jti"]

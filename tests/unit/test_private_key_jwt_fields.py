@@ -3,6 +3,7 @@ names its field and says what is wrong without a word of the key."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from app.connectors import schemas
 from app.connectors.kinds import kind_for
+from app.connectors.kinds.client_auth.private_key_jwt import KEY_ID_PATTERN
 from app.core.validation import field_errors
 from tests.tokens.test_private_key_jwt import EC_KEY, RSA_KEY, pem_body_lines, pem_of, private_numbers
 
@@ -141,6 +143,15 @@ def test_unusable_keys_are_refused_on_the_private_key_field(private_key: str, re
     assert reason in errors[0]["reason"]
 
 
+def test_rsa_keys_over_4096_bits_are_refused() -> None:
+    # Checking such a key on save would take seconds of CPU, and signing with it each request more.
+    big = any_pem(rsa.generate_private_key(public_exponent=65537, key_size=4160))
+    errors = refused(private_key=big)
+    assert errors == [
+        {"field": "auth.private_key", "reason": "is an RSA key of 4160 bits: at most 4096 are allowed"}
+    ]
+
+
 @pytest.mark.parametrize(
     ("key", "alg", "reason"),
     [
@@ -169,6 +180,13 @@ def test_an_unknown_signing_alg_is_refused_on_its_field() -> None:
 def test_key_ids_are_visible_ascii(key_id: str) -> None:
     errors = refused(private_key_id=key_id, private_key=pem_of(RSA_KEY))
     assert [error["field"] for error in errors] == ["auth.private_key_id"]
+    assert not re.search(KEY_ID_PATTERN, key_id)
+
+
+@pytest.mark.parametrize("key_id", ["k", "x" * 256, "!~", "2026-01/rsa:signing"])
+def test_the_documented_key_id_pattern_takes_what_is_taken(key_id: str) -> None:
+    assert re.search(KEY_ID_PATTERN, key_id)
+    assert getattr(accepted(private_key_id=key_id), "private_key_id") == key_id  # noqa: B009
 
 
 @pytest.mark.parametrize("audience", ["", "line\nbreak", "x" * 1025])

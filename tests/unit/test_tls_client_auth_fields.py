@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import (
@@ -28,6 +29,7 @@ from app.connectors.kinds.client_auth.tls_client_auth import (
     TlsClientAuth,
 )
 from app.core.outbound import ClientCertificate
+from app.core.outbound.certificates import build_client_ssl_context
 from app.core.validation import field_errors
 from tests.conftest import CANARY, canary
 from tests.support.tls import LocalCA
@@ -141,6 +143,24 @@ def test_validity_is_judged_at_the_validation_contexts_now(local_ca: LocalCA) ->
     field, reason = _refusal(_auth(certificate, key), key=key, now=start - timedelta(seconds=1))
     assert field == "auth.tls_certificate"
     assert reason == "the certificate is not valid yet (valid from 2030-01-01T00:00:00Z)"
+
+
+@pytest.mark.parametrize("shape", ["ec", "rsa", "intermediate"])
+def test_what_is_taken_is_what_the_outbound_client_loads(local_ca: LocalCA, shape: str) -> None:
+    if shape == "intermediate":
+        certificate, key = local_ca.issue_client_certificate_via_intermediate("svc-mtls")
+    elif shape == "rsa":
+        leaf = trustme.CA(key_type=trustme.KeyType.RSA).issue_cert(
+            "svc-mtls.clients.example.test", common_name="svc-mtls", key_type=trustme.KeyType.RSA
+        )
+        certificate, key = leaf.cert_chain_pems[0].bytes().decode(), leaf.private_key_pem.bytes().decode()
+    else:
+        certificate, key = local_ca.issue_client_certificate("svc-mtls")
+    auth: BaseModel = _AUTH.validate_python(_auth(certificate, key))
+    public, secrets = kind_for(auth).split(auth)
+    built = METHOD.build(public, secrets)
+    # OpenSSL takes the stored pair (canonical PEM, the key as PKCS #8) as the certificate and key.
+    build_client_ssl_context(None, built.certificate)
 
 
 # Refused -----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ hands the credential out from memory: the header, or the query parameter added t
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
@@ -249,7 +249,7 @@ class ApiKeyKind(StaticKind):
         name: str = public["name"]
         if public["in"] == "query":
             return StaticCredential(query=((name, key),))
-        prefix: Any = public.get("prefix")
+        prefix = public.get("prefix")
         return StaticCredential(headers={name: f"{prefix} {key}" if prefix else key})
 
 

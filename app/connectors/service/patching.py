@@ -65,6 +65,8 @@ def merge_auth(row: Connector, patch: BaseModel | None, open_secrets: Opener) ->
     }
     merged.update(raw)
     merged.update(current.tags())
+    # Null removes a field: the kind's model then applies its default, or says it is required.
+    merged = {name: value for name, value in merged.items() if value is not None}
     auth = _validate_auth(merged, carried=set(merged) - set(raw))
     public, secrets = current.split(auth)
     return MergedAuth(current, public, secrets, {name for name in sent_secrets if name in secrets})

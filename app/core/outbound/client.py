@@ -93,6 +93,10 @@ def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
+# A form, or what makes one for each attempt.
+FormData = Mapping[str, str] | Callable[[], Mapping[str, str]]
+
+
 class OutboundClient:
     """The service's only HTTP client for calls to user-supplied URLs; see ``app.core.outbound``."""
 
@@ -190,7 +194,7 @@ class OutboundClient:
         url: str,
         *,
         headers: Mapping[str, str] | None = None,
-        data: Mapping[str, str] | None = None,
+        data: FormData | None = None,
         kind: OutboundKind,
         client_certificate: ClientCertificate | None = None,
     ) -> OutboundResponse:
@@ -237,7 +241,7 @@ class OutboundClient:
         method: str,
         target: _Target,
         headers: Mapping[str, str] | None,
-        data: Mapping[str, str] | None,
+        data: FormData | None,
         kind: OutboundKind,
         deadline: float,
         *,
@@ -295,9 +299,11 @@ class OutboundClient:
         method: str,
         target: _Target,
         headers: Mapping[str, str] | None,
-        data: Mapping[str, str] | None,
+        data: FormData | None,
     ) -> OutboundResponse:
-        async with client.stream(method, target.url, headers=dict(headers or {}), data=data) as response:
+        # A callable makes the form of each attempt afresh (a client assertion is used only once).
+        form = data() if callable(data) else data
+        async with client.stream(method, target.url, headers=dict(headers or {}), data=form) as response:
             try:
                 raw = await _read_capped(response, self._max_bytes)
                 content = _decode_body(raw, response.headers.get("content-encoding"), self._max_bytes)

@@ -143,7 +143,7 @@ def _blocks(text: str) -> list[tuple[str, str]]:
     return [(match.group(1), match.group(0)) for match in _PEM_BLOCK.finditer(text)]
 
 
-def parse_chain(text: str) -> list[x509.Certificate]:
+def _parse_chain(text: str) -> list[x509.Certificate]:
     """The certificates of a PEM chain, in order; ``ValueError`` with a reason quoting nothing."""
     blocks = _blocks(text)
     if not blocks:
@@ -170,7 +170,7 @@ def _load_certificate(block: str) -> x509.Certificate | None:
         return None
 
 
-def parse_private_key(text: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+def _parse_private_key(text: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
     """The one unencrypted private key of a PEM text; ``ValueError`` with a reason quoting nothing."""
     # ``openssl ecparam -genkey`` writes the curve's parameters ahead of the key.
     blocks = [(label, block) for label, block in _blocks(text) if label != "EC PARAMETERS"]
@@ -247,7 +247,7 @@ def _for_client_auth(certificate: x509.Certificate) -> bool:
     return ExtendedKeyUsageOID.CLIENT_AUTH in usage or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usage
 
 
-def check_chain(chain: list[x509.Certificate], now: datetime) -> None:
+def _check_chain(chain: list[x509.Certificate], now: datetime) -> None:
     """What a TLS library would refuse about the chain, as ``ValueError`` quoting nothing."""
     for number, certificate in enumerate(chain, start=1):
         if certificate.not_valid_before_utc > now:
@@ -290,14 +290,14 @@ class TlsClientAuthFields(Strict):
     @field_validator("tls_certificate")
     @classmethod
     def _check_certificate(cls, value: str, info: ValidationInfo) -> str:
-        chain = parse_chain(value)
-        check_chain(chain, _now(info))
+        chain = _parse_chain(value)
+        _check_chain(chain, _now(info))
         return "".join(certificate.public_bytes(Encoding.PEM).decode("ascii") for certificate in chain)
 
     @field_validator("tls_private_key")
     @classmethod
     def _check_private_key(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
-        key = parse_private_key(value.get_secret_value())
+        key = _parse_private_key(value.get_secret_value())
         # Absent when the certificate was refused: that error is the one to fix first.
         certificate = info.data.get("tls_certificate")
         if isinstance(certificate, str):
