@@ -39,7 +39,7 @@ from app.core.errors import (
     UpstreamUnreachable,
 )
 from app.core.metrics import Metrics
-from app.core.outbound import ClientCertificate, InvalidClientCertificate, OutboundClient
+from app.core.outbound import ClientCertificate, OutboundClient
 from tests.conftest import CANARY, canary
 from tests.support.fakes import FakeTime, StaticResolver
 from tests.support.fixtures import MakeOutbound
@@ -733,11 +733,11 @@ async def test_a_pair_that_cannot_be_loaded_is_refused_without_quoting_it(
     }
     broken = ClientCertificate(alice.certificate_pem, SecretStr(keys[key_of]))
 
-    with pytest.raises(InvalidClientCertificate) as caught:
+    # The pair is the connector's credentials at fault: refused, as a provider refusing it would be.
+    with pytest.raises(CredentialsRejected) as caught:
         await make_outbound().request("GET", server.url(), kind="token", client_certificate=broken)
 
-    assert isinstance(caught.value, ValueError)
-    assert problem in str(caught.value)
+    assert problem in str(caught.value.detail)
     text = _all_text(caught.value)
     assert CANARY not in text
     assert "-----BEGIN" not in text

@@ -49,7 +49,7 @@ from app.core.outbound.bodies import (
     _decode_body,
     _read_capped,
 )
-from app.core.outbound.certificates import ClientCertificate, certificate_refusal
+from app.core.outbound.certificates import ClientCertificate, InvalidClientCertificate, certificate_refusal
 from app.core.outbound.connections import _Connections
 from app.core.outbound.policy import Resolver, _DestinationPolicy, _parse_target, _Target, system_resolver
 from app.core.outbound.transport import _PinnedBackend
@@ -203,9 +203,8 @@ class OutboundClient:
         3xx, 4xx and 5xx responses are returned, not raised: what they mean depends on the caller.
         Raises ``DestinationNotAllowed``, ``UpstreamUnreachable`` and, depending on ``kind``,
         ``TokenEndpointTimeout`` or ``UpstreamTimeout``. With ``client_certificate`` the request
-        goes out over connections that present it (mutual TLS), and a server refusing it raises
-        ``CredentialsRejected``; a certificate and key that cannot be loaded together raise
-        ``InvalidClientCertificate``.
+        goes out over connections that present it (mutual TLS), and a server refusing it, or a
+        certificate and key that cannot be loaded together, raise ``CredentialsRejected``.
         """
         target = _parse_target(url)
         started = self._clock.monotonic()
@@ -228,6 +227,11 @@ class OutboundClient:
         except TimeoutError:
             self._observe(kind, "timeout", started)
             raise self._timeout_error(kind, target.host) from None
+        except InvalidClientCertificate as error:
+            # Refused on save; a pair that still cannot be loaded is the connector's credentials
+            # at fault. Its message quotes neither certificate nor key.
+            self._observe(kind, "error", started)
+            raise CredentialsRejected(str(error)) from None
         except Exception as error:
             # A cancelled request (shutdown, a renewal no longer needed) is not counted.
             self._observe(kind, _error_result(error), started)
