@@ -5,7 +5,16 @@ from __future__ import annotations
 from app.audit.models import AuditEvent
 from app.connectors.models import Connector, Organization
 from app.core.orm import Base
+from app.webhooks.models import WebhookDelivery, WebhookEvent, WebhookSubscription
 
-__all__ = ["AuditEvent", "Connector", "Organization", "metadata"]
+__all__ = [
+    "AuditEvent",
+    "Connector",
+    "Organization",
+    "WebhookDelivery",
+    "WebhookEvent",
+    "WebhookSubscription",
+    "metadata",
+]
 
 metadata = Base.metadata

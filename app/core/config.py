@@ -122,6 +122,19 @@ class Settings(BaseSettings):
     outbound_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
     outbound_max_response_bytes: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
     default_token_lifetime_seconds: int = Field(default=3600, ge=1, le=86_400 * 30)
+    # At most this many client certificates (tls_client_auth) keep a connection pool of their own.
+    outbound_max_client_certificates: int = Field(default=256, ge=1, le=100_000)
+
+    # Webhooks (app.webhooks). Subscriptions an organization may have.
+    webhooks_per_organization: int = Field(default=10, ge=1, le=1000)
+    # After a secret rotation, the old secret keeps signing alongside the new one this long.
+    webhook_secret_overlap_seconds: float = Field(default=86_400.0, ge=0, le=30 * 86_400)
+    # Each replica looks for due deliveries this often (a change made here wakes it at once).
+    webhook_poll_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Deadline of one delivery attempt; the lease a replica takes on a delivery is longer.
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Delivered and abandoned events are kept this long for GET /webhooks/{id}/deliveries.
+    webhook_retention_seconds: float = Field(default=7 * 86_400.0, ge=3600, le=90 * 86_400)
 
     @field_validator("database_url")
     @classmethod

@@ -65,6 +65,7 @@ from app.core.errors import (
 )
 from app.tokens.static import with_query
 from app.tokens.types import CheckState, ConfigLoader, IssuedToken, OAuth2Config, StaticCredential, TokenGrant
+from app.webhooks.outbox import record_event, timestamp
 
 log = logging.getLogger("app.connectors.service")
 
@@ -228,6 +229,7 @@ class ConnectorService:
             await self._audit(
                 session, organization_id, connector_id, "create", actor, fields_set(body), SUCCEEDED, at=now
             )
+            await record_event(session, organization_id, "connector.created", _event_data(row), at=now)
             await repo.record_change(organization_id, connector_id, now, row=row)
         self._changed_here(row)
         if grant is not None:
@@ -341,7 +343,13 @@ class ConnectorService:
                 SUCCEEDED,
                 at=values["updated_at"],
             )
-            await repo.record_change(organization_id, connector_id, values["updated_at"], row=updated)
+            at = values["updated_at"]
+            data = {**_event_data(updated), "changed_fields": changed}
+            await record_event(session, organization_id, "connector.updated", data, at=at)
+            if updated.status_state != row.status_state:
+                status = _status_data(updated, row.status_state, updated.status_detail, at)
+                await record_event(session, organization_id, "connector.status_changed", status, at=at)
+            await repo.record_change(organization_id, connector_id, at, row=updated)
         self._changed_here(updated)
         if grant is not None:
             await self.tokens.seed((connector_id, updated.version), grant, sent_at=sent_at)
@@ -363,7 +371,14 @@ class ConnectorService:
                     raise VersionMismatch()
                 await repo.delete(organization_id, connector_id)
                 await self._audit(session, organization_id, connector_id, "delete", actor, [], SUCCEEDED)
-                await repo.record_change(organization_id, connector_id, self.clock.now())
+                now = self.clock.now()
+                data = {
+                    "connector_id": str(connector_id),
+                    "organization_id": organization_id,
+                    "name": row.name,
+                }
+                await record_event(session, organization_id, "connector.deleted", data, at=now)
+                await repo.record_change(organization_id, connector_id, now)
         except AppError as error:
             await self._record_refusal(organization_id, connector_id, "delete", actor, [], error)
             raise
@@ -501,6 +516,9 @@ class ConnectorService:
                 session, organization_id, connector_id, "validate", actor, [], state, detail=detail, at=now
             )
             if applied:
+                if state != row.status_state:
+                    status = _status_data(updated, row.status_state, detail, now)
+                    await record_event(session, organization_id, "connector.status_changed", status, at=now)
                 await repo.record_change(organization_id, connector_id, now, row=updated)
         # A check clears what the token cache remembers of the connector (a rejection included).
         self.tokens.forget(connector_id)
@@ -570,10 +588,12 @@ class ConnectorService:
         held = self.memory.peek(connector_id)
         if held is None or held.version != version or held.state == state:
             return
-        held.state = state
+        was, held.state = held.state, state
         # Written in the order they happened: each write of a connector waits for the one before.
         previous = self._status_writes.get(connector_id)
-        write = self._write_status(previous, held.organization_id, connector_id, version, state, detail)
+        write = self._write_status(
+            previous, held.organization_id, connector_id, version, (was, state), detail
+        )
         task = self._status_writes[connector_id] = self._background(write)
         task.add_done_callback(functools.partial(self._status_written, connector_id))
 
@@ -587,9 +607,10 @@ class ConnectorService:
         organization_id: str,
         connector_id: uuid.UUID,
         version: int,
-        state: CheckState,
+        change: tuple[str, CheckState],
         detail: str | None,
     ) -> None:
+        was, state = change
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         try:
@@ -600,6 +621,13 @@ class ConnectorService:
                     organization_id, connector_id, version, state=state, detail=detail, checked_at=now
                 )
                 if applied:
+                    data = {
+                        "connector_id": str(connector_id),
+                        "organization_id": organization_id,
+                        "version": version,
+                        **_status_change(was, state, detail, now),
+                    }
+                    await record_event(session, organization_id, "connector.status_changed", data, at=now)
                     await repo.record_change(organization_id, connector_id, now)
         except DatabaseUnavailable:
             return  # held in memory only; the stored status catches up with the next change of state
@@ -873,3 +901,36 @@ class ConnectorService:
         await self.memory.aclose()
         if self._background_tasks:
             await asyncio.gather(*self._background_tasks, return_exceptions=True)
+
+
+def _event_data(row: Connector) -> dict[str, Any]:
+    """What connector events say of a connector: identifiers, name, kind, version, state."""
+    return {
+        "connector_id": str(row.id),
+        "organization_id": row.organization_id,
+        "name": row.name,
+        "auth_type": row.auth_type,
+        "version": row.version,
+        "status": row.status_state,
+    }
+
+
+def _status_change(was: str, state: str, detail: str | None, at: datetime) -> dict[str, Any]:
+    """``connector.status_changed``: the previous and new state, the error code, when."""
+    code, _, provider = (detail or "").partition(": ")
+    return {
+        "previous_state": was,
+        "state": state,
+        "error_code": code or None,
+        "provider_error": provider or None,
+        "changed_at": timestamp(at),
+    }
+
+
+def _status_data(row: Connector, was: str, detail: str | None, at: datetime) -> dict[str, Any]:
+    return {
+        "connector_id": str(row.id),
+        "organization_id": row.organization_id,
+        "version": row.version,
+        **_status_change(was, row.status_state, detail, at),
+    }

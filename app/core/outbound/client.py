@@ -61,7 +61,7 @@ __all__ = ["OutboundClient", "OutboundKind"]
 
 logger = logging.getLogger(__name__)
 
-OutboundKind = Literal["token", "validation"]
+OutboundKind = Literal["token", "validation", "webhook"]
 Sleep = Callable[[float], Awaitable[None]]
 
 _RETRYABLE_STATUS: Final = frozenset({429, 500, 502, 503, 504})
@@ -156,6 +156,7 @@ class OutboundClient:
             allow_private_destinations=settings.allow_private_destinations,
             max_response_bytes=settings.outbound_max_response_bytes,
             metrics=metrics,
+            max_client_certificates=settings.outbound_max_client_certificates,
         )
 
     async def aclose(self) -> None:
