@@ -186,7 +186,9 @@ async def _truncate_postgres(url: str) -> None:
     try:
         async with engine.begin() as connection:
             await connection.execute(
-                text("TRUNCATE connectors, organizations, audit_events, connector_changes CASCADE")
+                text(
+                    "TRUNCATE connectors, organizations, audit_events, connector_changes, webhook_deliveries, webhook_events, webhook_subscriptions CASCADE"
+                )
             )
     finally:
         await engine.dispose()
