@@ -36,8 +36,8 @@ def kind_of(auth_type: str, variant: str | None) -> Kind:
 def kind_for(auth: BaseModel) -> Kind:
     """The kind of a validated input model."""
     auth_type = getattr(auth, "type")  # noqa: B009
-    variants = [kind for kind in KINDS if kind.auth_type == auth_type]
-    field = variants[0].variant_field
+    first = default_kind(auth_type)
+    field = first.variant_field if first is not None else None
     return kind_of(auth_type, getattr(auth, field) if field is not None else None)
 
 
@@ -54,15 +54,11 @@ def fill_defaults(raw: Any) -> Any:
     kind = default_kind(raw["type"])
     if kind is None:
         return raw
-    if kind.variant_field is not None:
-        if kind.variant_field not in raw:
-            raw = {**raw, kind.variant_field: kind.variant}
-        chosen = (
-            _BY_TAGS.get((kind.auth_type, raw[kind.variant_field]))
-            if isinstance(raw[kind.variant_field], str)
-            else None
-        )
-        if chosen is None:
-            return raw
-        kind = chosen
+    field = kind.variant_field
+    if field is not None:
+        raw = {field: kind.variant, **raw}
+        variant = raw[field]
+        kind = _BY_TAGS.get((kind.auth_type, variant)) if isinstance(variant, str) else None
+        if kind is None:
+            return raw  # an unknown variant: the union says so
     return kind.fill_defaults(raw)
