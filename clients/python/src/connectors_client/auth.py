@@ -1,6 +1,11 @@
 """``ConnectorAuth``: an ``httpx.Auth`` that puts a connector's credentials on requests to its
 resource domain, as the HTTP Request step of a flow does, without ever holding the secrets.
 
+What it puts on a request
+    The headers ``/authorize`` answers (a Bearer token, a Basic header, an API key). An API key
+    sent as a query parameter is in the answer's ``url`` instead: that parameter is added to the
+    request's query, in place of any parameter of the same name, as the service adds it.
+
 Where credentials go
     Before anything is sent, the request's URL must be under the connector's resource domain:
     its origin (scheme, host, port) must be the ``resource_origin`` the service answered and its
@@ -8,11 +13,11 @@ Where credentials go
     ``DestinationRefused`` and nothing is sent to it.
 
 One answer for many requests
-    The headers of ``/authorize`` do not depend on the path, so one answer per connector serves
-    every request until ``expires_at`` minus ``leeway`` (an OAuth token) and at most ``max_age``
-    after it arrived (a Basic header has no expiry; the bound also makes a changed connector
-    show within that time). It is fetched with ``path`` left out, which answers the resource
-    domain URL itself and so tells the base path.
+    The credentials of ``/authorize`` do not depend on the path, so one answer per connector
+    serves every request until ``expires_at`` minus ``leeway`` (an OAuth token) and at most
+    ``max_age`` after it arrived (Basic headers and API keys have no expiry; the bound also makes
+    a changed connector show within that time). It is fetched with ``path`` left out, which
+    answers the resource domain URL itself and so tells the base path.
 
 Paths the service would refuse
     A path under the base path made of plain segments (letters, digits and ``-._~!$&'()*+,=:@``,
@@ -20,13 +25,14 @@ Paths the service would refuse
     printable characters other than ``%`` itself) is one the service accepts as it is, and the
     cached answer is used. Any other path (``%`` escapes, ``;``, ``//``, ...) is sent to the
     service in an ``/authorize`` call of its own, which refuses it (``PathOutsideResourceDomain``)
-    or answers for it; that answer's ``url`` must then be the request's URL.
+    or answers for it; that answer's ``url`` must then be the request's URL (with the API key
+    added, when it goes in the query).
 
 A 401 from the resource
     The credentials were refused (a revoked or rotated token, a changed password): the request
-    is sent once more with headers from ``/authorize`` with ``force_refresh: true``. Requests
-    refused with the same headers at the same time cause one such call: the first renews, the
-    others find new headers and use them. A second 401 is returned as it is.
+    is sent once more with credentials from ``/authorize`` with ``force_refresh: true``. Requests
+    refused with the same credentials at the same time cause one such call: the first renews,
+    the others find new credentials and use them. A second 401 is returned as it is.
 
 Concurrency
     One ``/authorize`` call at a time per ``ConnectorAuth`` fills or renews the cached answer;
@@ -43,6 +49,7 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import unquote
 from uuid import UUID
 
 import httpx
@@ -69,9 +76,47 @@ def _origin(url: httpx.URL) -> Origin:
     return (url.scheme, url.raw_host, url.port)
 
 
+def _split(url: httpx.URL) -> tuple[str, list[str]]:
+    """The raw path of ``url`` and the parameters of its query, as written."""
+    path, _, query = url.raw_path.decode("ascii").partition("?")
+    return path, [part for part in query.split("&") if part]
+
+
+def _names(parameters: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(unquote(part.partition("=")[0]) for part in parameters)
+
+
+def _with_query(url: httpx.URL, parameters: tuple[str, ...]) -> httpx.URL:
+    """``url`` with ``parameters`` added to its query, a parameter of one of their names (once
+    decoded) taken out first: what the service does with an API key sent in the query."""
+    if not parameters:
+        return url
+    names = _names(parameters)
+    path, query = _split(url)
+    kept = [part for part in query if unquote(part.partition("=")[0]) not in names]
+    return url.copy_with(raw_path=f"{path}?{'&'.join([*kept, *parameters])}".encode("ascii"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Credential:
+    """What an answer puts on a request: headers, and query parameters (``name=value``, encoded
+    as the service wrote them) for an API key sent in the query."""
+
+    headers: dict[str, str]
+    query: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    """One request's URL and credential, ready to send."""
+
+    url: httpx.URL
+    credential: _Credential
+
+
 @dataclass(frozen=True, slots=True)
 class _Answer:
-    headers: dict[str, str]
+    credential: _Credential
     resource_origin: str
     origin: Origin
     base_path: str
@@ -113,11 +158,12 @@ class ConnectorAuth(httpx.Auth):
         if not isinstance(client, ConnectorsClient):
             raise TypeError("a ConnectorAuth on an AsyncConnectorsClient serves httpx.AsyncClient only")
         request.read()
-        headers = self._sync_headers(client, request, refused=None)
-        request.headers.update(headers)
+        target = request.url
+        signed = self._sync_sign(client, target, refused=None)
+        _apply(request, signed)
         response = yield request
         if response.status_code == 401:
-            request.headers.update(self._sync_headers(client, request, refused=headers))
+            _apply(request, self._sync_sign(client, target, refused=signed.credential))
             yield request
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
@@ -125,45 +171,44 @@ class ConnectorAuth(httpx.Auth):
         if not isinstance(client, AsyncConnectorsClient):
             raise TypeError("a ConnectorAuth on a ConnectorsClient serves httpx.Client only")
         await request.aread()
-        headers = await self._async_headers(client, request, refused=None)
-        request.headers.update(headers)
+        target = request.url
+        signed = await self._async_sign(client, target, refused=None)
+        _apply(request, signed)
         response = yield request
         if response.status_code == 401:
-            request.headers.update(await self._async_headers(client, request, refused=headers))
+            _apply(request, await self._async_sign(client, target, refused=signed.credential))
             yield request
 
-    def _sync_headers(
-        self, client: ConnectorsClient, request: httpx.Request, refused: dict[str, str] | None
-    ) -> dict[str, str]:
+    def _sync_sign(self, client: ConnectorsClient, target: httpx.URL, refused: _Credential | None) -> _Signed:
         with self._thread_lock:
             answer = self._reusable(refused)
             if answer is None:
                 fetched = client.authorize(self._connector_id, force_refresh=refused is not None)
                 answer = self._answer = self._remember(fetched)
-        path = self._own_call_for(request.url, answer)
+        path = self._own_call_for(target, answer)
         if path is None:
-            return answer.headers
-        return self._checked(request.url, client.authorize(self._connector_id, path))
+            return _Signed(_with_query(target, answer.credential.query), answer.credential)
+        return self._checked(target, answer, client.authorize(self._connector_id, path))
 
-    async def _async_headers(
-        self, client: AsyncConnectorsClient, request: httpx.Request, refused: dict[str, str] | None
-    ) -> dict[str, str]:
+    async def _async_sign(
+        self, client: AsyncConnectorsClient, target: httpx.URL, refused: _Credential | None
+    ) -> _Signed:
         async with self._task_lock:
             answer = self._reusable(refused)
             if answer is None:
                 fetched = await client.authorize(self._connector_id, force_refresh=refused is not None)
                 answer = self._answer = self._remember(fetched)
-        path = self._own_call_for(request.url, answer)
+        path = self._own_call_for(target, answer)
         if path is None:
-            return answer.headers
-        return self._checked(request.url, await client.authorize(self._connector_id, path))
+            return _Signed(_with_query(target, answer.credential.query), answer.credential)
+        return self._checked(target, answer, await client.authorize(self._connector_id, path))
 
-    def _reusable(self, refused: dict[str, str] | None) -> _Answer | None:
+    def _reusable(self, refused: _Credential | None) -> _Answer | None:
         """The cached answer if it is fresh and is not the one the resource just refused."""
         answer = self._answer
         if answer is None or self._clock() >= answer.fresh_until:
             return None
-        if refused is not None and answer.headers == refused:
+        if refused is not None and answer.credential == refused:
             return None
         return answer
 
@@ -172,12 +217,14 @@ class ConnectorAuth(httpx.Auth):
         fresh_until = now + self._max_age
         if fetched.expires_at is not None:
             fresh_until = min(fresh_until, fetched.expires_at - self._leeway)
-        base = httpx.URL(fetched.url)
+        # The answer for the resource domain URL itself, which has no query of its own: any
+        # parameter in the answer's query is the credential.
+        base_path, query = _split(httpx.URL(fetched.url))
         return _Answer(
-            headers=dict(fetched.headers),
+            credential=_Credential(dict(fetched.headers), tuple(query)),
             resource_origin=fetched.resource_origin,
             origin=_origin(httpx.URL(fetched.resource_origin)),
-            base_path=base.raw_path.decode("ascii").rstrip("/"),
+            base_path=base_path.rstrip("/"),
             fresh_until=fresh_until,
         )
 
@@ -205,11 +252,20 @@ class ConnectorAuth(httpx.Auth):
         return relative
 
     @staticmethod
-    def _checked(url: httpx.URL, fetched: Authorization) -> dict[str, str]:
-        """The headers of an answer for one path, once it names the very URL being requested."""
+    def _checked(target: httpx.URL, answer: _Answer, fetched: Authorization) -> _Signed:
+        """An answer for one path, once it names the very URL being requested (with the API key
+        added, when the cached answer says it goes in the query)."""
         answered = httpx.URL(fetched.url)
-        if (_origin(answered), answered.raw_path) != (_origin(url), url.raw_path):
+        names = _names(answer.credential.query)
+        query = tuple(part for part in _split(answered)[1] if unquote(part.partition("=")[0]) in names)
+        expected = _with_query(target, query)
+        if (_origin(answered), answered.raw_path) != (_origin(expected), expected.raw_path):
             raise DestinationRefused(
                 "the service joined this path to another URL than the one requested: no credentials are sent"
             )
-        return dict(fetched.headers)
+        return _Signed(expected, _Credential(dict(fetched.headers), query))
+
+
+def _apply(request: httpx.Request, signed: _Signed) -> None:
+    request.url = signed.url
+    request.headers.update(signed.credential.headers)
