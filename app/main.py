@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ from app.tokens.cache import TokenCache
 from app.tokens.check import LiveChecker
 from app.tokens.oauth import OAuth2TokenClient
 from app.tokens.shared import SharedTokenStore
+from app.webhooks.delivery import DeliveryWorker, webhook_outbound
+from app.webhooks.router import router as webhooks_router
+from app.webhooks.service import WebhookService
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -121,6 +125,24 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 tracer=tracer,
             )
             broadcast = Broadcast(redis, on_error=redis_failed, tracer=tracer)
+        webhook_client = webhook_outbound(settings, clock=clock, metrics=metrics)
+        deliveries = DeliveryWorker(
+            db=db,
+            keyring=keyring,
+            outbound=webhook_client,
+            clock=clock,
+            metrics=metrics,
+            poll_interval=settings.webhook_poll_interval_seconds,
+            timeout=settings.webhook_timeout_seconds,
+            retention=settings.webhook_retention_seconds,
+        )
+
+        async def changed_here(connector_id: uuid.UUID) -> None:
+            # The change may have queued webhook events: this process sends them at once.
+            deliveries.wake()
+            if broadcast is not None:
+                await broadcast.publish(str(connector_id))
+
         tokens = TokenCache(
             fetcher,
             clock=clock,
@@ -142,13 +164,14 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             poll_interval=settings.change_poll_interval_seconds,
             # A check may take up to the outbound deadline: no replica claims the next one sooner.
             validate_interval=max(settings.validate_interval_seconds, settings.outbound_timeout_seconds),
-            on_change=(lambda connector_id: broadcast.publish(str(connector_id))) if broadcast else None,
+            on_change=changed_here,
         )
         service_ref.append(service)
         await service.start()  # tolerates a database that is away: the follower keeps trying
         background = [
             asyncio.create_task(service.follower.run(), name="connector change follower"),
             asyncio.create_task(service.follower.prune(), name="connector change pruning"),
+            asyncio.create_task(deliveries.run(), name="webhook deliveries"),
         ]
         if broadcast is not None:
             # A notice (or a resubscription, after which notices may have been missed) makes the
@@ -163,6 +186,17 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         app.state.db = db
         app.state.verifier = verifier
         app.state.connectors = service
+        app.state.webhook_deliveries = deliveries
+        app.state.webhooks = WebhookService(
+            db=db,
+            keyring=keyring,
+            # The client deliveries leave through: its address policy also judges a URL when saved.
+            check_destination=webhook_client.check_destination,
+            clock=clock,
+            max_per_org=settings.webhooks_per_organization,
+            secret_overlap_seconds=settings.webhook_secret_overlap_seconds,
+            on_due=deliveries.wake,
+        )
         try:
             yield
         finally:
@@ -178,6 +212,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             await verifier.aclose()
             if overrides.outbound is None:
                 await outbound.aclose()
+            await webhook_client.aclose()
             await db.dispose()
             if tracing is not None:
                 await tracing.shutdown()  # last: exports the spans of everything above
@@ -201,6 +236,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     app.state.validation_rules = schemas.LOCATIONS
     app.router.routes.extend(hot_routes)
     app.include_router(connectors_router)
+    app.include_router(webhooks_router)
     install_docs(app)
     install_openapi(app, models=[schemas.AuthorizeRequest])
 
@@ -266,6 +302,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         metrics.held.set(len(service.memory))
         metrics.follower_age.set(min(service.follower.age(), 1e9))
         metrics.database_up.set(1 if app.state.db.available else 0)
+        deliveries: DeliveryWorker = app.state.webhook_deliveries
+        await deliveries.observe_backlog()
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.add_middleware(UnexpectedErrorMiddleware)

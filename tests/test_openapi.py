@@ -21,6 +21,7 @@ from app.connectors.kinds import KINDS
 from app.core.config import Settings
 from app.core.errors import ERROR_CLASSES
 from app.main import create_app
+from app.webhooks.schemas import WebhookCreate, WebhookPatch
 
 DOCUMENT: dict[str, Any] = create_app(
     Settings(jwt_secret="x" * 32, encryption_keys="k1:" + "A" * 43)
@@ -135,6 +136,84 @@ OPERATIONS: dict[str, tuple[str, str, str | None, set[str]]] = {
             "token_endpoint_error",
             "upstream_unreachable",
             "token_endpoint_timeout",
+        },
+    ),
+    "createWebhook": (
+        "post",
+        "/webhooks",
+        "connectors:write",
+        {
+            "unauthenticated",
+            "forbidden",
+            "database_unavailable",
+            "webhook_limit_reached",
+            "payload_too_large",
+            "invalid_request",
+            "destination_not_allowed",
+        },
+    ),
+    "listWebhooks": (
+        "get",
+        "/webhooks",
+        "connectors:read",
+        {"unauthenticated", "forbidden", "database_unavailable"},
+    ),
+    "getWebhook": (
+        "get",
+        "/webhooks/{webhook_id}",
+        "connectors:read",
+        {"unauthenticated", "forbidden", "database_unavailable", "webhook_not_found"},
+    ),
+    "updateWebhook": (
+        "patch",
+        "/webhooks/{webhook_id}",
+        "connectors:write",
+        {
+            "unauthenticated",
+            "forbidden",
+            "database_unavailable",
+            "webhook_not_found",
+            "version_mismatch",
+            "payload_too_large",
+            "invalid_request",
+            "destination_not_allowed",
+        },
+    ),
+    "deleteWebhook": (
+        "delete",
+        "/webhooks/{webhook_id}",
+        "connectors:write",
+        {
+            "unauthenticated",
+            "forbidden",
+            "database_unavailable",
+            "webhook_not_found",
+            "version_mismatch",
+            "invalid_request",
+        },
+    ),
+    "rotateWebhookSecret": (
+        "post",
+        "/webhooks/{webhook_id}/rotate-secret",
+        "connectors:write",
+        {"unauthenticated", "forbidden", "database_unavailable", "webhook_not_found"},
+    ),
+    "listWebhookDeliveries": (
+        "get",
+        "/webhooks/{webhook_id}/deliveries",
+        "connectors:read",
+        {"unauthenticated", "forbidden", "database_unavailable", "webhook_not_found", "invalid_request"},
+    ),
+    "resendWebhookDelivery": (
+        "post",
+        "/webhooks/{webhook_id}/deliveries/{delivery_id}/resend",
+        "connectors:write",
+        {
+            "unauthenticated",
+            "forbidden",
+            "database_unavailable",
+            "webhook_not_found",
+            "webhook_delivery_not_found",
         },
     ),
     "getLiveness": ("get", "/healthz", None, set()),
@@ -278,6 +357,10 @@ def test_framework_validation_errors_are_not_documented() -> None:
         ("getConnector", "200"),
         ("updateConnector", "200"),
         ("validateConnector", "200"),
+        ("createWebhook", "201"),
+        ("getWebhook", "200"),
+        ("updateWebhook", "200"),
+        ("rotateWebhookSecret", "200"),
     ],
 )
 def test_the_etag_is_documented(operation_id: str, status: str) -> None:
@@ -292,6 +375,11 @@ def test_the_other_response_headers_are_documented() -> None:
     authorized = operation("authorizeConnector")["responses"]["200"]["headers"]
     assert authorized["Cache-Control"] == {**authorized["Cache-Control"], "required": True}
     assert authorized["Cache-Control"]["schema"]["enum"] == ["no-store"]
+    for operation_id, status in (("createWebhook", "201"), ("rotateWebhookSecret", "200")):
+        # The answers holding a webhook's signing secret.
+        no_store = operation(operation_id)["responses"][status]["headers"]["Cache-Control"]
+        assert no_store["required"] is True and no_store["schema"]["enum"] == ["no-store"]
+    assert operation("createWebhook")["responses"]["201"]["headers"]["Location"]["required"] is True
     throttled = operation("validateConnector")["responses"]["200"]["headers"]["Retry-After"]
     assert throttled["required"] is False and throttled["schema"]["minimum"] == 1
     for operation_id, (_, _, scope, codes) in OPERATIONS.items():
@@ -309,6 +397,24 @@ def test_a_created_connector_links_to_every_operation_on_it() -> None:
     for name, link in links.items():
         assert link["operationId"] == name
         assert link["parameters"] == {"connector_id": "$response.body#/id"}
+
+
+def test_a_created_webhook_links_to_every_operation_on_it_and_deliveries_to_a_resend() -> None:
+    links = operation("createWebhook")["responses"]["201"]["links"]
+    on_one = {
+        name
+        for name, (_, path, _, _) in OPERATIONS.items()
+        if "{webhook_id}" in path and "{delivery_id}" not in path
+    }
+    assert set(links) == on_one
+    for name, link in links.items():
+        assert link["operationId"] == name
+        assert link["parameters"] == {"webhook_id": "$response.body#/id"}
+    resend = operation("listWebhookDeliveries")["responses"]["200"]["links"]["resendWebhookDelivery"]
+    assert resend["parameters"] == {
+        "webhook_id": "$request.path.webhook_id",
+        "delivery_id": "$response.body#/items/0/id",
+    }
 
 
 def test_bodies_and_answers_are_named_schemas() -> None:
@@ -335,6 +441,15 @@ def test_bodies_and_answers_are_named_schemas() -> None:
     assert answer("listConnectors") == {"$ref": ref + "ConnectorList"}
     assert answer("getConnectorHistory") == {"$ref": ref + "AuditEventList"}
     assert answer("authorizeConnector") == {"$ref": ref + "AuthorizeResponse"}
+    assert body("createWebhook") == {"$ref": ref + "WebhookCreate"}
+    assert body("updateWebhook") == {"$ref": ref + "WebhookPatch"}
+    assert (
+        answer("createWebhook", "201") == answer("rotateWebhookSecret") == {"$ref": ref + "WebhookWithSecret"}
+    )
+    assert answer("getWebhook") == answer("updateWebhook") == {"$ref": ref + "Webhook"}
+    assert answer("listWebhooks") == {"$ref": ref + "WebhookList"}
+    assert answer("listWebhookDeliveries") == {"$ref": ref + "WebhookDeliveryList"}
+    assert answer("resendWebhookDelivery", "202") == {"$ref": ref + "WebhookDelivery"}
     assert not [name for name in COMPONENTS if name.endswith(("-Input", "-Output"))]
     for name, schema in COMPONENTS.items():
         assert schema.get("title", name) == name
@@ -350,6 +465,8 @@ EXAMPLES = {
         "apiKey",
     },
     ("updateConnector", schemas.ConnectorPatch): {"rename", "secretRotation", "moveTokenURL", "switchType"},
+    ("createWebhook", WebhookCreate): {"allEvents", "someEvents", "disabled"},
+    ("updateWebhook", WebhookPatch): {"moveURL", "reEnable", "pause", "everyEvent"},
 }
 
 
@@ -386,7 +503,12 @@ def test_parameters_state_their_rules() -> None:
             schema = parameter(operation_id, "connector_id")["schema"]
             assert re.search(schema["pattern"], "5b0c8f0e-2f7a-4c2e-9d1b-6a1f3c9e8d21")
             assert not re.search(schema["pattern"], "5B0C8F0E-2F7A-4C2E-9D1B-6A1F3C9E8D21")
-    for operation_id in ("updateConnector", "deleteConnector"):
+        for name in ("webhook_id", "delivery_id"):
+            if f"{{{name}}}" in path:
+                schema = parameter(operation_id, name)["schema"]
+                assert re.search(schema["pattern"], "5b0c8f0e-2f7a-4c2e-9d1b-6a1f3c9e8d21")
+                assert not re.search(schema["pattern"], "5b0c8f0e2f7a4c2e9d1b6a1f3c9e8d21")
+    for operation_id in ("updateConnector", "deleteConnector", "updateWebhook", "deleteWebhook"):
         if_match = parameter(operation_id, "If-Match")
         assert if_match["in"] == "header" and if_match["required"] is False
         assert if_match["schema"]["type"] == "string"
@@ -396,8 +518,9 @@ def test_parameters_state_their_rules() -> None:
             assert not re.search(if_match["schema"]["pattern"], value)
     for operation_id in ("createConnector", "updateConnector"):
         assert parameter(operation_id, "validate")["schema"]["type"] == "boolean"
-    limit = parameter("getConnectorHistory", "limit")["schema"]
-    assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, 1000, 100)
+    for operation_id in ("getConnectorHistory", "listWebhookDeliveries"):
+        limit = parameter(operation_id, "limit")["schema"]
+        assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, 1000, 100)
 
 
 def test_bodies_state_their_rules() -> None:
@@ -419,3 +542,17 @@ def test_bodies_state_their_rules() -> None:
     patch = COMPONENTS["ConnectorPatch"]["properties"]
     assert patch["name"]["type"] == "string" and "default" not in patch["name"]  # not null
     assert {"type": "null"} in patch["auth"]["anyOf"]
+
+
+def test_webhook_bodies_state_their_rules_and_reads_hold_no_secret() -> None:
+    create = COMPONENTS["WebhookCreate"]["properties"]
+    assert create["url"]["pattern"].startswith("^https://") and create["url"]["maxLength"] == 2048
+    types = create["event_types"]
+    assert types["uniqueItems"] is True and len(types["items"]["enum"]) == types["maxItems"] == 4
+    assert create["enabled"] == {**create["enabled"], "type": "boolean", "default": True}
+    assert COMPONENTS["WebhookCreate"]["required"] == ["url"]
+    patch = COMPONENTS["WebhookPatch"]["properties"]
+    assert all("default" not in field and "anyOf" not in field for field in patch.values())  # not null
+    assert "secret" in COMPONENTS["WebhookWithSecret"]["required"]
+    for name in ("Webhook", "WebhookList", "WebhookDelivery", "WebhookDeliveryList"):
+        assert '"secret"' not in str(COMPONENTS[name]).replace("'", '"')

@@ -56,6 +56,7 @@ def _settings(database_url: str, data_dir: Path) -> Settings:
         outbound_timeout_seconds=0.5,
         access_log=False,
         max_connectors_per_org=1000,
+        webhooks_per_organization=1000,
     )
 
 
@@ -68,7 +69,12 @@ _TOKEN = mint_token(
     scopes=["connectors:read", "connectors:write", "connectors:authorize"],
     ttl_seconds=3600,
 )
-_CREATED_LINKS: dict[str, Any] = _DOCUMENT["paths"]["/connectors"]["post"]["responses"]["201"]["links"]
+# Links never lead from one resource to another.
+_RESOURCES = ("connectors", "webhooks")
+_CREATED_LINKS: dict[str, dict[str, Any]] = {
+    resource: _DOCUMENT["paths"][f"/{resource}"]["post"]["responses"]["201"]["links"]
+    for resource in _RESOURCES
+}
 
 # Bounds of the stateful phase: scenarios, and calls in each.
 STATEFUL_SCENARIOS = 25
@@ -91,14 +97,34 @@ CONFIG = schemathesis.Config.from_dict(
         "operations": [
             {
                 # Generating coverage cases from the URL patterns (nested repetitions of escapes)
-                # takes minutes; the fuzzing phase covers these two with generated cases instead.
-                "include-operation-id": ["createConnector", "updateConnector"],
+                # takes minutes; the fuzzing phase covers these with generated cases instead.
+                "include-operation-id": [
+                    "createConnector",
+                    "updateConnector",
+                    "createWebhook",
+                    "updateWebhook",
+                ],
                 "phases": {"coverage": {"enabled": False}},
             },
         ],
     }
 )
 schema = schemathesis.openapi.from_dict(_DOCUMENT, config=CONFIG)
+
+
+def _without_other_resources(resource: str) -> dict[str, Any]:
+    others = tuple(f"/{other}" for other in _RESOURCES if other != resource)
+    return {
+        **_DOCUMENT,
+        "paths": {p: item for p, item in _DOCUMENT["paths"].items() if not p.startswith(others)},
+    }
+
+
+# The stateful phase, per resource: each gets scenarios of its own.
+_STATEFUL = {
+    resource: schemathesis.openapi.from_dict(_without_other_resources(resource), config=CONFIG)
+    for resource in _RESOURCES
+}
 
 
 # Intended refusals of schema-valid requests (README): rules that no schema can state.
@@ -147,6 +173,9 @@ INTENDED_REFUSALS: dict[str, Callable[[int, dict[str, Any]], bool]] = {
         or _key_material(body)
     ),
     "deleteConnector": lambda status, body: status == 412,
+    # A stale or unknown If-Match, as for connectors.
+    "updateWebhook": lambda status, body: status == 412,
+    "deleteWebhook": lambda status, body: status == 412,
     # What the path becomes once decoded or normalised (README, "Paths given to /authorize").
     "authorizeConnector": lambda status, body: body.get("code") == "path_outside_resource_domain",
 }
@@ -235,7 +264,7 @@ def _free_port() -> int:
 class _Server:
     def __init__(self, config: Settings, overrides: Overrides) -> None:
         self.port = _free_port()
-        app = create_app(config, overrides)
+        self.app = app = create_app(config, overrides)
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on")
         )
@@ -269,7 +298,11 @@ def _serve(database_url: str, directory: Path) -> Iterator[str]:
         # One attempt: a retry after a pause would only make each failing check slower.
         max_attempts=1,
     )
-    with _Server(_settings(database_url, directory), Overrides(outbound=outbound)) as base:
+    server = _Server(_settings(database_url, directory), Overrides(outbound=outbound))
+    with server as base:
+        # Webhook deliveries to generated URLs go to loopback too, never to a real resolver. No
+        # subscription exists before the server answers, so none was sent another way.
+        server.app.state.webhook_deliveries.outbound = outbound
         yield base
     run_sync(outbound.aclose())
 
@@ -294,6 +327,8 @@ def _delete_all(base: str) -> None:
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {_TOKEN}"}) as client:
         for connector in client.get("/connectors").json()["items"]:
             client.delete(f"/connectors/{connector['id']}").raise_for_status()
+        for webhook in client.get("/webhooks").json()["items"]:
+            client.delete(f"/webhooks/{webhook['id']}").raise_for_status()
 
 
 @schema.parametrize()
@@ -301,12 +336,14 @@ def test_each_operation_answers_as_documented(case: Case, live_sqlite: str) -> N
     _validate(case, case.call(base_url=live_sqlite))
 
 
-def test_linked_operations_answer_as_documented(live: str) -> None:
+@pytest.mark.parametrize("resource", _RESOURCES)
+def test_linked_operations_answer_as_documented(live: str, resource: str) -> None:
     answered: set[tuple[str, int]] = set()
 
-    class Machine(schema.as_state_machine()):  # type: ignore[misc]
+    class Machine(_STATEFUL[resource].as_state_machine()):  # type: ignore[misc]
         def setup(self) -> None:
-            # Each scenario starts from no connectors, so that replaying one makes the same calls.
+            # Each scenario starts from no connectors and no webhook subscriptions, so that
+            # replaying one makes the same calls.
             _delete_all(live)
 
         def get_call_kwargs(self, case: Case) -> dict[str, Any]:
@@ -329,7 +366,8 @@ def test_linked_operations_answer_as_documented(live: str) -> None:
             suppress_health_check=list(hypothesis.HealthCheck),
         )
     )
-    # Every link was followed with a connector that existed: its target answered something other
-    # than 401 (a generated token) or 404 (a generated id) at least once.
+    # Every link from a creation was followed with a connector or subscription that existed: its
+    # target answered something other than 401 (a generated token) or 404 (a generated id) at
+    # least once.
     reached = {operation for operation, status in answered if status not in (401, 404)}
-    assert reached >= {link["operationId"] for link in _CREATED_LINKS.values()}, sorted(answered)
+    assert reached >= {link["operationId"] for link in _CREATED_LINKS[resource].values()}, sorted(answered)

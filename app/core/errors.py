@@ -62,6 +62,24 @@ class ConnectorLimitReached(AppError):
     title = "The organization already has its maximum number of connectors"
 
 
+class WebhookNotFound(AppError):
+    status = 404
+    code = "webhook_not_found"
+    title = "No such webhook subscription"
+
+
+class WebhookDeliveryNotFound(AppError):
+    status = 404
+    code = "webhook_delivery_not_found"
+    title = "No such delivery of this webhook subscription"
+
+
+class WebhookLimitReached(AppError):
+    status = 409
+    code = "webhook_limit_reached"
+    title = "The organization already has its maximum number of webhook subscriptions"
+
+
 class VersionMismatch(AppError):
     status = 412
     code = "version_mismatch"

@@ -42,13 +42,22 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["CONNECTOR_STATES", "CONTENT_TYPE", "HTTPMetricsMiddleware", "Metrics", "status_class"]
+__all__ = [
+    "CONNECTOR_STATES",
+    "CONTENT_TYPE",
+    "WEBHOOK_ANSWERED",
+    "HTTPMetricsMiddleware",
+    "Metrics",
+    "status_class",
+]
 
 # The text exposition format 0.0.4, which every Prometheus server reads. (Recent client versions
 # point CONTENT_TYPE_LATEST at format 1.0.0; what ``render`` writes is 0.0.4.)
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
 CONNECTOR_STATES: Final = ("unverified", "authorized", "rejected", "unreachable")
+# Results of webhook delivery attempts that got an answer; the others are named by error code.
+WEBHOOK_ANSWERED: Final = ("succeeded", "failed")
 UNKNOWN: Final = "unknown"
 
 # From a warm in-process answer (well under a millisecond) to a token request that uses the whole
@@ -222,6 +231,28 @@ class Metrics:
         self.database_up = Gauge(
             "connectors_database_up",
             "1 while the database answers this process, 0 from its first failure to its next success.",
+            registry=registry,
+        )
+        self.webhook_delivery_attempts = Counter(
+            "connectors_webhook_delivery_attempts",
+            "Webhook delivery attempts by result: succeeded (a 2xx answer), failed (any other "
+            "answer), or the error code of an attempt that got none (upstream_timeout, "
+            "upstream_unreachable, destination_not_allowed, secret_unreadable, internal_error).",
+            ["result"],
+            registry=registry,
+        )
+        for result in WEBHOOK_ANSWERED:
+            self.webhook_delivery_attempts.labels(result=result)
+        self.webhook_deliveries_failed = Counter(
+            "connectors_webhook_deliveries_failed",
+            "Webhook deliveries given up after their whole retry schedule (their subscription is "
+            "then failing).",
+            registry=registry,
+        )
+        self.webhook_oldest_pending_age = Gauge(
+            "connectors_webhook_oldest_pending_event_age_seconds",
+            "Age of the oldest event still waiting to be delivered to an enabled, active "
+            "subscription (0 when none), counted when scraped.",
             registry=registry,
         )
         self.token_cache_hits = self.token_cache_lookups.labels(result="hit")

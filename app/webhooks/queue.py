@@ -1,0 +1,281 @@
+"""The delivery queue's SQL: claim due deliveries with a lease, record attempts, prune old events.
+
+Every replica runs a delivery worker over the same tables, so a delivery must be sent by one of
+them at a time, and a replica that dies holding one must not lose it:
+
+* **Claim.** One short write transaction selects due deliveries (``pending``, due, lease free or
+  expired, subscription enabled and ``active``) and sets their lease, ``claimed_until``. On
+  PostgreSQL the select takes the rows with ``FOR UPDATE SKIP LOCKED``: replicas claiming at the
+  same moment each get other rows, and none waits for another. On SQLite a write transaction
+  starts with ``BEGIN IMMEDIATE`` (``app.core.db``), so the select and the update run with no
+  other writer in between. The update repeats the conditions either way, and ``RETURNING`` says
+  which rows it took.
+* **Lease.** The value written to ``claimed_until`` is also the claim's token: recording an
+  attempt requires the row to still carry it. A replica that was too slow (its lease expired and
+  another claimed the delivery) records nothing, and the other replica's attempt counts.
+* **Give up.** A delivery whose schedule is exhausted ends ``failed`` and marks its subscription
+  ``failing``; the claim skips failing subscriptions until they are fixed (``app.webhooks``'
+  API makes their pending deliveries due again).
+
+The worker is the service's own, for every organization at once: unlike the repositories, these
+methods do not take an ``organization_id``; each row they return carries its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.webhooks.models import WebhookDelivery, WebhookEvent, WebhookSubscription
+
+# Events removed per statement when pruning: each delete stays a short transaction.
+PRUNE_BATCH: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A delivery this replica holds until ``lease``, with what sending it takes.
+
+    ``secret`` and ``previous_secret`` are sealed (``app.webhooks.secrets``); the previous one is
+    given only while it still signs (its overlap has not ended).
+    """
+
+    id: uuid.UUID
+    event_id: str
+    event_type: str
+    payload: str
+    attempts: int
+    subscription_id: uuid.UUID
+    organization_id: str
+    url: str
+    secret: str
+    previous_secret: str | None
+    key_id: str
+    lease: datetime
+
+
+def _due(now: datetime) -> ColumnElement[bool]:
+    return and_(
+        WebhookDelivery.state == "pending",
+        WebhookDelivery.next_attempt_at <= now,
+        or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until <= now),
+    )
+
+
+def _deliverable() -> ColumnElement[bool]:
+    return and_(WebhookSubscription.enabled.is_(True), WebhookSubscription.state == "active")
+
+
+class DeliveryQueue:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def any_due(self, *, now: datetime) -> bool:
+        """Whether a claim at ``now`` would find something: a read, so that an idle poll never
+        takes SQLite's write lock."""
+        found = await self.session.execute(
+            select(WebhookDelivery.id)
+            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
+            .where(_due(now), _deliverable())
+            .limit(1)
+        )
+        return found.first() is not None
+
+    async def claim(self, *, now: datetime, lease_seconds: float, limit: int) -> list[ClaimedDelivery]:
+        """Claim up to ``limit`` due deliveries, oldest due first, until ``now + lease_seconds``.
+
+        Run it in a write transaction (``Database.write``) of its own, committed before sending.
+        """
+        until = now + timedelta(seconds=lease_seconds)
+        candidates = (
+            select(WebhookDelivery.id)
+            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
+            .where(_due(now), _deliverable())
+            .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+            .limit(limit)
+            # Rendered on PostgreSQL only; SQLite's write transaction already excludes other writers.
+            .with_for_update(of=WebhookDelivery, skip_locked=True)
+        )
+        ids = list((await self.session.execute(candidates)).scalars())
+        if not ids:
+            return []
+        taken = await self.session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(ids), _due(now))
+            .values(claimed_until=until, updated_at=now)
+            .returning(WebhookDelivery.id)
+            .execution_options(synchronize_session=False)
+        )
+        claimed = list(taken.scalars())
+        if not claimed:
+            return []
+        rows = await self.session.execute(
+            select(
+                WebhookDelivery.id,
+                WebhookDelivery.event_id,
+                WebhookEvent.type,
+                WebhookEvent.payload,
+                WebhookDelivery.attempts,
+                WebhookSubscription.id,
+                WebhookSubscription.organization_id,
+                WebhookSubscription.url,
+                WebhookSubscription.secret,
+                WebhookSubscription.previous_secret,
+                WebhookSubscription.previous_secret_expires_at,
+                WebhookSubscription.key_id,
+            )
+            .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
+            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
+            .where(WebhookDelivery.id.in_(claimed))
+            .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+        )
+        return [
+            ClaimedDelivery(
+                id=delivery_id,
+                event_id=event_id,
+                event_type=event_type,
+                payload=payload,
+                attempts=attempts,
+                subscription_id=subscription_id,
+                organization_id=organization_id,
+                url=url,
+                secret=secret,
+                previous_secret=previous if previous_until is not None and previous_until > now else None,
+                key_id=key_id,
+                lease=until,
+            )
+            for (
+                delivery_id,
+                event_id,
+                event_type,
+                payload,
+                attempts,
+                subscription_id,
+                organization_id,
+                url,
+                secret,
+                previous,
+                previous_until,
+                key_id,
+            ) in rows.all()
+        ]
+
+    async def record(
+        self,
+        claimed: ClaimedDelivery,
+        *,
+        attempted_at: datetime,
+        now: datetime,
+        status_code: int | None,
+        duration_ms: int,
+        error: str | None,
+        succeeded: bool,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        """Record one attempt of a delivery this replica still holds, and release the lease.
+
+        Succeeded: the delivery is done. Failed with a ``next_attempt_at``: it is due again then.
+        Failed without one (the schedule is exhausted): it ends ``failed`` and its subscription
+        becomes ``failing`` from ``now`` (kept from the first such failure while it stays failing).
+        False, and nothing written, when the lease was lost to another replica.
+        """
+        if succeeded:
+            state, due = "succeeded", None
+        elif next_attempt_at is not None:
+            state, due = "pending", next_attempt_at
+        else:
+            state, due = "failed", None
+        result = await self.session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == claimed.id,
+                WebhookDelivery.state == "pending",
+                WebhookDelivery.claimed_until == claimed.lease,
+            )
+            .values(
+                state=state,
+                attempts=WebhookDelivery.attempts + 1,
+                next_attempt_at=due,
+                claimed_until=None,
+                last_attempt_at=attempted_at,
+                last_status_code=status_code,
+                last_duration_ms=duration_ms,
+                last_error=error[:255] if error is not None else None,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if not getattr(result, "rowcount", 0):
+            return False
+        if state == "failed":
+            await self.session.execute(
+                update(WebhookSubscription)
+                .where(
+                    WebhookSubscription.id == claimed.subscription_id, WebhookSubscription.state == "active"
+                )
+                .values(
+                    state="failing",
+                    failing_since=now,
+                    version=WebhookSubscription.version + 1,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        return True
+
+    async def oldest_pending(self) -> datetime | None:
+        """When the oldest event still waiting for a delivery that is being tried was written:
+        pending, for an enabled and active subscription. None when there is none."""
+        return (
+            await self.session.execute(
+                select(func.min(WebhookEvent.created_at))
+                .select_from(WebhookDelivery)
+                .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
+                .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
+                .where(WebhookDelivery.state == "pending", _deliverable())
+            )
+        ).scalar_one_or_none()
+
+    async def prune(self, *, before: datetime, limit: int = PRUNE_BATCH) -> int:
+        """Delete up to ``limit`` events written before ``before`` whose deliveries are all
+        finished (none ``pending``), with their deliveries; how many events were deleted."""
+        old = (
+            select(WebhookEvent.id)
+            .where(
+                WebhookEvent.created_at < before,
+                ~exists().where(
+                    WebhookDelivery.event_id == WebhookEvent.id, WebhookDelivery.state == "pending"
+                ),
+            )
+            .order_by(WebhookEvent.created_at)
+            .limit(limit)
+        )
+        ids: Sequence[str] = list((await self.session.execute(old)).scalars())
+        if not ids:
+            return 0
+        # The deliveries would go with their events (ON DELETE CASCADE); deleted here explicitly
+        # so that nothing depends on SQLite's foreign_keys pragma. A pending delivery written
+        # since the select (a resend) keeps its event.
+        finished = ~exists().where(
+            WebhookDelivery.event_id == WebhookEvent.id, WebhookDelivery.state == "pending"
+        )
+        await self.session.execute(
+            delete(WebhookDelivery)
+            .where(WebhookDelivery.event_id.in_(ids), WebhookDelivery.state != "pending")
+            .execution_options(synchronize_session=False)
+        )
+        result = await self.session.execute(
+            delete(WebhookEvent)
+            .where(WebhookEvent.id.in_(ids), finished)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+__all__ = ["PRUNE_BATCH", "ClaimedDelivery", "DeliveryQueue"]
