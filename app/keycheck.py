@@ -8,7 +8,8 @@ values name their own key id (``KeyRing.key_id_of``), so a partly finished ``rot
 left several key ids in use is checked key by key.
 
 A sample is one connector, so the check costs the same whatever the number of rows; it proves a
-key right or wrong, not every row sound. What it reports names key ids and connector ids only,
+key right or wrong, not every row sound. Webhook signing secrets are sampled the same way, one
+subscription per key id. What it reports names key ids, connector ids and webhook ids only,
 never a secret or a ciphertext.
 """
 
@@ -22,6 +23,8 @@ from app.core.config import ConfigError, Settings
 from app.core.crypto import DecryptionError, KeyRing, secret_aad
 from app.core.db import Database, build_engine
 from app.core.errors import DatabaseUnavailable
+from app.webhooks.keys import webhook_samples
+from app.webhooks.secrets import open_secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +37,12 @@ class KeyRingCheck:
     # (key id, connector id): the ring holds the id, but its key does not open that connector's
     # secret under it.
     unreadable: tuple[tuple[str, uuid.UUID], ...] = ()
+    # (key id, webhook subscription id): the same for a webhook's signing secret.
+    unreadable_webhooks: tuple[tuple[str, uuid.UUID], ...] = ()
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.unreadable
+        return not self.missing and not self.unreadable and not self.unreadable_webhooks
 
     def problems(self) -> list[str]:
         """One sentence per problem, for an operator."""
@@ -53,6 +58,11 @@ class KeyRingCheck:
             f" {connector_id} (other key bytes than those they were encrypted with, or a damaged value)"
             for key_id, connector_id in self.unreadable
         ]
+        found += [
+            f"key id {key_id} of CONNECTORS_ENCRYPTION_KEYS cannot open the signing secret of webhook"
+            f" {webhook_id} (other key bytes than those it was encrypted with, or a damaged value)"
+            for key_id, webhook_id in self.unreadable_webhooks
+        ]
         return found
 
 
@@ -61,6 +71,7 @@ async def check_key_ring(db: Database, keyring: KeyRing) -> KeyRingCheck:
     async with db.read() as session:
         repo = KeyUsageRepository(session)
         samples = [(key_id, await repo.sample(key_id)) for key_id in await repo.key_ids()]
+        webhooks = await webhook_samples(session)
     held = set(keyring.key_ids)
     opened: set[str] = set()
     missing: set[str] = set()
@@ -87,10 +98,22 @@ async def check_key_ring(db: Database, keyring: KeyRing) -> KeyRingCheck:
                 unreadable.setdefault(key_id, connector_id)
             else:
                 opened.add(key_id)
+    unreadable_webhooks: dict[str, uuid.UUID] = {}
+    for key_id, organization_id, webhook_id, sealed in webhooks:
+        if key_id not in held:
+            missing.add(key_id)
+            continue
+        try:
+            open_secret(keyring, organization_id, webhook_id, sealed)
+        except DecryptionError:
+            unreadable_webhooks.setdefault(key_id, webhook_id)
+        else:
+            opened.add(key_id)
     return KeyRingCheck(
-        opened=tuple(sorted(opened - unreadable.keys())),
+        opened=tuple(sorted(opened - unreadable.keys() - unreadable_webhooks.keys())),
         missing=tuple(sorted(missing)),
         unreadable=tuple(sorted(unreadable.items())),
+        unreadable_webhooks=tuple(sorted(unreadable_webhooks.items())),
     )
 
 

@@ -20,6 +20,7 @@ from app.core.clock import Clock, SystemClock
 from app.core.config import Settings
 from app.core.crypto import DecryptionError, KeyRing, secret_aad
 from app.core.db import Database, build_engine
+from app.webhooks.keys import rotate_webhook_secrets
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,15 @@ async def rotate(
 
 
 async def rotate_keys(settings: Settings, *, batch_size: int = 100) -> RotationReport:
+    """Connectors' secrets, then webhooks' signing secrets; one report for both."""
     db = Database(build_engine(settings.effective_database_url))
+    keyring = KeyRing.from_settings(settings)
     try:
-        return await rotate(db, KeyRing.from_settings(settings), batch_size=batch_size)
+        report = await rotate(db, keyring, batch_size=batch_size)
+        webhooks = await rotate_webhook_secrets(db, keyring, batch_size=batch_size)
     finally:
         await db.dispose()
+    report.rotated += webhooks.rotated
+    report.skipped += webhooks.skipped
+    report.failed += webhooks.failed
+    return report

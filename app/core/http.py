@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 # Paths whose every endpoint needs a caller token.
-PROTECTED_PREFIX = "/connectors"
+PROTECTED_PREFIX = ("/connectors", "/webhooks")
 _NO_RULES = LocationRules()
 _HTTP_CODES = {
     404: ("not_found", "Not found"),
