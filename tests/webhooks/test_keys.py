@@ -33,6 +33,7 @@ async def _subscriptions(db: Database) -> list[WebhookSubscription]:
 
 
 async def test_rotate_keys_reseals_webhook_secrets_under_the_newest_key(settings: Settings) -> None:
+    assert settings.encryption_keys is not None
     old = settings.encryption_keys.get_secret_value()  # "k1:..."
     db = Database(build_engine(settings.effective_database_url))
     try:
