@@ -95,6 +95,8 @@ def _retry_after_seconds(value: str | None, now: datetime) -> float | None:
 
 # A form, or what makes one for each attempt.
 FormData = Mapping[str, str] | Callable[[], Mapping[str, str]]
+# What a request sends: a form, or bytes as they are.
+Body = FormData | bytes
 
 
 class OutboundClient:
@@ -196,6 +198,7 @@ class OutboundClient:
         *,
         headers: Mapping[str, str] | None = None,
         data: FormData | None = None,
+        content: bytes | None = None,
         kind: OutboundKind,
         client_certificate: ClientCertificate | None = None,
     ) -> OutboundResponse:
@@ -206,6 +209,7 @@ class OutboundClient:
         ``TokenEndpointTimeout`` or ``UpstreamTimeout``. With ``client_certificate`` the request
         goes out over connections that present it (mutual TLS), and a server refusing it, or a
         certificate and key that cannot be loaded together, raise ``CredentialsRejected``.
+        ``data`` is a form (or makes one per attempt); ``content``, bytes sent as they are.
         """
         target = _parse_target(url)
         started = self._clock.monotonic()
@@ -220,7 +224,7 @@ class OutboundClient:
                     method,
                     target,
                     headers,
-                    data,
+                    content if content is not None else data,
                     kind,
                     deadline,
                     certified=client_certificate is not None,
@@ -246,7 +250,7 @@ class OutboundClient:
         method: str,
         target: _Target,
         headers: Mapping[str, str] | None,
-        data: FormData | None,
+        data: Body | None,
         kind: OutboundKind,
         deadline: float,
         *,
@@ -304,11 +308,15 @@ class OutboundClient:
         method: str,
         target: _Target,
         headers: Mapping[str, str] | None,
-        data: FormData | None,
+        data: Body | None,
     ) -> OutboundResponse:
         # A callable makes the form of each attempt afresh (a client assertion is used only once).
-        form = data() if callable(data) else data
-        async with client.stream(method, target.url, headers=dict(headers or {}), data=form) as response:
+        if isinstance(data, bytes):
+            stream = client.stream(method, target.url, headers=dict(headers or {}), content=data)
+        else:
+            form = data() if callable(data) else data
+            stream = client.stream(method, target.url, headers=dict(headers or {}), data=form)
+        async with stream as response:
             try:
                 raw = await _read_capped(response, self._max_bytes)
                 content = _decode_body(raw, response.headers.get("content-encoding"), self._max_bytes)
