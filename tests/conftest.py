@@ -187,7 +187,8 @@ async def _truncate_postgres(url: str) -> None:
         async with engine.begin() as connection:
             await connection.execute(
                 text(
-                    "TRUNCATE connectors, organizations, audit_events, connector_changes, webhook_deliveries, webhook_events, webhook_subscriptions CASCADE"
+                    "TRUNCATE connectors, organizations, audit_events, connector_changes,"
+                    " webhook_deliveries, webhook_events, webhook_subscriptions CASCADE"
                 )
             )
     finally:

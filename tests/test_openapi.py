@@ -15,6 +15,7 @@ import httpx
 import jsonschema_rs
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
+from pydantic import BaseModel
 
 from app.connectors import schemas
 from app.connectors.kinds import KINDS
@@ -455,7 +456,7 @@ def test_bodies_and_answers_are_named_schemas() -> None:
         assert schema.get("title", name) == name
 
 
-EXAMPLES = {
+EXAMPLES: dict[tuple[str, type[BaseModel]], set[str]] = {
     ("createConnector", schemas.ConnectorCreate): {
         "basic",
         "oauth2ClientCredentials",

@@ -200,7 +200,7 @@ class Metrics:
         )
         self.outbound_duration = Histogram(
             "connectors_outbound_request_duration_seconds",
-            "Outbound token and validation requests, retries included, by kind and result "
+            "Outbound token, validation and webhook requests, retries included, by kind and result "
             "(status class, timeout, refused destination or error).",
             ["kind", "result"],
             buckets=_OUTBOUND_BUCKETS,

@@ -72,11 +72,11 @@ def retry_delay(attempts: int, jitter: float) -> float | None:
 
 
 def signature_headers(
-    event_id: str, payload: str, at: datetime, secrets: Sequence[SecretStr]
+    event_id: str, payload: str, at: datetime, signing: Sequence[SecretStr]
 ) -> dict[str, str]:
-    """The Standard Webhooks headers of one attempt: one signature per secret, in order."""
+    """The Standard Webhooks headers of one attempt: one signature per secret in ``signing``."""
     timestamp = at.replace(microsecond=0)
-    signatures = [Webhook(secret.get_secret_value()).sign(event_id, timestamp, payload) for secret in secrets]
+    signatures = [Webhook(secret.get_secret_value()).sign(event_id, timestamp, payload) for secret in signing]
     return {
         "content-type": "application/json",
         "webhook-id": event_id,
@@ -287,8 +287,9 @@ class DeliveryWorker:
                 )
             return
         if not recorded:
+            # Its lease ran out (another replica holds it now), or the subscription was deleted.
             log.info(
-                "a webhook delivery's lease ran out before its attempt was recorded",
+                "a webhook delivery attempt was not recorded: the delivery is no longer held here",
                 extra={"delivery": str(delivery.id)},
             )
             return

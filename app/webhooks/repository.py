@@ -55,11 +55,16 @@ class WebhookRepository:
     async def get(
         self, organization_id: str, subscription_id: uuid.UUID, *, for_update: bool = False
     ) -> WebhookSubscription | None:
-        """The subscription; with ``for_update``, locked until the transaction ends (on
-        PostgreSQL; SQLite's write transaction already excludes other writers)."""
-        query = select(WebhookSubscription).where(
-            WebhookSubscription.organization_id == organization_id,
-            WebhookSubscription.id == subscription_id,
+        """The subscription as stored now, also after an ``update`` in this session; with
+        ``for_update``, locked until the transaction ends (on PostgreSQL; SQLite's write
+        transaction already excludes other writers)."""
+        query = (
+            select(WebhookSubscription)
+            .where(
+                WebhookSubscription.organization_id == organization_id,
+                WebhookSubscription.id == subscription_id,
+            )
+            .execution_options(populate_existing=True)
         )
         if for_update:
             query = query.with_for_update()

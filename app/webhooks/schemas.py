@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic.config import JsonDict
 
 from app.connectors.fields import EndpointURL, Omissible, Strict, no_null_defaults, not_null
 from app.webhooks.outbox import EVENT_TYPES, EventType
@@ -74,7 +75,7 @@ Enabled = Annotated[
 
 class WebhookCreate(Strict):
     url: WebhookURL
-    event_types: EventTypes = Field(default_factory=list)
+    event_types: EventTypes = []
     enabled: Enabled = True
 
 
@@ -91,7 +92,7 @@ class WebhookPatch(Strict):
     _no_nulls = field_validator("url", "event_types", "enabled", mode="before")(not_null)
 
 
-_WEBHOOK_EXAMPLE = {
+_WEBHOOK_EXAMPLE: JsonDict = {
     "id": _EXAMPLE_ID,
     "url": "https://hooks.example.com/connectors",
     "event_types": ["connector.created", "connector.status_changed"],

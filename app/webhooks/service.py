@@ -7,9 +7,10 @@ limit, the version).
 **Secrets.** A subscription's signing secret is generated here, sealed with the key ring before
 it is stored (``app.webhooks.secrets``) and handed back in exactly two answers, the creation and
 a rotation. A rotation keeps the secret it replaces as ``previous_secret`` until
-``now + secret_overlap``: the delivery worker signs with both until then, so receivers can
-switch at their own pace. Only one previous secret is kept: a second rotation within the
-overlap ends the first one's at once.
+``now + secret_overlap``, sealed again under the newest key (the row's ``key_id`` names the key
+of both): the delivery worker signs with both until then, so receivers can switch at their own
+pace. Only one previous secret is kept: a second rotation within the overlap ends the first
+one's at once.
 
 **Fixed.** The delivery worker marks a subscription ``failing`` once a delivery has failed for
 its whole retry schedule, and then sends nothing to it. A change of ``url``, or
@@ -20,13 +21,14 @@ again and its pending deliveries are due now. This process's worker is told at o
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 from typing import Any
 
 from app.core.clock import Clock
-from app.core.crypto import KeyRing
+from app.core.crypto import DecryptionError, KeyRing
 from app.core.db import Database
 from app.core.errors import (
     VersionMismatch,
@@ -37,7 +39,9 @@ from app.core.errors import (
 from app.webhooks import schemas
 from app.webhooks.models import WebhookDelivery, WebhookSubscription
 from app.webhooks.repository import WebhookRepository
-from app.webhooks.secrets import generate_secret, seal_secret
+from app.webhooks.secrets import generate_secret, open_secret, seal_secret
+
+log = logging.getLogger(__name__)
 
 # Refuses a URL whose host is, or resolves to, a non-global address (``DestinationNotAllowed``).
 DestinationChecker = Callable[[str], Awaitable[None]]
@@ -169,11 +173,11 @@ class WebhookService:
             repo = WebhookRepository(session)
             row = await _require(repo, organization_id, subscription_id, for_update=True)
             now = self.clock.now()
-            keep = self.secret_overlap > timedelta(0)
+            previous = self._replaced(row) if self.secret_overlap > timedelta(0) else None
             values = {
                 "secret": sealed,
-                "previous_secret": row.secret if keep else None,
-                "previous_secret_expires_at": now + self.secret_overlap if keep else None,
+                "previous_secret": previous,
+                "previous_secret_expires_at": now + self.secret_overlap if previous is not None else None,
                 "key_id": self.keyring.primary_key_id,
                 "version": row.version + 1,
                 "updated_at": now,
@@ -223,6 +227,20 @@ class WebhookService:
             raise WebhookLimitReached(
                 f"an organization may have at most {self.max_per_org} webhook subscriptions"
             )
+
+    def _replaced(self, row: WebhookSubscription) -> str | None:
+        """The secret a rotation replaces, sealed again under the newest key, so that the row's
+        ``key_id`` names the key of both; None when the key ring cannot open it (it cannot sign
+        either, so it stops at once)."""
+        try:
+            secret = open_secret(self.keyring, row.organization_id, row.id, row.secret)
+        except DecryptionError:
+            log.warning(
+                "the webhook signing secret replaced by a rotation cannot be opened with the key ring",
+                extra={"subscription": str(row.id), "key_id": row.key_id},
+            )
+            return None
+        return seal_secret(self.keyring, row.organization_id, row.id, secret)
 
     def _due(self) -> None:
         if self.on_due is not None:

@@ -104,7 +104,7 @@ def test_the_read_model_has_no_place_for_a_secret_and_the_answer_hides_it_from_r
     assert not {name for name in Webhook.model_fields if "secret" in name} - {"previous_secret_expires_at"}
     secret = generate_secret().get_secret_value()
     answer = WebhookWithSecret(
-        id="8d3c2b1a-6f4e-4d5c-9b8a-7e6f5d4c3b2a",  # type: ignore[arg-type]
+        id="8d3c2b1a-6f4e-4d5c-9b8a-7e6f5d4c3b2a",
         url=URL,
         event_types=[],
         enabled=True,
@@ -112,8 +112,8 @@ def test_the_read_model_has_no_place_for_a_secret_and_the_answer_hides_it_from_r
         failing_since=None,
         previous_secret_expires_at=None,
         version=1,
-        created_at="2026-11-30T09:00:00Z",  # type: ignore[arg-type]
-        updated_at="2026-11-30T09:00:00Z",  # type: ignore[arg-type]
+        created_at="2026-11-30T09:00:00Z",
+        updated_at="2026-11-30T09:00:00Z",
         secret=secret,
     )
     assert answer.model_dump()["secret"] == secret

@@ -10,7 +10,9 @@ secret an answer hands out and fails the test if one appears in any other answer
 
 from __future__ import annotations
 
+import base64
 import logging
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
@@ -18,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import select, update
 
 from app.core.config import Settings
@@ -46,7 +49,10 @@ class SecretWatch:
     async def record(self, response: httpx.Response) -> None:
         await response.aread()
         request = response.request
-        hands_out = (request.method, response.status_code) == ("POST", 201) and request.url.path == "/webhooks"
+        hands_out = (request.method, response.status_code) == (
+            "POST",
+            201,
+        ) and request.url.path == "/webhooks"
         hands_out |= request.url.path.endswith("/rotate-secret") and response.status_code == 200
         if hands_out:
             self.secrets.append(response.json()["secret"])
@@ -58,12 +64,27 @@ class SecretWatch:
         return client
 
 
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(JSONFormatter().format(record))
+
+
 @pytest.fixture
-def watch(caplog: pytest.LogCaptureFixture) -> Iterator[SecretWatch]:
-    caplog.set_level(logging.DEBUG)
+def watch(canary_guard: Any) -> Iterator[SecretWatch]:
+    # After the canary guard, which lets every logger's DEBUG lines through to the root.
     watch = SecretWatch()
-    yield watch
-    lines = [JSONFormatter().format(record) for record in caplog.records]
+    handler = _Lines()
+    logging.getLogger().addHandler(handler)
+    try:
+        yield watch
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = handler.lines
+    assert any('"connectors.access"' in line for line in lines)  # the lines were seen
     for secret in watch.secrets:
         assert not [line for line in lines if secret in line], "a signing secret was logged"
         assert not [text for text in watch.answers if secret in text], "a signing secret was answered"
@@ -193,7 +214,13 @@ async def test_bodies_breaking_a_rule_are_refused_naming_the_field(client: httpx
 
 
 @pytest.mark.parametrize(
-    "url", ["https://127.0.0.1:8443/hooks", "https://10.0.0.1/hooks", "https://[::1]/hooks", "https://localhost/hooks"]
+    "url",
+    [
+        "https://127.0.0.1:8443/hooks",
+        "https://10.0.0.1/hooks",
+        "https://[::1]/hooks",
+        "https://localhost/hooks",
+    ],
 )
 async def test_a_non_global_destination_is_refused_unless_private_destinations_are_allowed(
     url: str,
@@ -214,7 +241,9 @@ async def test_a_non_global_destination_is_refused_unless_private_destinations_a
     # The test settings allow private destinations (the test servers live on 127.0.0.1).
     created = await subscribe(client, url)
     assert created["url"] == url
-    moved = await strict_client.patch(f"/webhooks/{created['id']}", json={"url": url.replace("hooks", "moved")})
+    moved = await strict_client.patch(
+        f"/webhooks/{created['id']}", json={"url": url.replace("hooks", "moved")}
+    )
     assert_problem(moved, 422, "destination_not_allowed")
     assert (await strict_client.get(f"/webhooks/{created['id']}")).json()["url"] == url
 
@@ -271,6 +300,14 @@ async def test_a_failing_subscription_is_fixed_by_a_new_url_or_by_enabling_it(
         )
     await worker.deliver_due()
     assert receiver.requests == []
+    # The event is queued for it all the same: one pending delivery, not tried while failing.
+    (pending,) = (await client.get(f"/webhooks/{created['id']}/deliveries")).json()["items"]
+    assert (pending["event_type"], pending["state"], pending["attempts"]) == (
+        "connector.created",
+        "pending",
+        0,
+    )
+    assert at(pending["next_attempt_at"]) == fake_time.now() + timedelta(hours=1)
     read = (await client.get(f"/webhooks/{created['id']}")).json()
     assert (read["state"], at(read["failing_since"]), read["version"]) == ("failing", failing_since, 2)
 
@@ -342,6 +379,34 @@ async def test_a_rotated_secret_signs_alongside_the_old_one_for_the_overlap(
     assert watch.secrets == [old, new]
 
 
+async def test_a_rotation_seals_both_secrets_under_the_newest_key(
+    client: httpx.AsyncClient,
+    app_factory: Any,
+    settings: Settings,
+    fake_time: FakeTime,
+    client_for: ClientFor,
+    db: Database,
+    watch: SecretWatch,
+) -> None:
+    created = await subscribe(client, "https://hooks.example.com/in")
+    assert settings.encryption_keys is not None
+    k1 = settings.encryption_keys.get_secret_value()
+    k2 = "k2:" + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    newer = await app_factory(
+        settings.model_copy(update={"encryption_keys": SecretStr(f"{k2},{k1}")}), Overrides(clock=fake_time)
+    )
+    rotated = await watch.watched(client_for("org-a", app=newer)).post(
+        f"/webhooks/{created['id']}/rotate-secret"
+    )
+    assert rotated.status_code == 200, rotated.text
+
+    row = await stored(db, created["id"])
+    assert row.key_id == "k2" and row.previous_secret is not None
+    only_k2 = KeyRing.from_settings(settings.model_copy(update={"encryption_keys": SecretStr(k2)}))
+    assert open_secret(only_k2, "org-a", row.id, row.secret).get_secret_value() == rotated.json()["secret"]
+    assert open_secret(only_k2, "org-a", row.id, row.previous_secret).get_secret_value() == created["secret"]
+
+
 # Deliveries -------------------------------------------------------------------------------------
 
 
@@ -385,7 +450,10 @@ async def test_deliveries_are_listed_newest_first_and_can_be_resent(
     assert accepted[1].event["data"]["connector_id"] == connector["id"]
 
     items = (await client.get(f"/webhooks/{created['id']}/deliveries")).json()["items"]
-    assert [(item["id"], item["state"]) for item in items] == [(resent["id"], "succeeded"), (first["id"], "succeeded")]
+    assert [(item["id"], item["state"]) for item in items] == [
+        (resent["id"], "succeeded"),
+        (first["id"], "succeeded"),
+    ]
     newest = (await client.get(f"/webhooks/{created['id']}/deliveries", params={"limit": 1})).json()["items"]
     assert [item["id"] for item in newest] == [resent["id"]]
     assert_problem(
