@@ -17,8 +17,8 @@ other status, a 3xx included, a timeout, a TLS or connection failure, a destinat
 resolves to a non-global address, a secret the key ring cannot open) is a failed attempt.
 
 **Retries.** A failed attempt is tried again after the next delay of ``RETRY_DELAYS``: 5 s,
-30 s, 2 min, 10 min, 30 min, 1 h, 2 h, 4 h and 8 h, each spread by ±20 % of jitter, so ten
-attempts in all, the last about 15 h 45 min after the first. When the last fails the delivery is
+30 s, 2 min, 10 min, 30 min, 1 h, 2 h, 4 h, 8 h and 8 h, each spread by ±20 % of jitter, so
+eleven attempts in all, the last about 23 h 45 min after the first. When the last fails the delivery is
 ``failed`` and its subscription ``failing``: none of its deliveries is tried until it is fixed.
 
 **At least once.** A lease outlives an attempt (``lease_seconds``): a replica that dies while
@@ -53,7 +53,7 @@ from app.webhooks.secrets import open_secret
 log = logging.getLogger(__name__)
 
 # Seconds to wait after each failed attempt; one more failure after the last gives up.
-RETRY_DELAYS: Final[tuple[float, ...]] = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800)
+RETRY_DELAYS: Final[tuple[float, ...]] = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800)
 MAX_ATTEMPTS: Final = len(RETRY_DELAYS) + 1
 # Each delay is spread over [1 - JITTER, 1 + JITTER] of its nominal length.
 JITTER: Final = 0.2
