@@ -41,6 +41,7 @@ from app.core.errors import (
 )
 from app.core.metrics import Metrics
 from app.core.openapi import ErrorSpec, problems, secured
+from app.core.resources import ID_SCHEMA, NO_STORE, canonical_uuid, etag
 from app.core.security import Reader, Writer, authenticate
 from app.core.validation import field_errors
 
@@ -57,14 +58,11 @@ Service = Annotated[ConnectorService, Depends(get_service)]
 
 # The one spelling of an id this service issues. ``uuid.UUID`` also reads braces, ``urn:uuid:``,
 # upper case and hyphens anywhere or nowhere; accepting those would give a connector many URLs.
-_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
 def _uuid(connector_id: str) -> uuid.UUID:
-    # Any other spelling, like a malformed id, is an id that does not exist: the same 404.
-    if _CANONICAL_ID.fullmatch(connector_id) is None:
+    parsed = canonical_uuid(connector_id)
+    if parsed is None:
         raise ConnectorNotFound()
-    return uuid.UUID(connector_id)
+    return parsed
 
 
 # The path parameter as documented: the pattern describes, ``_uuid`` decides (a 404, not a 422).
@@ -75,7 +73,7 @@ ConnectorIdText = Annotated[
             "The connector's id as issued: a lower-case, hyphenated UUID. Any other spelling of the same "
             "UUID answers 404, like an id that does not exist."
         ),
-        json_schema_extra={"pattern": f"^{_CANONICAL_ID.pattern}$", "format": "uuid"},
+        json_schema_extra=ID_SCHEMA,
     ),
 ]
 
@@ -346,13 +344,6 @@ _PATCH_EXAMPLES: dict[str, Example] = {
 }
 
 
-_NO_STORE = {"Cache-Control": "no-store"}
-
-
-def _etag(version: int) -> str:
-    return f'"{version}"'
-
-
 @router.post(
     "/{connector_id}/authorize",
     operation_id="authorizeConnector",
@@ -416,7 +407,7 @@ async def authorize(connector_id: ConnectorIdText, request: Request) -> Response
         _observe_authorize(request, outcome, auth_type, started)
         raise
     _observe_authorize(request, "ok", service.auth_type_of(*asked), started)
-    return Response(result.model_dump_json(), media_type="application/json", headers=_NO_STORE)
+    return Response(result.model_dump_json(), media_type="application/json", headers=NO_STORE)
 
 
 async def _body(request: Request) -> bytes:
@@ -478,7 +469,7 @@ async def create_connector(
     created = await service.create(
         principal.organization_id, body, validate=validate, actor=principal.subject
     )
-    response.headers["ETag"] = _etag(created.version)
+    response.headers["ETag"] = etag(created.version)
     response.headers["Location"] = f"/connectors/{created.id}"
     return created
 
@@ -510,7 +501,7 @@ async def get_connector(
 ) -> schemas.Connector:
     """Read one connector; the ETag names its version."""
     connector = await service.get(principal.organization_id, connector_id)
-    response.headers["ETag"] = _etag(connector.version)
+    response.headers["ETag"] = etag(connector.version)
     return connector
 
 
@@ -556,7 +547,7 @@ async def update_connector(
         validate=validate,
         actor=principal.subject,
     )
-    response.headers["ETag"] = _etag(updated.version)
+    response.headers["ETag"] = etag(updated.version)
     return updated
 
 
@@ -609,7 +600,7 @@ async def validate_connector(
 ) -> schemas.Connector:
     """Check the stored credentials live (at most once per interval) and record the result in status."""
     result = await service.validate(principal.organization_id, connector_id, actor=principal.subject)
-    response.headers["ETag"] = _etag(result.connector.version)
+    response.headers["ETag"] = etag(result.connector.version)
     if result.retry_after is not None:
         response.headers["Retry-After"] = str(result.retry_after)
     return result.connector

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from typing import Annotated, Any
 
@@ -24,6 +23,7 @@ from app.core.errors import (
     WebhookNotFound,
 )
 from app.core.openapi import ErrorSpec, problems, secured
+from app.core.resources import ID_SCHEMA, NO_STORE, canonical_uuid, etag
 from app.core.security import Reader, Writer
 from app.webhooks import schemas
 from app.webhooks.service import WebhookService
@@ -38,14 +38,7 @@ async def get_service(request: Request) -> WebhookService:
 
 Service = Annotated[WebhookService, Depends(get_service)]
 
-# The one spelling of an id this service issues, as for connectors: any other spelling of the
-# same UUID, like a malformed id, is an id that does not exist (a 404, not a 422).
-_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_ID_SCHEMA: dict[str, Any] = {"pattern": f"^{_CANONICAL_ID.pattern}$", "format": "uuid"}
-
-
-def _canonical(value: str) -> uuid.UUID | None:
-    return uuid.UUID(value) if _CANONICAL_ID.fullmatch(value) is not None else None
+# Ids are taken only as issued, as for connectors (``app.core.resources``): another spelling is a 404.
 
 
 async def parse_webhook_id(
@@ -56,11 +49,11 @@ async def parse_webhook_id(
                 "The subscription's id as issued: a lower-case, hyphenated UUID. Any other spelling of the "
                 "same UUID answers 404, like an id that does not exist."
             ),
-            json_schema_extra=_ID_SCHEMA,
+            json_schema_extra=ID_SCHEMA,
         ),
     ],
 ) -> uuid.UUID:
-    parsed = _canonical(webhook_id)
+    parsed = canonical_uuid(webhook_id)
     if parsed is None:
         raise WebhookNotFound()
     return parsed
@@ -71,11 +64,11 @@ async def parse_delivery_id(
         str,
         Path(
             description="The delivery's id as listed: a lower-case, hyphenated UUID (another spelling: 404)",
-            json_schema_extra=_ID_SCHEMA,
+            json_schema_extra=ID_SCHEMA,
         ),
     ],
 ) -> uuid.UUID:
-    parsed = _canonical(delivery_id)
+    parsed = canonical_uuid(delivery_id)
     if parsed is None:
         raise WebhookDeliveryNotFound()
     return parsed
@@ -104,7 +97,6 @@ _NO_STORE_HEADER: dict[str, Any] = {
         "schema": {"type": "string", "enum": ["no-store"]},
     }
 }
-_NO_STORE = {"Cache-Control": "no-store"}
 _ID_FROM_BODY = {"webhook_id": "$response.body#/id"}
 # From a created subscription to what can be done with it; clients and test generators follow them.
 _CREATED_LINKS: dict[str, Any] = {
@@ -156,10 +148,6 @@ _PATCH_EXAMPLES: dict[str, Example] = {
 }
 
 
-def _etag(version: int) -> str:
-    return f'"{version}"'
-
-
 @router.post(
     "",
     operation_id="createWebhook",
@@ -198,9 +186,9 @@ async def create_webhook(
 ) -> schemas.WebhookWithSecret:
     """Subscribe a URL to the organization's connector events; the answer holds its signing secret."""
     created = await service.create(principal.organization_id, body)
-    response.headers["ETag"] = _etag(created.version)
+    response.headers["ETag"] = etag(created.version)
     response.headers["Location"] = f"/webhooks/{created.id}"
-    response.headers.update(_NO_STORE)
+    response.headers.update(NO_STORE)
     return created
 
 
@@ -231,7 +219,7 @@ async def get_webhook(
 ) -> schemas.Webhook:
     """Read one webhook subscription (never its secret); the ETag names its version."""
     webhook = await service.get(principal.organization_id, webhook_id)
-    response.headers["ETag"] = _etag(webhook.version)
+    response.headers["ETag"] = etag(webhook.version)
     return webhook
 
 
@@ -266,7 +254,7 @@ async def update_webhook(
 ) -> schemas.Webhook:
     """Change the URL, event types or enabled flag; a new URL or enabled=true fixes a failing one."""
     updated = await service.update(principal.organization_id, webhook_id, body, if_match=if_match)
-    response.headers["ETag"] = _etag(updated.version)
+    response.headers["ETag"] = etag(updated.version)
     return updated
 
 
@@ -310,8 +298,8 @@ async def rotate_webhook_secret(
 ) -> schemas.WebhookWithSecret:
     """A new signing secret; deliveries carry both signatures until the old one's overlap ends."""
     rotated = await service.rotate_secret(principal.organization_id, webhook_id)
-    response.headers["ETag"] = _etag(rotated.version)
-    response.headers.update(_NO_STORE)
+    response.headers["ETag"] = etag(rotated.version)
+    response.headers.update(NO_STORE)
     return rotated
 
 
