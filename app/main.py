@@ -37,7 +37,7 @@ from app.core.http import BodyLimitMiddleware, UnexpectedErrorMiddleware, instal
 from app.core.logs import AccessLogMiddleware
 from app.core.metrics import CONTENT_TYPE, HTTPMetricsMiddleware, Metrics
 from app.core.openapi import install_openapi, liveness_responses, readiness_responses
-from app.core.outbound import OutboundClient
+from app.core.outbound import Lookups, OutboundClient
 from app.core.requestid import RequestIdMiddleware
 from app.core.tracing import TracingMiddleware, setup_tracing
 from app.tokens.cache import TokenCache
@@ -60,6 +60,7 @@ class Overrides:
 
     clock: Clock | None = None
     outbound: OutboundClient | None = None
+    webhook_outbound: OutboundClient | None = None
     # Tracing on, whatever the OTEL_* variables say, with every span handed to this exporter.
     span_exporter: SpanExporter | None = None
 
@@ -88,7 +89,12 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             ),
             tracer=tracer,
         )
-        outbound = overrides.outbound or OutboundClient.from_settings(settings, metrics=metrics)
+        # One set of name lookups for every outbound client: one flight per name, one cap per
+        # organization, whatever the call is for.
+        lookups = Lookups.from_settings(settings, clock=clock, metrics=metrics)
+        outbound = overrides.outbound or OutboundClient.from_settings(
+            settings, metrics=metrics, resolver=lookups
+        )
         verifier = TokenVerifier(settings)
         fetcher = OAuth2TokenClient(
             outbound,
@@ -125,7 +131,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
                 tracer=tracer,
             )
             broadcast = Broadcast(redis, on_error=redis_failed, tracer=tracer)
-        webhook_client = webhook_outbound(settings, clock=clock, metrics=metrics)
+        webhook_client = overrides.webhook_outbound or webhook_outbound(
+            settings, clock=clock, metrics=metrics, resolver=lookups
+        )
         deliveries = DeliveryWorker(
             db=db,
             keyring=keyring,
@@ -212,7 +220,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             await verifier.aclose()
             if overrides.outbound is None:
                 await outbound.aclose()
-            await webhook_client.aclose()
+            if overrides.webhook_outbound is None:
+                await webhook_client.aclose()
+            await lookups.aclose()
             await db.dispose()
             if tracing is not None:
                 await tracing.shutdown()  # last: exports the spans of everything above

@@ -27,6 +27,7 @@ from app.core.errors import (
     DestinationNotAllowed,
     Forbidden,
     InvalidRequest,
+    NameNotResolved,
     NameTaken,
     PathOutsideResourceDomain,
     PayloadTooLarge,
@@ -166,6 +167,7 @@ _LIVE_CHECK: tuple[ErrorSpec, ...] = (
     DestinationNotAllowed,
     TokenEndpointError,
     UpstreamUnreachable,
+    NameNotResolved,
     TokenEndpointTimeout,
     UpstreamTimeout,
 )
@@ -372,6 +374,7 @@ _PATCH_EXAMPLES: dict[str, Example] = {
             (DestinationNotAllowed, 502),
             TokenEndpointError,
             UpstreamUnreachable,
+            NameNotResolved,
             TokenEndpointTimeout,
         ),
     },

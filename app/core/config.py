@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import ipaddress
 import json
 import os
 import secrets
@@ -30,6 +31,24 @@ DEV_KEY_FILE = "dev-keys.json"
 PREFIX = "CONNECTORS_"
 # Prefixed variables the project reads outside Settings: the test suite's PostgreSQL and Redis.
 OTHER_VARIABLES = ("CONNECTORS_TEST_POSTGRES_URL", "CONNECTORS_TEST_REDIS_URL")
+
+
+def _is_dns_server(server: str) -> bool:
+    """``ip``, ``ipv4:port``, ``[ipv6]`` or ``[ipv6]:port``, as c-ares takes a server."""
+    host, port = server, "53"
+    if server.startswith("["):
+        host, _, rest = server[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                return False
+            port = rest[1:]
+    elif server.count(":") == 1:
+        host, port = server.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return port.isascii() and port.isdigit() and 0 < int(port) < 65536
 
 
 class ConfigError(Exception):
@@ -125,6 +144,16 @@ class Settings(BaseSettings):
     # At most this many client certificates (tls_client_auth) keep a connection pool of their own.
     outbound_max_client_certificates: int = Field(default=256, ge=1, le=100_000)
 
+    # Name resolution for outbound calls (app.core.outbound.lookups): c-ares, with these DNS
+    # servers ("ip" or "ip:port", comma-separated) instead of /etc/resolv.conf's when set.
+    dns_servers: Annotated[tuple[str, ...], NoDecode] = ()
+    # A lookup ends after this long (never later than the outbound deadline).
+    dns_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+    # A name that failed to resolve fails at once for this long.
+    dns_negative_ttl_seconds: float = Field(default=5.0, ge=0, le=300)
+    # Lookups in flight started on behalf of one organization; more fail at once.
+    dns_max_lookups_per_organization: int = Field(default=8, ge=1, le=1000)
+
     # Webhooks (app.webhooks). Subscriptions an organization may have.
     webhooks_per_organization: int = Field(default=10, ge=1, le=1000)
     # After a secret rotation, the old secret keeps signing alongside the new one this long.
@@ -135,6 +164,17 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     # Delivered and abandoned events are kept this long for GET /webhooks/{id}/deliveries.
     webhook_retention_seconds: float = Field(default=7 * 86_400.0, ge=3600, le=90 * 86_400)
+
+    @field_validator("dns_servers", mode="before")
+    @classmethod
+    def _split_dns_servers(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        servers = tuple(part.strip() for part in value.split(",") if part.strip())
+        for server in servers:
+            if not _is_dns_server(server):
+                raise ValueError('each DNS server is an IP address, with an optional port ("[ip6]:53")')
+        return servers
 
     @field_validator("database_url")
     @classmethod

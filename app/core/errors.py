@@ -138,6 +138,15 @@ class UpstreamUnreachable(AppError):
     title = "The upstream service could not be reached"
 
 
+class NameNotResolved(AppError):
+    """A URL's host name did not resolve (no such name, no answer in time, or its organization
+    has too many lookups in flight); the detail names that host only."""
+
+    status = 502
+    code = "name_not_resolved"
+    title = "The upstream host name could not be resolved"
+
+
 class TokenEndpointTimeout(AppError):
     status = 504
     code = "token_endpoint_timeout"

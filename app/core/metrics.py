@@ -206,6 +206,14 @@ class Metrics:
             buckets=_OUTBOUND_BUCKETS,
             registry=registry,
         )
+        self.dns_lookups = Counter(
+            "connectors_dns_lookups",
+            "Host name lookups for outbound requests, by result: resolved, shared (joined one in "
+            "flight), timeout, not_found, cached_failure (a recent failure answered again) or "
+            "over_limit (the organization had too many in flight).",
+            ["result"],
+            registry=registry,
+        )
         self.connectors = Gauge(
             "connectors_stored",
             "Connectors of all organizations by status state, counted when scraped.",

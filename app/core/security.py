@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from app.core.auth import SCOPE_AUTHORIZE, SCOPE_READ, SCOPE_WRITE, Principal, TokenVerifier
 from app.core.errors import Forbidden, Unauthenticated
+from app.core.outbound import outbound_tenant
 
 
 async def authenticate(request: Request, scope: str | None) -> Principal:
@@ -23,6 +24,9 @@ async def authenticate(request: Request, scope: str | None) -> Principal:
     principal = await verifier.verify(token.strip())
     # For the access line (app.core.logs); the scope's state dict, without Starlette's wrapper.
     request.scope.setdefault("state", {})["organization_id"] = principal.organization_id
+    # Outbound calls this request makes, and the tasks it starts, count against its organization
+    # (name lookups in flight, app.core.outbound.lookups).
+    outbound_tenant.set(principal.organization_id)
     if scope is not None and scope not in principal.scopes:
         raise Forbidden(f"this call needs the {scope} scope")
     return principal

@@ -46,7 +46,7 @@ from app.core.crypto import DecryptionError, KeyRing
 from app.core.db import Database
 from app.core.errors import AppError, DatabaseUnavailable
 from app.core.metrics import Metrics
-from app.core.outbound import OutboundClient
+from app.core.outbound import OutboundClient, Resolver, on_behalf_of
 from app.webhooks.queue import ClaimedDelivery, DeliveryQueue
 from app.webhooks.secrets import open_secret
 
@@ -234,9 +234,11 @@ class DeliveryWorker:
             )
         headers = signature_headers(delivery.event_id, delivery.payload, at, signing)
         try:
-            response = await self.outbound.request(
-                "POST", delivery.url, headers=headers, content=delivery.payload.encode(), kind="webhook"
-            )
+            # The subscription's organization pays for the name lookup (app.core.outbound.lookups).
+            with on_behalf_of(delivery.organization_id):
+                response = await self.outbound.request(
+                    "POST", delivery.url, headers=headers, content=delivery.payload.encode(), kind="webhook"
+                )
         except AppError as error:
             # The outbound client's details name the host at most.
             return _Outcome(error.code, error=f"{error.code}: {error.detail}")
@@ -317,9 +319,12 @@ class DeliveryWorker:
             )
 
 
-def webhook_outbound(settings: Settings, *, clock: Clock, metrics: Metrics) -> OutboundClient:
+def webhook_outbound(
+    settings: Settings, *, clock: Clock, metrics: Metrics, resolver: Resolver | None = None
+) -> OutboundClient:
     """The client deliveries leave through: the address policy, CA bundle and response cap of
-    every outbound call, the webhook deadline, and one attempt (the schedule does the retrying)."""
+    every outbound call, the webhook deadline, and one attempt (the schedule does the retrying).
+    ``resolver`` is the process's shared ``Lookups``."""
     return OutboundClient(
         timeout_seconds=settings.webhook_timeout_seconds,
         ca_bundle=settings.ca_bundle,
@@ -328,6 +333,7 @@ def webhook_outbound(settings: Settings, *, clock: Clock, metrics: Metrics) -> O
         max_attempts=1,
         clock=clock,
         metrics=metrics,
+        resolver=resolver,
     )
 
 

@@ -13,6 +13,7 @@ from app.core.config import Settings
 from app.core.errors import (
     AppError,
     DestinationNotAllowed,
+    NameNotResolved,
     TokenEndpointTimeout,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -363,11 +364,14 @@ async def test_backoff_that_does_not_fit_the_deadline_ends_retrying(
     assert fake_time.sleeps == pytest.approx([0.075])
 
 
-async def test_unresolvable_host_is_unreachable(make_outbound: MakeOutbound) -> None:
-    client = make_outbound(resolver=StaticResolver({}))
+async def test_unresolvable_host_is_its_own_error(make_outbound: MakeOutbound) -> None:
+    resolver = StaticResolver({})
+    client = make_outbound(resolver=resolver)
 
-    with pytest.raises(UpstreamUnreachable, match=r"could not resolve nowhere\.example\.test"):
-        await client.request("GET", "https://nowhere.example.test/", kind="validation")
+    with pytest.raises(NameNotResolved, match=r"^nowhere\.example\.test could not be resolved$"):
+        await client.request("GET", "https://nowhere.example.test/", kind="token")
+    # Not retried: a name does not appear within a few hundred milliseconds.
+    assert resolver.lookups == ["nowhere.example.test"]
 
 
 # --- errors say nothing secret ---------------------------------------------------------------------

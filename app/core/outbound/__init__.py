@@ -6,7 +6,9 @@ huge answers). Each defence lives in the module whose job it is, and says there 
 it does:
 
 * ``policy``: which addresses may be reached (only global ones, unless private destinations are
-  allowed), URL checks, and name resolution.
+  allowed), and URL checks.
+* ``lookups``: name resolution that no organization can starve (c-ares, one flight per name, a
+  deadline that ends the lookup, a negative cache, a cap per organization).
 * ``transport``: TLS always verified; no redirects and no proxies from the environment; a network
   backend that resolves once and connects to the checked address, so DNS rebinding finds no window.
 * ``certificates``: client certificates for mutual TLS, loaded without the key touching a file.
@@ -20,18 +22,23 @@ it does:
 from app.core.outbound.bodies import OutboundResponse
 from app.core.outbound.certificates import ClientCertificate, InvalidClientCertificate
 from app.core.outbound.client import OutboundClient, OutboundKind
+from app.core.outbound.lookups import CaresResolver, Lookups, on_behalf_of, outbound_tenant
 from app.core.outbound.policy import Resolver, check_url, refusal_reason, system_resolver
 from app.core.outbound.transport import build_ssl_context
 
 __all__ = [
+    "CaresResolver",
     "ClientCertificate",
     "InvalidClientCertificate",
+    "Lookups",
     "OutboundClient",
     "OutboundKind",
     "OutboundResponse",
     "Resolver",
     "build_ssl_context",
     "check_url",
+    "on_behalf_of",
+    "outbound_tenant",
     "refusal_reason",
     "system_resolver",
 ]

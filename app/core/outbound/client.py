@@ -37,6 +37,7 @@ from app.core.errors import (
     AppError,
     CredentialsRejected,
     DestinationNotAllowed,
+    NameNotResolved,
     TokenEndpointTimeout,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -51,7 +52,8 @@ from app.core.outbound.bodies import (
 )
 from app.core.outbound.certificates import ClientCertificate, InvalidClientCertificate, certificate_refusal
 from app.core.outbound.connections import _Connections
-from app.core.outbound.policy import Resolver, _DestinationPolicy, _parse_target, _Target, system_resolver
+from app.core.outbound.lookups import Lookups
+from app.core.outbound.policy import Resolver, _DestinationPolicy, _parse_target, _Target
 from app.core.outbound.transport import _PinnedBackend
 
 if TYPE_CHECKING:
@@ -139,7 +141,11 @@ class OutboundClient:
         self._clock: Clock = clock or SystemClock()
         self._sleep: Sleep = sleep or asyncio.sleep
         self._jitter = jitter or secrets.SystemRandom().random
-        self._policy = _DestinationPolicy(resolver or system_resolver, allow_private_destinations)
+        # Without a resolver of the caller's, the client resolves with c-ares and closes it.
+        self._own_resolver: Lookups | None = None
+        if resolver is None:
+            resolver = self._own_resolver = Lookups.build(timeout_seconds=timeout_seconds, clock=clock)
+        self._policy = _DestinationPolicy(resolver, allow_private_destinations)
         self._allow_private = allow_private_destinations
         self._durations = (metrics or Metrics()).outbound_duration
         backend = _PinnedBackend(self._policy, network_backend or httpcore.AnyIOBackend())
@@ -151,7 +157,10 @@ class OutboundClient:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> OutboundClient:
+    def from_settings(
+        cls, settings: Settings, *, metrics: Metrics | None = None, resolver: Resolver | None = None
+    ) -> OutboundClient:
+        """The token and validation client; ``resolver`` is the process's shared ``Lookups``."""
         return cls(
             timeout_seconds=settings.outbound_timeout_seconds,
             ca_bundle=settings.ca_bundle,
@@ -159,10 +168,13 @@ class OutboundClient:
             max_response_bytes=settings.outbound_max_response_bytes,
             metrics=metrics,
             max_client_certificates=settings.outbound_max_client_certificates,
+            resolver=resolver,
         )
 
     async def aclose(self) -> None:
         await self._connections.aclose()
+        if self._own_resolver is not None:
+            await self._own_resolver.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -188,7 +200,7 @@ class OutboundClient:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._policy.addresses(target.host, target.port)
-        except (httpcore.ConnectError, TimeoutError):
+        except (NameNotResolved, TimeoutError):
             logger.info("could not resolve %s while checking a destination", target.host)
 
     async def request(
@@ -378,10 +390,6 @@ def _tls_detail(host: str, error: ssl.SSLError) -> str:
 
 def _network_detail(host: str, exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.ConnectError):
-        cause = exc.__cause__
-        # The resolver's message is ours ("could not resolve <host>"); others may carry OS detail.
-        if isinstance(cause, httpcore.ConnectError) and str(cause).startswith("could not resolve"):
-            return f"could not resolve {host}"
         return f"could not connect to {host}"
     if isinstance(exc, httpx.RemoteProtocolError):
         return f"{host} closed the connection without a valid response"

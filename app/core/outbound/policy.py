@@ -17,10 +17,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import httpcore
 import httpx
 
-from app.core.errors import DestinationNotAllowed
+from app.core.errors import DestinationNotAllowed, NameNotResolved
 
 __all__ = ["IPAddress", "Resolver", "check_url", "refusal_reason", "system_resolver"]
 
@@ -220,17 +219,19 @@ class _DestinationPolicy:
         self._allow_private = allow_private
 
     async def addresses(self, host: str, port: int) -> list[str]:
-        """The checked addresses to connect to, in order; raises ``DestinationNotAllowed``."""
+        """The checked addresses to connect to, in order; raises ``DestinationNotAllowed`` or
+        ``NameNotResolved``."""
         literal = _literal_address(host)
         if literal is not None:
             candidates = [str(literal)]
         else:
             try:
                 candidates = list(await self._resolver(host, port))
-            except OSError as exc:
-                raise httpcore.ConnectError(f"could not resolve {host}") from exc
+            except OSError:
+                # ``Lookups`` raises ``NameNotResolved`` itself; a plain resolver raises OSError.
+                raise NameNotResolved(f"{host} could not be resolved") from None
             if not candidates:
-                raise httpcore.ConnectError(f"could not resolve {host}")
+                raise NameNotResolved(f"{host} could not be resolved: no addresses")
         if not self._allow_private:
             for candidate in candidates:
                 reason = refusal_reason(candidate)
