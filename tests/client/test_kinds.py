@@ -14,6 +14,7 @@ service sent, and never a private key.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -32,6 +33,7 @@ from connectors_client import (
     ConnectorPatch,
     ConnectorsClient,
     CredentialsRejected,
+    DestinationRefused,
     OAuth2ClientCredentialsPrivateKeyJWTIn,
     OAuth2ClientCredentialsPrivateKeyJWTOut,
     OAuth2ClientCredentialsTlsClientAuthIn,
@@ -432,3 +434,86 @@ async def test_tls_client_auth_reads_round_trip(
     await assert_round_trip(live, patched, pem_body_lines(key_pem) + pem_body_lines(other_key))
     assert scripted_server.count == 0
     assert CANARY in password
+
+
+# Redirects --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["header", "query"])
+async def test_a_redirect_never_carries_a_key_out_of_the_resource_domain(
+    flavour: Flavour,
+    authorizer: ConnectorsClient | AsyncConnectorsClient,
+    keyed: KeyedResource,
+    api_key: str,
+    local_ca: LocalCA,
+    other_origin: ScriptedServer,
+    where: str,
+) -> None:
+    """httpx follows redirects without asking the auth flow again; each hop is held to the rule of
+    the first request: within the base path it goes with the key, anywhere else it is refused."""
+    created = await run(
+        flavour.connectors.create(
+            ConnectorCreate(
+                name=f"Keyed in the {where}",
+                resource_domain_url=keyed.url("/api"),
+                auth=ApiKeyAuthIn.model_validate(
+                    {
+                        "type": "api_key",
+                        "key": api_key,
+                        "in": where,
+                        "name": PARAMETER if where == "query" else HEADER,
+                    }
+                ),
+            ),
+            validate=False,
+        )
+    )
+    answer_keys = keyed._answer
+    moves = {
+        "/api/v1/away": other_origin.url("/api/v1/items"),
+        "/api/v1/outside": keyed.url("/elsewhere"),
+        "/api/v1/odd": keyed.url("/api/v1/%2e%2e/x"),
+        "/api/v1/moved": keyed.url("/api/v1/items"),
+    }
+
+    def answer(request: RecordedRequest) -> Reply:
+        target = moves.get(request.path.partition("?")[0])
+        if target is not None:
+            return Reply(status=302, headers={"Location": target})
+        return answer_keys(request)
+
+    keyed.server.set_default(answer)
+    connector_auth = ConnectorAuth(authorizer, created.id)
+    verify = ssl.create_default_context(cafile=str(local_ca.ca_bundle))
+    if flavour.is_async:
+        async with httpx.AsyncClient(verify=verify, follow_redirects=True, auth=connector_auth) as http:
+            followed = await http.get(keyed.url("/api/v1/moved"))
+            refusals = []
+            for path in ["/api/v1/away", "/api/v1/outside", "/api/v1/odd"]:
+                with pytest.raises(DestinationRefused) as refused:
+                    await http.get(keyed.url(path))
+                refusals.append(refused.value)
+    else:
+        with httpx.Client(verify=verify, follow_redirects=True, auth=connector_auth) as sync_http:
+            followed = sync_http.get(keyed.url("/api/v1/moved"))
+            refusals = []
+            for path in ["/api/v1/away", "/api/v1/outside", "/api/v1/odd"]:
+                with pytest.raises(DestinationRefused) as refused:
+                    sync_http.get(keyed.url(path))
+                refusals.append(refused.value)
+
+    # Within the base path: followed. A header key goes along (the server accepted it at the new
+    # path); a query key does not, since the hop's URL is the Location as the server wrote it.
+    hops = [request for request in keyed.server.requests if request.path.startswith("/api/v1/items")]
+    assert hops
+    if where == "header":
+        assert followed.status_code == 200, followed.text
+        assert followed.json() == {"path": "/api/v1/items"}
+    else:
+        assert followed.status_code == 401
+        assert all(PARAMETER not in hop.path for hop in hops)
+    # Elsewhere: nothing reached the other origin, nor the same origin outside the base path.
+    assert other_origin.count == 0
+    paths = [request.path.partition("?")[0] for request in keyed.server.requests]
+    assert "/elsewhere" not in paths and not any("%2e" in path for path in paths)
+    assert all(api_key not in str(error) for error in refusals)

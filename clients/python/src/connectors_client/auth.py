@@ -28,6 +28,15 @@ Paths the service would refuse
     or answers for it; that answer's ``url`` must then be the request's URL (with the API key
     added, when it goes in the query).
 
+Redirects
+    httpx follows a redirect (with ``follow_redirects=True``) without asking the auth flow again,
+    keeping every header but ``Authorization`` across origins and every header within one. So
+    each hop of a request is held to the rule above before its headers are written: a hop to
+    another origin, or outside the base path, or to a path the cached answer cannot judge, is
+    refused with ``DestinationRefused`` and nothing is sent to it. The check rides on httpcore's
+    ``trace`` extension, which the request and every redirect made from it carry: it holds with
+    httpx's own transports (``HTTPTransport``, ``AsyncHTTPTransport``), the ones that send bytes.
+
 A 401 from the resource
     The credentials were refused (a revoked or rotated token, a changed password): the request
     is sent once more with credentials from ``/authorize`` with ``force_refresh: true``. Requests
@@ -49,6 +58,7 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import unquote
 from uuid import UUID
 
@@ -107,20 +117,21 @@ class _Credential:
 
 
 @dataclass(frozen=True, slots=True)
-class _Signed:
-    """One request's URL and credential, ready to send."""
-
-    url: httpx.URL
-    credential: _Credential
-
-
-@dataclass(frozen=True, slots=True)
 class _Answer:
     credential: _Credential
     resource_origin: str
     origin: Origin
     base_path: str
     fresh_until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    """One request's URL and credential, ready to send, and the answer whose rule it passed."""
+
+    url: httpx.URL
+    credential: _Credential
+    answer: _Answer
 
 
 class ConnectorAuth(httpx.Auth):
@@ -161,6 +172,7 @@ class ConnectorAuth(httpx.Auth):
         target = request.url
         signed = self._sync_sign(client, target, refused=None)
         _apply(request, signed)
+        _guard_hops_sync(request, signed)
         response = yield request
         if response.status_code == 401:
             _apply(request, self._sync_sign(client, target, refused=signed.credential))
@@ -174,6 +186,7 @@ class ConnectorAuth(httpx.Auth):
         target = request.url
         signed = await self._async_sign(client, target, refused=None)
         _apply(request, signed)
+        _guard_hops_async(request, signed)
         response = yield request
         if response.status_code == 401:
             _apply(request, await self._async_sign(client, target, refused=signed.credential))
@@ -187,7 +200,7 @@ class ConnectorAuth(httpx.Auth):
                 answer = self._answer = self._remember(fetched)
         path = self._own_call_for(target, answer)
         if path is None:
-            return _Signed(_with_query(target, answer.credential.query), answer.credential)
+            return _Signed(_with_query(target, answer.credential.query), answer.credential, answer)
         return self._checked(target, answer, client.authorize(self._connector_id, path))
 
     async def _async_sign(
@@ -200,7 +213,7 @@ class ConnectorAuth(httpx.Auth):
                 answer = self._answer = self._remember(fetched)
         path = self._own_call_for(target, answer)
         if path is None:
-            return _Signed(_with_query(target, answer.credential.query), answer.credential)
+            return _Signed(_with_query(target, answer.credential.query), answer.credential, answer)
         return self._checked(target, answer, await client.authorize(self._connector_id, path))
 
     def _reusable(self, refused: _Credential | None) -> _Answer | None:
@@ -233,23 +246,7 @@ class ConnectorAuth(httpx.Auth):
 
         Raises ``DestinationRefused`` for a URL outside the resource domain.
         """
-        if _origin(url) != answer.origin:
-            raise DestinationRefused(
-                f"{url.scheme}://{url.netloc.decode('ascii')} is not the connector's resource origin "
-                f"{answer.resource_origin}: no credentials are sent there"
-            )
-        target = url.raw_path.decode("ascii")
-        path, _, query = target.partition("?")
-        base = answer.base_path
-        if path != base and not path.startswith(base + "/"):
-            raise DestinationRefused(
-                f"the path is outside the connector's base path {base or '/'}: no credentials are sent there"
-            )
-        relative = target[len(base) :]
-        path = path[len(base) :]
-        if _PLAIN_PATH.fullmatch(path) and _PLAIN_QUERY.fullmatch(query):
-            return None
-        return relative
+        return _judge(_origin(url), url.raw_path, answer)
 
     @staticmethod
     def _checked(target: httpx.URL, answer: _Answer, fetched: Authorization) -> _Signed:
@@ -263,7 +260,77 @@ class ConnectorAuth(httpx.Auth):
             raise DestinationRefused(
                 "the service joined this path to another URL than the one requested: no credentials are sent"
             )
-        return _Signed(expected, _Credential(dict(fetched.headers), query))
+        return _Signed(expected, _Credential(dict(fetched.headers), query), answer)
+
+
+def _judge(origin: Origin, raw_target: bytes, answer: _Answer) -> str | None:
+    """None when ``answer`` serves the URL of ``origin`` and ``raw_target`` (path and query) as it
+    is; else the path relative to the base path, for the service to judge.
+
+    Raises ``DestinationRefused`` for a URL outside the resource domain.
+    """
+    if origin != answer.origin:
+        scheme, host, port = origin
+        where = f"{scheme}://{host.decode('ascii')}" + (f":{port}" if port is not None else "")
+        raise DestinationRefused(
+            f"{where} is not the connector's resource origin {answer.resource_origin}: "
+            "no credentials are sent there"
+        )
+    target = raw_target.decode("ascii")
+    path, _, query = target.partition("?")
+    base = answer.base_path
+    if path != base and not path.startswith(base + "/"):
+        raise DestinationRefused(
+            f"the path is outside the connector's base path {base or '/'}: no credentials are sent there"
+        )
+    relative = target[len(base) :]
+    path = path[len(base) :]
+    if _PLAIN_PATH.fullmatch(path) and _PLAIN_QUERY.fullmatch(query):
+        return None
+    return relative
+
+
+# httpcore's trace events just before a request's headers are written, by protocol.
+_SENDING_HEADERS = frozenset({"http11.send_request_headers.started", "http2.send_request_headers.started"})
+
+
+def _check_hop(name: str, info: dict[str, Any], signed: _Signed) -> None:
+    """Refuse to write the headers of a hop other than the signed URL itself, unless the answer
+    serves it as it is."""
+    if name not in _SENDING_HEADERS:
+        return
+    url = info["request"].url
+    scheme = url.scheme.decode("ascii")
+    port = None if url.port == {"https": 443, "http": 80}.get(scheme) else url.port
+    origin: Origin = (scheme, url.host, port)
+    if (origin, url.target) == (_origin(signed.url), signed.url.raw_path):
+        return
+    if _judge(origin, url.target, signed.answer) is not None:
+        raise DestinationRefused(
+            "a redirect leads to a path the connector's credentials were not given for: not followed"
+        )
+
+
+def _guard_hops_sync(request: httpx.Request, signed: _Signed) -> None:
+    previous = request.extensions.get("trace")
+
+    def trace(name: str, info: dict[str, Any]) -> None:
+        _check_hop(name, info, signed)
+        if previous is not None:
+            previous(name, info)
+
+    request.extensions = {**request.extensions, "trace": trace}
+
+
+def _guard_hops_async(request: httpx.Request, signed: _Signed) -> None:
+    previous = request.extensions.get("trace")
+
+    async def trace(name: str, info: dict[str, Any]) -> None:
+        _check_hop(name, info, signed)
+        if previous is not None:
+            await previous(name, info)
+
+    request.extensions = {**request.extensions, "trace": trace}
 
 
 def _apply(request: httpx.Request, signed: _Signed) -> None:
