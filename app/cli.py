@@ -94,6 +94,7 @@ def _reason(error: OSError) -> str:
 def _serve(_args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.core.serving import guarded_protocol
     from app.keycheck import require_readable_secrets
     from app.main import create_app
     from app.migrations import current_revision, head_revision
@@ -117,6 +118,10 @@ def _serve(_args: argparse.Namespace) -> int:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=settings.keep_alive_seconds,
+        http=guarded_protocol(
+            header_timeout=settings.header_timeout_seconds, max_connections=settings.max_connections
+        ),
     )
     sockets = _listen(settings.host, settings.port, config.backlog)
     log.info("serving", extra={"host": settings.host, "port": settings.port})

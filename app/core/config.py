@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     database_statement_timeout_seconds: float = Field(default=15.0, gt=0, le=600)
     redis_url: SecretStr | None = None
 
+    # Connections `serve` accepts (app.core.serving): a request's headers must arrive within
+    # this long; at most this many connections are open at a time; an idle kept-alive connection
+    # is closed after this long.
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    keep_alive_seconds: int = Field(default=5, ge=1, le=3600)
+
     max_connectors_per_org: int = Field(default=5, ge=1, le=10_000)
 
     # What each process holds in memory for authorize (least recently used entries go first).

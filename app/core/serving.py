@@ -1,0 +1,99 @@
+"""The HTTP protocol ``serve`` runs: uvicorn's httptools protocol with limits on slow clients.
+
+uvicorn bounds the idle time between requests on a kept-alive connection, but not the time a
+client takes to send a request's headers, and it accepts every connection it is offered: a few
+hundred connections that open and then send a header line now and then stay open for as long as
+the client likes, and each costs every other caller a share of the one event loop. So:
+
+* **Headers within a time limit.** From the moment a connection opens, or a kept-alive
+  connection's next request begins, its headers must be complete within ``header_timeout``
+  seconds; otherwise the answer is ``408 Request Timeout`` and the connection is closed.
+* **A cap on open connections.** A connection beyond ``max_connections`` open ones in this
+  process is closed as soon as it is accepted, before it costs anything else.
+* **Idle keep-alive** is uvicorn's own ``timeout_keep_alive`` (``CONNECTORS_KEEP_ALIVE_SECONDS``).
+
+A proxy in front should still buffer requests (so slow clients are its problem, not ours), keep
+its own idle timeout towards the service below ``CONNECTORS_KEEP_ALIVE_SECONDS`` (so it never
+sends on a connection the service is closing), and limit connections per client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+__all__ = ["guarded_protocol"]
+
+log = logging.getLogger(__name__)
+
+_TIMEOUT_ANSWER: Final = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"content-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 41\r\n"
+    b"connection: close\r\n"
+    b"\r\n"
+    b"the request headers did not arrive in time"
+)
+
+
+class _GuardedProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` with a header deadline and a connection cap (class attributes)."""
+
+    header_timeout: float = 10.0
+    max_connections: int = 1024
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            # Counted before this one is added: nothing is read from it, and nothing answered.
+            log.warning(
+                "connection refused: too many open connections", extra={"open": len(self.connections)}
+            )
+            transport.abort()
+            return
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        if self.transport is not None:  # None: refused in connection_made
+            super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        # The next request on a kept-alive connection has begun: its headers are due in time.
+        if self._header_timer is None:
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_timer()
+        super().on_headers_complete()
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        self.transport.write(_TIMEOUT_ANSWER)
+        self.transport.close()
+
+
+def guarded_protocol(*, header_timeout: float, max_connections: int) -> type[HttpToolsProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` with these limits."""
+    if header_timeout <= 0 or max_connections < 1:
+        raise ValueError("header_timeout must be positive and max_connections at least 1")
+    return type(
+        "GuardedHttpToolsProtocol",
+        (_GuardedProtocol,),
+        {"header_timeout": header_timeout, "max_connections": max_connections},
+    )
