@@ -79,6 +79,10 @@ class Kind(ABC):
         flags = {f"has_{name}": True for name in stored_secrets}
         return {**public, **flags, **self.tags()}
 
+    def private_key_fields(self, public: Public) -> tuple[str, ...]:
+        """The secret fields of this configuration that hold a private key, to check in full."""
+        return ()
+
     def destinations(self, public: Public) -> list[str]:
         """The URLs this kind calls, checked against the destination policy on save."""
         return [public[name] for name in self.guarded_urls if public.get(name)]

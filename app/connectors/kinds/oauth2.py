@@ -118,6 +118,9 @@ class OAuth2Kind(TokenKind):
     def facts(self, auth: BaseModel) -> dict[str, Any]:
         return method_of(getattr(auth, "client_auth_method")).facts(auth)  # noqa: B009
 
+    def private_key_fields(self, public: Public) -> tuple[str, ...]:
+        return method_of(public.get("client_auth_method") or default_method().name).private_key_fields
+
     def grant_fields(self, public: Public, secrets: Secrets) -> dict[str, Any]:
         """The grant's own fields of the token configuration (the password grant's user)."""
         return {}

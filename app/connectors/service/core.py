@@ -63,6 +63,7 @@ from app.core.errors import (
     SecretUnreadable,
     VersionMismatch,
 )
+from app.core.keychecks import KeyChecks
 from app.tokens.static import with_query
 from app.tokens.types import CheckState, ConfigLoader, IssuedToken, OAuth2Config, StaticCredential, TokenGrant
 from app.webhooks.outbox import record_event, timestamp
@@ -120,8 +121,12 @@ class ConnectorService:
         poll_interval: float = 1.0,
         validate_interval: float = 10.0,
         on_change: ChangeListener | None = None,
+        key_checks: KeyChecks | None = None,
     ) -> None:
+        """``key_checks`` checks private keys in full off the event loop (one worker process
+        made on first use when not given)."""
         self.db = db
+        self.key_checks = key_checks or KeyChecks()
         self.keyring = keyring
         self.sealer = SecretSealer(keyring)
         self.tokens = tokens
@@ -200,6 +205,7 @@ class ConnectorService:
             await self._check_room(repo, organization_id)
             if await repo.name_taken(organization_id, name_key):
                 raise NameTaken()
+        await self._check_private_keys(kind, public, secrets)
         await self._check_destinations(body.resource_domain_url, kind, public)
         sent_at = self.clock.monotonic()
         # A kind with nothing to check against (an API key without a validation URL) stays unverified.
@@ -315,6 +321,10 @@ class ConnectorService:
         if credentials_touched:
             if secrets is None:
                 secrets = self.sealer.open_row(row)
+            # Only keys sent now: a stored one had its full check when it was saved.
+            await self._check_private_keys(
+                kind, public, {n: secrets[n] for n in sent_secrets if n in secrets}
+            )
             await self._check_destinations(base_url, kind, public)
             sent_at = self.clock.monotonic()
             validate = validate and kind.checkable(public)
@@ -844,6 +854,17 @@ class ConnectorService:
         if await repo.count(organization_id) >= self.max_per_org:
             raise ConnectorLimitReached(f"an organization may have at most {self.max_per_org} connectors")
 
+    async def _check_private_keys(
+        self, kind: Kind, public: Mapping[str, Any], secrets: Mapping[str, SecretStr]
+    ) -> None:
+        """The full check of each private key among ``secrets``, in a worker process; the last of
+        the checks made before anything is sent or stored, being the costliest."""
+        for field in kind.private_key_fields(public):
+            if field in secrets:
+                refusal = await self.key_checks.refusal(secrets[field].get_secret_value())
+                if refusal is not None:
+                    raise InvalidRequest(errors=[{"field": f"auth.{field}", "reason": refusal}])
+
     async def _check_destinations(self, base_url: str, kind: Kind, public: Mapping[str, Any]) -> None:
         for url in (base_url, *kind.destinations(public)):
             await self.check_destination(url)
@@ -901,6 +922,7 @@ class ConnectorService:
         await self.memory.aclose()
         if self._background_tasks:
             await asyncio.gather(*self._background_tasks, return_exceptions=True)
+        self.key_checks.close()
 
 
 def _event_data(row: Connector) -> dict[str, Any]:

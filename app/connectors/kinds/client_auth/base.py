@@ -27,6 +27,9 @@ class ClientAuthMethod(ABC):
     schema_suffix: ClassVar[str]
     # The method of an OAuth connector that names none.
     default: ClassVar[bool] = False
+    # Secret fields holding a private key: the fields' validators check it cheaply, and the
+    # service has its numbers checked in full off the event loop (``app.core.keychecks``).
+    private_key_fields: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def build(self, public: Mapping[str, Any], secrets: Mapping[str, SecretStr]) -> ClientAuth:

@@ -11,8 +11,11 @@ The choices, and why:
 * **Keys: RSA of 2048 to 4096 bits (RS256, PS256) or EC P-256 (ES256)**, unencrypted PEM
   (PKCS#8 or traditional). Smaller RSA keys are too weak; larger ones make every check of the
   key cost seconds of CPU, on the request path.
-* **A key is checked in full once, when it is saved** (loading it verifies the RSA numbers,
-  tens of milliseconds). What is stored was checked and is sealed with authenticated
+* **A key is checked in full once, when it is saved.** The field's validator loads it without
+  checking the RSA numbers (microseconds, on the event loop: type, size, curve, fit with
+  ``signing_alg``); the full check, a quarter of a second of CPU for 4096 bits, runs in a worker
+  process once the save has passed everything cheaper (``private_key_fields``,
+  ``app.core.keychecks``). What is stored was checked and is sealed with authenticated
   encryption, so a token request loads it without that check (``_load``).
 * **The public key is a derived value** (``public_jwk``), computed on save and shown in reads,
   ready to register at the provider. No error, repr or log line carries the private key: errors
@@ -231,7 +234,8 @@ class PrivateKeyJWTFields(Strict):
     @field_validator("private_key")
     @classmethod
     def _usable_key(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
-        key = _load(value.get_secret_value(), checked=False)
+        # The RSA numbers are checked later, off the event loop (``private_key_fields``).
+        key = _load(value.get_secret_value(), checked=True)
         alg = info.data.get("signing_alg")
         if isinstance(alg, str):
             misfit = _fits(key, alg)
@@ -320,6 +324,7 @@ class _Method(ClientAuthMethod):
     fields = PrivateKeyJWTFields
     out_fields = PrivateKeyJWTOut
     schema_suffix = "PrivateKeyJWT"
+    private_key_fields = ("private_key",)
 
     def build(self, public: Mapping[str, Any], secrets: Mapping[str, SecretStr]) -> PrivateKeyJWT:
         return PrivateKeyJWT(

@@ -7,13 +7,15 @@ intermediates) with ``tls_private_key``. The certificate is public: it is stored
 shown in reads. The key is a secret like any other, and no message about it quotes it.
 
 Everything a TLS library would refuse later is refused on save instead, with a reason naming the
-field: text that is not PEM, a certificate out of its validity period, one signed with MD5 or
-SHA-1 or carrying a weak key, a chain out of order, a certificate whose extended key usage does
-not allow client authentication, an encrypted key, a key of another type than RSA (2048 to 4096
-bits) or EC (P-256, P-384, P-521), and a key that does not belong to the certificate. Both are
-stored as canonical PEM (the certificates re-encoded, the key as unencrypted PKCS #8): text
-around the PEM blocks, which RFC 7468 allows (``Bag Attributes`` from a PKCS #12 export), is
-dropped, so nothing but the certificates is ever shown.
+field (the check of an RSA key's numbers, the one slow part, in a worker process once the save
+has passed everything cheaper: ``app.core.keychecks``): text that is not PEM, a certificate out
+of its validity period, one signed with MD5 or SHA-1 or carrying a weak key, a chain out of
+order, a certificate whose extended key usage does not allow client authentication, an encrypted
+key, a key of another type than RSA (2048 to 4096 bits) or EC (P-256, P-384, P-521), and a key
+that does not belong to the certificate. Both are stored as canonical PEM (the certificates
+re-encoded, the key as unencrypted PKCS #8): text around the PEM blocks, which RFC 7468 allows
+(``Bag Attributes`` from a PKCS #12 export), is dropped, so nothing but the certificates is ever
+shown.
 
 Validity is judged against the ``now`` of the validation context when one is given (a
 ``datetime``), else against the system clock.
@@ -183,10 +185,8 @@ def _parse_private_key(text: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivate
     problem: str | None = None
     key: object = None
     try:
-        # The numbers of an RSA key are checked (slowly) only once its size is known to be bounded.
+        # The numbers of an RSA key are checked later, off the event loop (``private_key_fields``).
         key = load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=True)
-        if isinstance(key, rsa.RSAPrivateKey) and MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
-            key = load_pem_private_key(data, password=None)
     except TypeError:
         problem = _ENCRYPTED
     except (ValueError, UnsupportedAlgorithm):
@@ -337,6 +337,7 @@ class _Method(ClientAuthMethod):
     fields = TlsClientAuthFields
     out_fields = TlsClientAuthOut
     schema_suffix = "TlsClientAuth"
+    private_key_fields = ("tls_private_key",)
 
     def build(self, public: Mapping[str, Any], secrets: Mapping[str, SecretStr]) -> TlsClientAuth:
         return TlsClientAuth(

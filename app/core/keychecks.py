@@ -1,0 +1,77 @@
+"""The full check of a private key, in a process of its own, after everything cheap has passed.
+
+Loading an RSA private key with its numbers checked (primality of ``p`` and ``q`` among them) costs
+about a quarter of a second of CPU for a 4096-bit key, inside OpenSSL, holding the GIL the whole
+time: on the event loop, or in one of its threads, it stops every request of every organization
+for that long. So the fields' own validators load keys without that check (microseconds: the
+PEM's size, type, bits, curve and fit with the signing algorithm are judged there, on the loop),
+and the service asks ``KeyChecks`` for the full check only once a save has passed everything
+cheaper (body, organization's limit, name), before anything is stored or sent.
+
+``KeyChecks`` runs the checks in a small pool of worker processes (``workers``, started on first
+use with ``spawn``, at a lower CPU priority than the service), so the loop keeps its core; waiting
+saves queue as coroutines, bounded by the connections the process accepts. The PEM crosses to the
+worker over a pipe and the answer is a fixed reason or None: no key, no library message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Final
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+__all__ = ["KeyChecks", "private_key_refusal"]
+
+# Workers run behind the service: the event loop keeps most of a shared core.
+_WORKER_NICENESS: Final = 10
+
+
+def private_key_refusal(pem: bytes) -> str | None:
+    """Why the private key of ``pem`` fails its full check, or None. Runs in a worker process.
+
+    The key passed the fields' cheap checks (one unencrypted PEM key of an allowed type and size).
+    """
+    try:
+        key = load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=True)
+        if isinstance(key, rsa.RSAPrivateKey):
+            load_pem_private_key(pem, password=None)
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return "is not a valid private key: its numbers do not make a key"
+    return None
+
+
+def _lower_priority() -> None:
+    os.nice(_WORKER_NICENESS)
+
+
+class KeyChecks:
+    """Full checks of private keys in ``workers`` processes; see the module docstring."""
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def refusal(self, pem: str) -> str | None:
+        """Why the private key of ``pem`` is refused after its full check, or None."""
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self._workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_lower_priority,
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, private_key_refusal, pem.encode("ascii"))
+
+    def close(self) -> None:
+        """Stop the workers (a check under way is abandoned)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
