@@ -10,10 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from app.connectors.kinds.client_auth import private_key_jwt, tls_client_auth
+from app.connectors.kinds.client_auth import tls_client_auth
 from app.core.config import Settings
 from app.core.keychecks import KeyChecks, private_key_refusal
 from tests.conftest import _sqlite_database, run_sync
@@ -77,7 +78,7 @@ def no_full_check_here(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
             full_loads.append(True)
         return load_pem_private_key(data, password, **options)
 
-    monkeypatch.setattr(private_key_jwt.serialization, "load_pem_private_key", watched)
+    monkeypatch.setattr(serialization, "load_pem_private_key", watched)
     monkeypatch.setattr(tls_client_auth, "load_pem_private_key", watched)
     return full_loads
 
