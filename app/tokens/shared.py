@@ -66,7 +66,7 @@ import logging
 import secrets
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from opentelemetry.trace import Tracer
@@ -107,7 +107,7 @@ class SharedUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SharedToken:
-    access_token: str
+    access_token: str = field(repr=False)
     expires_in: float
     # Wall-clock time (epoch seconds) when its request was sent.
     sent_at: float

@@ -80,18 +80,19 @@ class OAuth2Config:
 
 @dataclass(frozen=True, slots=True)
 class TokenGrant:
-    """A successful token response, checked and normalised."""
+    """A successful token response, checked and normalised; its printed form shows no token."""
 
-    access_token: str
+    access_token: str = field(repr=False)
     expires_in: float
-    refresh_token: str | None = None
+    refresh_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class IssuedToken:
-    """What a caller of the cache receives: a token valid at least until ``expires_at``."""
+    """What a caller of the cache receives: a token valid at least until ``expires_at``; its
+    printed form shows no token."""
 
-    access_token: str
+    access_token: str = field(repr=False)
     expires_at: datetime
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.core.errors import AppError
 from app.tokens.types import IssuedToken
@@ -48,7 +48,7 @@ class _Token:
 class _Entry:
     version: int
     token: _Token | None = None
-    refresh_token: str | None = None
+    refresh_token: str | None = field(default=None, repr=False)
     flight: asyncio.Task[IssuedToken] | None = None
     # A caller awaits the flight: it must not be cancelled when the entry is dropped.
     joined: bool = False
@@ -57,4 +57,4 @@ class _Entry:
     failures: int = 0
     retry_at: float = _NEVER
     # The last token a caller reported refused: a shared copy of it is not taken over.
-    stale: str | None = None
+    stale: str | None = field(default=None, repr=False)
