@@ -3,6 +3,8 @@ and each answers, without a caller token, with the installed ``fastapi_offline``
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.resources
 import re
 from html.parser import HTMLParser
@@ -141,3 +143,29 @@ async def test_the_docs_are_not_operations_of_the_api(app: Any) -> None:
     async with _anonymous(app) as client:
         paths = (await client.get("/openapi.json")).json()["paths"]
     assert not [path for path in paths if path.startswith(("/docs", "/redoc"))]
+
+
+@pytest.mark.parametrize(("page", "root_path"), [("/docs", ""), ("/redoc", ""), ("/docs", "/connectors-api")])
+async def test_docs_pages_cannot_be_framed_and_run_only_their_own_scripts(
+    app: Any, page: str, root_path: str
+) -> None:
+    async with _anonymous(app, root_path) as client:
+        response = await client.get(page)
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in response.headers["content-security-policy"].split(";")
+    )
+    assert policy["frame-ancestors"] == "'none'"
+    assert policy["default-src"] == "'none'"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["referrer-policy"] == "same-origin"
+    # Scripts: the service's own files, and each inline script of this very page by its hash.
+    allowed = policy["script-src"].split()
+    assert "'unsafe-inline'" not in allowed and "*" not in allowed
+    inline = _scripts(response.text)
+    expected = {
+        "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+        for script in inline
+    }
+    assert set(allowed) == {"'self'", *expected}
+    assert len(expected) == (1 if page == "/docs" else 0)
