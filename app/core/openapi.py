@@ -91,7 +91,10 @@ _SCHEMAS: Final[dict[str, Any]] = {
             },
             "request_id": {
                 "type": "string",
-                "description": "The request's id (the `X-Request-ID` answered), for finding it in the logs",
+                "description": (
+                    "The request's id (the `X-Request-ID` answered: the service's own, after the "
+                    "caller's and a dot when the caller sent one), for finding it in the logs"
+                ),
             },
         },
         "additionalProperties": True,

@@ -1,12 +1,14 @@
-"""One id per request: the caller's ``X-Request-ID`` when well-formed, a fresh one otherwise.
+"""One id per request, the service's own, paired with the caller's ``X-Request-ID`` when well-formed.
 
 The id is set in ``app.core.context.request_id`` for the whole request, so that every log line
 written while it is served, every problem body and every span can name it, and it comes back in
-the response's ``X-Request-ID`` header, errors included. A caller's id is kept only when there is
-exactly one such header and it is 1-128 characters of ``A-Z a-z 0-9 . _ : -``: nothing else can
-reach a log line or a header through it (no space, quote, control character or line break).
-Otherwise the request gets a new id: 32 lower-case hex digits, 128 random bits (from
-``os.urandom``, a quarter of what ``uuid.uuid4()`` costs).
+the response's ``X-Request-ID`` header, errors included. Every request gets an id of the
+service's own: 32 lower-case hex digits, 128 random bits (from ``os.urandom``, a quarter of what
+``uuid.uuid4()`` costs). A caller's id is kept in front of it (``<caller's id>.<own id>``) when
+there is exactly one such header and it is 1-128 characters of ``A-Z a-z 0-9 . _ : -``: nothing
+else can reach a log line or a header through it (no space, quote, control character or line
+break). So a caller still finds its own id in every answer and line, and no caller can give its
+requests the id of another's, whatever it sends.
 
 Tasks a request starts (a token request, a status write) copy the context as it is when they
 start, so their log lines carry the id of the request that caused them.
@@ -45,7 +47,9 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         sent = [value for name, value in scope["headers"] if name == _HEADER_KEY]
-        value = (accepted(sent[0]) if len(sent) == 1 else None) or os.urandom(16).hex()
+        own = os.urandom(16).hex()
+        caller = accepted(sent[0]) if len(sent) == 1 else None
+        value = own if caller is None else f"{caller}.{own}"
         header = (_HEADER_KEY, value.encode("ascii"))
 
         async def send_with_id(message: Message) -> None:

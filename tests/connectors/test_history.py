@@ -24,7 +24,7 @@ from app.main import Overrides
 from app.rotation import rotate
 from tests.conftest import ALL_SCOPES, CANARY, canary
 from tests.connectors import payloads
-from tests.connectors.test_crud import NO_CHECK, assert_problem, create
+from tests.connectors.test_crud import NO_CHECK, anonymized, assert_problem, create
 from tests.support.fakes import FakeTime
 from tests.support.servers import Reply, ScriptedServer
 
@@ -340,15 +340,13 @@ async def test_another_organizations_history_is_indistinguishable_from_missing(
     kept = await create(owner, payloads.basic(name="kept"))
     gone = await create(owner, payloads.basic(name="gone"))
     assert (await owner.delete(f"/connectors/{gone['id']}")).status_code == 204
-    # One request id for all, so that only what the answers say about the connector may differ.
-    stranger.headers["X-Request-ID"] = "stranger"
     absent = await stranger.get(f"/connectors/{MISSING}/history")
     malformed = await stranger.get("/connectors/not-a-uuid/history")
     assert_problem(absent, 404, "connector_not_found")
     for connector in (kept, gone):
         theirs = await stranger.get(f"/connectors/{connector['id']}/history")
         assert theirs.status_code == absent.status_code == malformed.status_code == 404
-        assert theirs.content == absent.content == malformed.content
+        assert anonymized(theirs) == anonymized(absent) == anonymized(malformed)
         assert theirs.headers["content-type"] == absent.headers["content-type"]
         assert len(await history(owner, connector["id"])) >= 1
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.connectors import payloads
-from tests.connectors.test_crud import NO_CHECK, assert_problem, create
+from tests.connectors.test_crud import NO_CHECK, anonymized, assert_problem, create
 
 ClientFor = Callable[..., httpx.AsyncClient]
 
@@ -55,14 +55,12 @@ async def test_an_id_in_another_spelling_is_an_unknown_id(
     while not any(c in "abcdef" for c in created["id"][9:]):
         created = await create(client, payloads.basic(name=f"Basic {uuid.uuid4()}"))
     canonical = created["id"]
-    # One request id for all, so that only what the answers say about the connector may differ.
-    client.headers["X-Request-ID"] = "spellings"
     absent = await client.request(method, f"/connectors/{uuid.uuid4()}{suffix}", json=body)
     assert_problem(absent, 404, "connector_not_found")
     for label, spelling in other_spellings(canonical).items():
         response = await client.request(method, f"/connectors/{spelling}{suffix}", json=body)
         assert response.status_code == 404, (label, response.text)
-        assert response.content == absent.content, label
+        assert anonymized(response) == anonymized(absent), label
         assert response.headers["content-type"] == absent.headers["content-type"]
     # Nothing reached the connector: not renamed, not deleted, not checked, no event recorded.
     current = await client.get(f"/connectors/{canonical}")
@@ -102,13 +100,9 @@ async def test_validate_query_takes_only_true_or_false(client: httpx.AsyncClient
 
     created = await create(client, payloads.basic())
     url = f"/connectors/{created['id']}"
-    # One request id for both, so that only what the answers say about the query may differ.
-    client.headers["X-Request-ID"] = "validate-query"
     refused = await client.patch(url, json={"name": "Renamed"}, params={"validate": value})
-    assert (
-        refused.content
-        == (await client.patch(url, json={"name": "Renamed"}, params={"validate": "maybe"})).content
-    )
+    maybe = await client.patch(url, json={"name": "Renamed"}, params={"validate": "maybe"})
+    assert anonymized(refused) == anonymized(maybe)
     assert_problem(refused, 422, "invalid_request")
     assert (await client.get(url)).json()["version"] == 1
 

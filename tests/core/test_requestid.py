@@ -83,11 +83,16 @@ def _ids(headers: list[tuple[bytes, bytes]]) -> list[str]:
 async def test_a_well_formed_id_is_kept(app: Any, value: str) -> None:
     status, headers, _ = await raw_request(app, "GET", "/healthz", [(b"x-request-id", value.encode())])
     assert status == 200
-    assert _ids(headers) == [value]
+    (first,) = _ids(headers)
+    caller, _, own = first.rpartition(".")
+    assert (caller, GENERATED.fullmatch(own) is not None) == (value, True)
     status, headers, body = await raw_request(app, "GET", "/nowhere", [(b"x-request-id", value.encode())])
     assert status == 404
-    assert _ids(headers) == [value]
-    assert json.loads(body)["request_id"] == value
+    (second,) = _ids(headers)
+    assert second.startswith(f"{value}.") and GENERATED.fullmatch(second.rpartition(".")[2])
+    assert json.loads(body)["request_id"] == second
+    # The same id sent twice (by one caller or by another copying it) names two requests.
+    assert second != first
 
 
 @pytest.mark.parametrize("value", MALFORMED, ids=repr)
@@ -151,11 +156,12 @@ async def test_every_answer_and_every_problem_names_the_id(
         sent = f"case-{number}"
         response = await caller.request(method, path, headers={"X-Request-ID": sent}, **extra)
         assert response.status_code == status, (path, response.text)
-        assert response.headers.get_list("x-request-id") == [sent], path
+        (paired,) = response.headers.get_list("x-request-id")
+        assert paired.startswith(f"{sent}.") and GENERATED.fullmatch(paired.rpartition(".")[2]), path
         if code is not None:
             assert response.headers["content-type"] == "application/problem+json"
             assert response.json()["code"] == code
-            assert response.json()["request_id"] == sent, path
+            assert response.json()["request_id"] == paired, path
         # Without one of its own, the caller gets a generated id, in the header and the body alike.
         generated = await caller.request(method, path, **extra)
         (answered,) = generated.headers.get_list("x-request-id")
@@ -194,7 +200,8 @@ async def test_every_log_line_of_a_request_names_it(
     lines = _during(debug_log, before)
     loggers = {line["logger"] for line in lines}
     assert {"connectors.access", "app.tokens.cache"} <= loggers, lines
-    assert [line for line in lines if line.get("request_id") != "authorize-1"] == []
+    assert [line for line in lines if line.get("request_id") != answer.headers["x-request-id"]] == []
+    assert answer.headers["x-request-id"].startswith("authorize-1.")
 
     before = len(debug_log.lines())
     failed = await client.get("/boom")
