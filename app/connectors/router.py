@@ -404,8 +404,14 @@ async def authorize(connector_id: ConnectorIdText, request: Request) -> Response
         asked = (principal.organization_id, _uuid(connector_id))
         result = await service.authorize(*asked, body)
     except Exception as error:
-        # A cancelled call is not counted; anything but an AppError is answered as a 500.
-        outcome = error.code if isinstance(error, AppError) else "internal_error"
+        # A cancelled call is not counted; a client gone while sending its body is its own outcome;
+        # anything else but an AppError is answered as a 500.
+        if isinstance(error, AppError):
+            outcome = error.code
+        elif isinstance(error, ClientDisconnect):
+            outcome = "client_disconnected"
+        else:
+            outcome = "internal_error"
         auth_type = service.auth_type_of(*asked) if asked is not None else None
         _observe_authorize(request, outcome, auth_type, started)
         raise

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +22,8 @@ from app.core.validation import LocationRules, field_errors
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+# What is recorded for a request whose client left before it was read (nginx's status).
+CLIENT_CLOSED_REQUEST = 499
 # Paths whose every endpoint needs a caller token.
 PROTECTED_PREFIX = ("/connectors", "/webhooks")
 _NO_RULES = LocationRules()
@@ -115,6 +118,9 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     if isinstance(error.__cause__, AppError):
         # The framework wraps what failed while it read the body (a body over the limit).
         return _app_error_response(error.__cause__)
+    if isinstance(error.__cause__, ClientDisconnect):
+        log.info("the client closed the connection before its request was read")
+        return _client_closed()
     if error.status_code == 400:
         refused = await _unauthenticated(request)
         if refused is not None:
@@ -133,6 +139,17 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     if error.status_code == 405:
         headers["Allow"] = _allowed_methods(request)
     return problem(error.status_code, code, title, title, headers or None)
+
+
+def _client_closed() -> JSONResponse:
+    """What is recorded (access line, metrics) for a client gone while sending its body: nginx's
+    499. Nobody reads it."""
+    return problem(
+        CLIENT_CLOSED_REQUEST,
+        "client_closed_request",
+        "Client closed request",
+        "the client closed the connection while sending its request",
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -166,6 +183,13 @@ class UnexpectedErrorMiddleware:
 
         try:
             await self.app(scope, receive, tracked)
+        except ClientDisconnect:
+            # The client went away while sending its body: no fault of ours, and nobody to answer.
+            # The status recorded (access line, metrics) is nginx's 499.
+            if started:
+                return
+            log.info("the client closed the connection before its request was read")
+            await _client_closed()(scope, receive, send)
         except Exception as error:
             if started:
                 raise  # too late to answer: the server ends the response

@@ -168,8 +168,8 @@ class Metrics:
         registry.register(self._requests)
         self.authorize_requests = Counter(
             "connectors_authorize_requests",
-            "Authorize calls by outcome (ok or the error code) and auth type (unknown before the "
-            "connector was found).",
+            "Authorize calls by outcome (ok, the error code, or client_disconnected when the client "
+            "left while sending its body) and auth type (unknown before the connector was found).",
             ["outcome", "auth_type"],
             registry=registry,
         )

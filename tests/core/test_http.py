@@ -3,6 +3,7 @@ unknown path (a trailing slash included) is a 404 problem, never a redirect."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -94,3 +95,56 @@ async def test_no_path_answers_a_redirect(app: Any, client_for: Callable[..., ht
             response = await client.request(method, path, json={}, headers={"Host": "attacker.example"})
             assert not 300 <= response.status_code < 400, (method, path, response.status_code)
             assert "location" not in response.headers, (method, path)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/connectors"),
+        ("PATCH", f"/connectors/{uuid.UUID(int=7)}"),
+        ("POST", f"/connectors/{uuid.UUID(int=7)}/authorize"),
+        ("POST", "/webhooks"),
+    ],
+)
+async def test_a_client_gone_while_sending_its_body_is_no_error(
+    app: Any, make_token: Callable[..., str], caplog: Any, method: str, path: str
+) -> None:
+    """The body's first bytes, then the connection closes: recorded as 499, logged at info, never
+    an error line nor an internal_error."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {make_token()}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"1000"),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    pending = [{"type": "http.request", "body": b'{"name": "half', "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop() if pending else {"type": "http.disconnect"}
+
+    statuses: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    await app(scope, receive, send)
+    assert statuses == [499]
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+    rendered = app.state.metrics.render().decode()
+    samples = [line for line in rendered.splitlines() if not line.startswith("#")]
+    assert [line for line in samples if "internal_error" in line or 'status="500"' in line] == []
+    assert any('status="499"' in line for line in samples)
