@@ -1,9 +1,11 @@
 """Re-encrypting stored secrets under the newest key.
 
 Rows are taken in batches of those whose ciphertexts are not under the newest key, each batch in
-its own short transaction. A row is rewritten only if its key id is still the one read (a
-concurrent update already wrote it under the newest key), so the command is safe to interrupt and
-to run again, and safe to run while the service serves. Each rewritten row gets a ``rotate_keys``
+its own short transaction. A row is rewritten only if its key id and version are still the ones
+read: a concurrent update wrote new secrets meanwhile (under the newest key, or under the old one
+by a replica not yet given the new ring), and re-encrypting what was read would undo it. Such a
+row is read again in a later batch. So the command is safe to interrupt and to run again, and
+safe to run while the service serves. Each rewritten row gets a ``rotate_keys``
 audit event in the same transaction.
 """
 
@@ -66,7 +68,9 @@ async def rotate(
                     failed_ids.add(row.id)
                     report.failed += 1
                     continue
-                if await repo.replace_secrets(row.organization_id, row.id, row.key_id, secrets, primary):
+                if await repo.replace_secrets(
+                    row.organization_id, row.id, row.key_id, row.version, secrets, primary
+                ):
                     await audit.record(
                         row.organization_id,
                         row.id,

@@ -289,16 +289,20 @@ class RotationRepository:
         organization_id: str,
         connector_id: uuid.UUID,
         old_key_id: str,
+        version: int,
         secrets: dict[str, str],
         key_id: str,
     ) -> bool:
-        """Swap the ciphertexts if nobody changed them meanwhile (the key id is the witness)."""
+        """Swap the ciphertexts if nobody changed them meanwhile: the key id and the version read
+        are the witnesses (every write of secrets makes a new version, even one sealed under the
+        old key by a replica whose ring still puts it first)."""
         result = await self.session.execute(
             update(Connector)
             .where(
                 Connector.organization_id == organization_id,
                 Connector.id == connector_id,
                 Connector.key_id == old_key_id,
+                Connector.version == version,
             )
             .values(secrets=secrets, key_id=key_id)
             .execution_options(synchronize_session=False)

@@ -59,7 +59,14 @@ async def rotate_webhook_secrets(db: Database, keyring: KeyRing, *, batch_size: 
                     continue
                 changed = await session.execute(
                     update(WebhookSubscription)
-                    .where(WebhookSubscription.id == row.id, WebhookSubscription.key_id == row.key_id)
+                    # Only the very ciphertexts read: a rotation of the secret meanwhile, even by a
+                    # replica whose ring still puts the old key first, is never undone.
+                    .where(
+                        WebhookSubscription.id == row.id,
+                        WebhookSubscription.key_id == row.key_id,
+                        WebhookSubscription.secret == row.secret,
+                        WebhookSubscription.previous_secret.is_not_distinct_from(row.previous_secret),
+                    )
                     .values(**values)
                     .execution_options(synchronize_session=False)
                 )

@@ -172,6 +172,49 @@ async def test_rotation_skips_a_row_changed_meanwhile(
             await session.execute(
                 update(Connector).where(Connector.id == uuid.UUID(created["id"])).values(key_id="k1")
             )
-            assert not await repo.replace_secrets(row.organization_id, row.id, "old", {}, "k9")
+            assert not await repo.replace_secrets(row.organization_id, row.id, "old", row.version, {}, "k9")
     finally:
         await db.dispose()
+
+
+async def test_rotation_never_undoes_secrets_written_under_the_old_key_meanwhile(
+    client: httpx.AsyncClient, settings: Settings, database_url: str
+) -> None:
+    """A replica not yet given the new ring writes a new password under the old key between the
+    rotation's read and its write: the rotation leaves that row, then rotates the new password."""
+    created = await create(client, payloads.basic())
+    assert settings.encryption_keys is not None
+    keys = [("k2", secrets.token_bytes(32)), *_ring_pairs(settings.encryption_keys.get_secret_value())]
+    ring = KeyRing(keys)
+    db = Database(build_engine(database_url))
+    try:
+        from app.connectors.repository import RotationRepository
+
+        # The rotation's read and its write, with the update in between (on SQLite a write
+        # transaction excludes the service's, so they are two here; the write's condition is
+        # what is tested).
+        async with db.read() as session:
+            (row,) = await RotationRepository(session).batch_not_under("k2", 10)
+        aad = secret_aad(row.organization_id, row.id, "password")
+        resealed = {"password": ring.encrypt(ring.decrypt(row.secrets["password"], aad=aad), aad=aad)}
+        new_password = payloads.basic()["auth"]["password"]
+        # The service (its ring still k1 first) saves a new password: same key id, new version.
+        patched = await client.patch(
+            f"/connectors/{created['id']}",
+            json={"auth": {"password": new_password}},
+            params={"validate": "false"},
+        )
+        assert patched.status_code == 200, patched.text
+        async with db.write() as session:
+            repo = RotationRepository(session)
+            assert not await repo.replace_secrets(
+                row.organization_id, row.id, "k1", row.version, resealed, "k2"
+            )
+        report = await rotate(db, ring)
+        assert (report.rotated, report.failed) == (1, 0)
+    finally:
+        await db.dispose()
+    (stored,) = await _rows(database_url)
+    assert stored.key_id == "k2"
+    aad = secret_aad(stored.organization_id, stored.id, "password")
+    assert ring.decrypt(stored.secrets["password"], aad=aad) == new_password
