@@ -218,6 +218,8 @@ OPERATIONS: dict[str, tuple[str, str, str | None, set[str]]] = {
             "database_unavailable",
             "webhook_not_found",
             "webhook_delivery_not_found",
+            "webhook_not_deliverable",
+            "resend_limit_reached",
         },
     ),
     "getLiveness": ("get", "/healthz", None, set()),

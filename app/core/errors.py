@@ -80,6 +80,21 @@ class WebhookLimitReached(AppError):
     title = "The organization already has its maximum number of webhook subscriptions"
 
 
+class WebhookNotDeliverable(AppError):
+    """A resend onto a subscription that sends nothing now (disabled or failing): it would wait
+    for as long as the subscription stays so."""
+
+    status = 409
+    code = "webhook_not_deliverable"
+    title = "The webhook subscription is disabled or failing: fix it before resending"
+
+
+class ResendLimitReached(AppError):
+    status = 409
+    code = "resend_limit_reached"
+    title = "The webhook subscription already has its maximum of deliveries waiting"
+
+
 class VersionMismatch(AppError):
     status = 412
     code = "version_mismatch"

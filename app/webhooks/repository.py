@@ -168,6 +168,20 @@ class WebhookRepository:
         found = result.one_or_none()
         return (found[0], str(found[1])) if found is not None else None
 
+    async def pending_count(self, organization_id: str, subscription_id: uuid.UUID) -> int:
+        """How many deliveries of the subscription are waiting to be sent."""
+        result = await self.session.execute(
+            select(func.count())
+            .select_from(WebhookDelivery)
+            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
+            .where(
+                WebhookSubscription.organization_id == organization_id,
+                WebhookDelivery.subscription_id == subscription_id,
+                WebhookDelivery.state == "pending",
+            )
+        )
+        return int(result.scalar_one())
+
     async def add_delivery(
         self, organization_id: str, subscription_id: uuid.UUID, event_id: str, now: datetime
     ) -> WebhookDelivery | None:

@@ -16,10 +16,12 @@ from app.core.errors import (
     Forbidden,
     InvalidRequest,
     PayloadTooLarge,
+    ResendLimitReached,
     Unauthenticated,
     VersionMismatch,
     WebhookDeliveryNotFound,
     WebhookLimitReached,
+    WebhookNotDeliverable,
     WebhookNotFound,
 )
 from app.core.openapi import ErrorSpec, problems, secured
@@ -327,7 +329,14 @@ async def list_webhook_deliveries(
     status_code=status.HTTP_202_ACCEPTED,
     responses={
         202: {"description": "The new delivery of the same event (same `event_id`), pending and due now"},
-        **problems("resendWebhookDelivery", *_CALLER, WebhookNotFound, WebhookDeliveryNotFound),
+        **problems(
+            "resendWebhookDelivery",
+            *_CALLER,
+            WebhookNotFound,
+            WebhookDeliveryNotFound,
+            WebhookNotDeliverable,
+            ResendLimitReached,
+        ),
     },
     openapi_extra=secured(SCOPE_WRITE),
 )

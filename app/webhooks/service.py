@@ -25,15 +25,17 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 from app.core.clock import Clock
 from app.core.crypto import DecryptionError, KeyRing
 from app.core.db import Database
 from app.core.errors import (
+    ResendLimitReached,
     VersionMismatch,
     WebhookDeliveryNotFound,
     WebhookLimitReached,
+    WebhookNotDeliverable,
     WebhookNotFound,
 )
 from app.webhooks import schemas
@@ -42,6 +44,9 @@ from app.webhooks.repository import WebhookRepository
 from app.webhooks.secrets import generate_secret, open_secret, seal_secret
 
 log = logging.getLogger(__name__)
+
+# A resend is refused while a subscription has this many deliveries waiting.
+MAX_PENDING_DELIVERIES: Final = 100
 
 # Refuses a URL whose host is, or resolves to, a non-global address (``DestinationNotAllowed``).
 DestinationChecker = Callable[[str], Awaitable[None]]
@@ -203,15 +208,26 @@ class WebhookService:
     ) -> schemas.WebhookDelivery:
         """Queue a delivery's event again for its subscription: a new pending delivery, due now.
 
-        The original is left as it is. On a failing or disabled subscription the new delivery
-        waits, like every pending one, until the subscription is fixed or enabled.
+        The original is left as it is. Refused on a disabled or failing subscription (the new
+        delivery would wait as long as it stays so: fix it first), and when the subscription
+        already has ``MAX_PENDING_DELIVERIES`` deliveries waiting.
         """
         async with self.db.write() as session:
             repo = WebhookRepository(session)
-            await _require(repo, organization_id, subscription_id)
+            subscription = await _require(repo, organization_id, subscription_id, for_update=True)
+            if not subscription.enabled:
+                raise WebhookNotDeliverable("the subscription is disabled: enable it, then resend")
+            if subscription.state != "active":
+                raise WebhookNotDeliverable(
+                    "the subscription is failing: fix its URL or set enabled to true, then resend"
+                )
             found = await repo.delivery(organization_id, subscription_id, delivery_id)
             if found is None:
                 raise WebhookDeliveryNotFound()
+            if await repo.pending_count(organization_id, subscription_id) >= MAX_PENDING_DELIVERIES:
+                raise ResendLimitReached(
+                    f"at most {MAX_PENDING_DELIVERIES} deliveries of a subscription may wait at once"
+                )
             original, event_type = found
             now = self.clock.now()
             added = await repo.add_delivery(organization_id, subscription_id, original.event_id, now)

@@ -15,7 +15,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -461,6 +461,65 @@ async def test_deliveries_are_listed_newest_first_and_can_be_resent(
     )
     missing = await client.post(f"/webhooks/{created['id']}/deliveries/{uuid.uuid4()}/resend")
     assert_problem(missing, 404, "webhook_delivery_not_found")
+
+
+async def test_a_resend_waits_for_nothing_and_is_bounded(
+    client: httpx.AsyncClient, worker: DeliveryWorker, db: Database, receiver: WebhookReceiver
+) -> None:
+    """Refused onto a disabled or failing subscription (it would wait as long as that lasts), and
+    once the subscription has its maximum of deliveries waiting; nothing is queued either way."""
+    from app.webhooks.service import MAX_PENDING_DELIVERIES
+
+    created = await subscribe(client, receiver.url("/hooks"))
+    receiver.trust("/hooks", created["secret"])
+    await create(client, payloads.basic())
+    await worker.deliver_due()
+    (first,) = (await client.get(f"/webhooks/{created['id']}/deliveries")).json()["items"]
+    resend = f"/webhooks/{created['id']}/deliveries/{first['id']}/resend"
+
+    disabled = await client.patch(f"/webhooks/{created['id']}", json={"enabled": False})
+    assert disabled.status_code == 200, disabled.text
+    assert "disabled" in assert_problem(await client.post(resend), 409, "webhook_not_deliverable")["detail"]
+    await client.patch(f"/webhooks/{created['id']}", json={"enabled": True})
+    async with db.write() as session:
+        await session.execute(
+            update(WebhookSubscription)
+            .where(WebhookSubscription.id == uuid.UUID(created["id"]))
+            .values(state="failing")
+        )
+    assert "failing" in assert_problem(await client.post(resend), 409, "webhook_not_deliverable")["detail"]
+    async with db.write() as session:
+        await session.execute(
+            update(WebhookSubscription)
+            .where(WebhookSubscription.id == uuid.UUID(created["id"]))
+            .values(state="active")
+        )
+    items = (await client.get(f"/webhooks/{created['id']}/deliveries")).json()["items"]
+    assert len(items) == 1, "a refused resend queues nothing"
+
+    # The maximum waiting at once (due in a day, so that no worker sends them meanwhile).
+    later = datetime.now(UTC) + timedelta(days=1)
+    async with db.write() as session:
+        for _ in range(MAX_PENDING_DELIVERIES):
+            session.add(
+                WebhookDelivery(
+                    id=uuid.uuid4(),
+                    subscription_id=uuid.UUID(created["id"]),
+                    event_id=first["event_id"],
+                    organization_id="org-a",
+                    state="pending",
+                    attempts=0,
+                    next_attempt_at=later,
+                    created_at=later,
+                    updated_at=later,
+                )
+            )
+    assert_problem(await client.post(resend), 409, "resend_limit_reached")
+    async with db.write() as session:
+        await session.execute(
+            update(WebhookDelivery).where(WebhookDelivery.next_attempt_at == later).values(state="succeeded")
+        )
+    assert (await client.post(resend)).status_code == 202
 
 
 async def test_a_subscription_deleted_takes_its_deliveries_and_gets_no_more(
