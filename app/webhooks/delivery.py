@@ -1,9 +1,12 @@
 """Sending webhook events in the background: claim, sign, send, record, retry.
 
-Each process runs one ``DeliveryWorker``. It wakes every ``webhook_poll_interval_seconds``, or at
-once when this process has committed a change (``wake``), claims a batch of due deliveries with a
-lease (``app.webhooks.queue``), sends them concurrently, and records each attempt. Nothing here
-runs on a request's path.
+Each process runs one ``DeliveryWorker``. It keeps up to ``concurrency`` attempts under way, at
+most ``per_organization`` of them for one organization, each on its own: whenever one ends, or
+every ``webhook_poll_interval_seconds``, or at once when this process has committed a change
+(``wake``), it claims more (``app.webhooks.queue``: at most one delivery per subscription at a
+time, round-robin across organizations, with a lease) and starts them. No attempt waits for
+another: a receiver that takes the whole deadline to answer holds one slot and its own
+subscription's queue, nothing else. Nothing here runs on a request's path.
 
 **Sending.** The stored event body goes out as it is, ``POST`` with ``Content-Type:
 application/json`` and the Standard Webhooks headers: ``webhook-id`` (the event's id, the same for
@@ -30,8 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -57,8 +62,9 @@ RETRY_DELAYS: Final[tuple[float, ...]] = (5, 30, 120, 600, 1800, 3600, 7200, 144
 MAX_ATTEMPTS: Final = len(RETRY_DELAYS) + 1
 # Each delay is spread over [1 - JITTER, 1 + JITTER] of its nominal length.
 JITTER: Final = 0.2
-# Deliveries claimed (and sent concurrently) at a time by one process.
-BATCH_SIZE: Final = 16
+# Attempts one process has under way at once, in all and for one organization.
+CONCURRENCY: Final = 16
+PER_ORGANIZATION: Final = 4
 # How often each process deletes events past their retention.
 PRUNE_INTERVAL_SECONDS: Final = 600.0
 
@@ -112,7 +118,8 @@ class DeliveryWorker:
         poll_interval: float = 1.0,
         timeout: float = 10.0,
         retention: float = 7 * 86_400.0,
-        batch_size: int = BATCH_SIZE,
+        concurrency: int = CONCURRENCY,
+        per_organization: int = PER_ORGANIZATION,
         jitter: Callable[[], float] | None = None,
     ) -> None:
         """``outbound`` must be built for webhooks (``webhook_outbound``); ``timeout`` is its
@@ -127,11 +134,15 @@ class DeliveryWorker:
         # Comfortably longer than an attempt (connection, TLS, answer) plus recording it.
         self.lease_seconds = 2 * timeout + 2.0
         self.retention = retention
-        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.per_organization = per_organization
         self._jitter = jitter or secrets.SystemRandom().random
         self._wake = asyncio.Event()
-        # One round at a time in this process: a round started while another runs waits for it.
-        self._round = asyncio.Lock()
+        # Attempts under way, and how many of them are each organization's.
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._held: Counter[str] = Counter()
+        # One claim at a time in this process.
+        self._claiming = asyncio.Lock()
         self._next_prune = -float("inf")
 
     def wake(self) -> None:
@@ -139,40 +150,73 @@ class DeliveryWorker:
         self._wake.set()
 
     async def run(self) -> None:
-        """Deliver until cancelled: a round per poll interval or wake-up, pruning now and then."""
-        while True:
-            self._wake.clear()
-            try:
-                await self.deliver_due()
-                if self.clock.monotonic() >= self._next_prune:
-                    self._next_prune = self.clock.monotonic() + PRUNE_INTERVAL_SECONDS
-                    await self.prune()
-            except DatabaseUnavailable:
-                pass  # logged once by the database; the next round tries again
-            except Exception as error:
-                log.exception("a webhook delivery round failed", extra={"error": type(error).__name__})
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_interval):
-                    await self._wake.wait()
+        """Deliver until cancelled: claim whenever a slot is free and something may be due (a
+        poll interval passed, an attempt ended, or a change was made here), pruning now and then."""
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    await self._fill()
+                    if self.clock.monotonic() >= self._next_prune:
+                        self._next_prune = self.clock.monotonic() + PRUNE_INTERVAL_SECONDS
+                        await self.prune()
+                except DatabaseUnavailable:
+                    pass  # logged once by the database; the next poll tries again
+                except Exception as error:
+                    log.exception("a webhook delivery round failed", extra={"error": type(error).__name__})
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval):
+                        await self._wake.wait()
+        finally:
+            await self._cancel_attempts()
 
     async def deliver_due(self) -> int:
-        """Claim and send due deliveries until none is left; how many attempts were made."""
+        """Claim and send what is due until nothing is left and no attempt is under way; how many
+        attempts were started. Attempts started meanwhile by ``run`` are waited for too."""
         attempted = 0
-        async with self._round:
+        while True:
+            attempted += await self._fill()
+            if not self._attempts:
+                return attempted
+            await asyncio.wait(set(self._attempts), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _fill(self) -> int:
+        """Claim as many due deliveries as there are free slots and start their attempts."""
+        async with self._claiming:
+            free = self.concurrency - len(self._attempts)
+            if free <= 0:
+                return 0
             async with self.db.read() as session:
                 if not await DeliveryQueue(session).any_due(now=self.clock.now()):
                     return 0
-            while True:
-                async with self.db.write() as session:
-                    claimed = await DeliveryQueue(session).claim(
-                        now=self.clock.now(), lease_seconds=self.lease_seconds, limit=self.batch_size
-                    )
-                if not claimed:
-                    return attempted
-                await asyncio.gather(*(self._attempt(delivery) for delivery in claimed))
-                attempted += len(claimed)
-                if len(claimed) < self.batch_size:
-                    return attempted
+            async with self.db.write() as session:
+                claimed = await DeliveryQueue(session).claim(
+                    now=self.clock.now(),
+                    lease_seconds=self.lease_seconds,
+                    limit=free,
+                    held=self._held,
+                    per_organization=self.per_organization,
+                )
+        for delivery in claimed:
+            self._held[delivery.organization_id] += 1
+            attempt = asyncio.create_task(self._attempt(delivery), name=f"webhook delivery {delivery.id}")
+            self._attempts.add(attempt)
+            attempt.add_done_callback(functools.partial(self._ended, delivery.organization_id))
+        return len(claimed)
+
+    def _ended(self, organization_id: str, attempt: asyncio.Task[None]) -> None:
+        self._attempts.discard(attempt)
+        self._held[organization_id] -= 1
+        if self._held[organization_id] <= 0:
+            del self._held[organization_id]
+        # A slot is free, and the subscription's next delivery may be due.
+        self._wake.set()
+
+    async def _cancel_attempts(self) -> None:
+        attempts = list(self._attempts)
+        for attempt in attempts:
+            attempt.cancel()
+        await asyncio.gather(*attempts, return_exceptions=True)
 
     async def prune(self) -> int:
         """Delete events older than the retention whose deliveries are all finished."""
@@ -338,9 +382,10 @@ def webhook_outbound(
 
 
 __all__ = [
-    "BATCH_SIZE",
+    "CONCURRENCY",
     "JITTER",
     "MAX_ATTEMPTS",
+    "PER_ORGANIZATION",
     "RETRY_DELAYS",
     "DeliveryWorker",
     "retry_delay",

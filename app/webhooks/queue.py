@@ -3,13 +3,18 @@
 Every replica runs a delivery worker over the same tables, so a delivery must be sent by one of
 them at a time, and a replica that dies holding one must not lose it:
 
-* **Claim.** One short write transaction selects due deliveries (``pending``, due, lease free or
-  expired, subscription enabled and ``active``) and sets their lease, ``claimed_until``. On
-  PostgreSQL the select takes the rows with ``FOR UPDATE SKIP LOCKED``: replicas claiming at the
-  same moment each get other rows, and none waits for another. On SQLite a write transaction
-  starts with ``BEGIN IMMEDIATE`` (``app.core.db``), so the select and the update run with no
-  other writer in between. The update repeats the conditions either way, and ``RETURNING`` says
-  which rows it took.
+* **Claim, fairly.** One short write transaction takes at most one delivery per subscription:
+  its oldest due one (``pending``, due, lease free or expired, subscription enabled and
+  ``active``), and only while no other delivery of that subscription is held by anyone. So a
+  subscription's deliveries go one attempt at a time, in order, and a slow or dead receiver
+  holds up only its own. Subscriptions are taken round-robin across organizations (each
+  organization's oldest due first), up to ``per_organization`` held at once by the claimer: an
+  organization with many subscriptions, or a long backlog, never fills a claim. On PostgreSQL the
+  chosen subscriptions' rows are locked ``FOR UPDATE SKIP LOCKED``: replicas claiming at the
+  same moment each get other subscriptions, and none waits for another. On SQLite a write
+  transaction starts with ``BEGIN IMMEDIATE`` (``app.core.db``), so the claim runs with no other
+  writer in between. The update repeats the conditions either way, and ``RETURNING`` says which
+  rows it took.
 * **Lease.** The value written to ``claimed_until`` is also the claim's token: recording an
   attempt requires the row to still carry it. A replica that was too slow (its lease expired and
   another claimed the delivery) records nothing, and the other replica's attempt counts.
@@ -24,18 +29,22 @@ methods do not take an ``organization_id``; each row they return carries its own
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app.webhooks.models import WebhookDelivery, WebhookEvent, WebhookSubscription
 
 # Events removed per statement when pruning: each delete stays a short transaction.
 PRUNE_BATCH: Final = 500
+# Subscriptions with something due that one claim looks at, the longest waiting first.
+_HEADS: Final = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +81,52 @@ def _deliverable() -> ColumnElement[bool]:
     return and_(WebhookSubscription.enabled.is_(True), WebhookSubscription.state == "active")
 
 
+# Another delivery of the same subscription, for "is one of its deliveries held by anyone".
+_OTHER = aliased(WebhookDelivery)
+
+
+def _in_flight(now: datetime) -> ColumnElement[bool]:
+    """The subscription has a delivery under a live lease: its attempt may be under way."""
+    return (
+        exists()
+        .where(
+            _OTHER.subscription_id == WebhookSubscription.id,
+            _OTHER.state == "pending",
+            _OTHER.claimed_until > now,
+        )
+        .correlate(WebhookSubscription)
+    )
+
+
+def _round_robin(
+    heads: Sequence[tuple[uuid.UUID, str]],
+    limit: int,
+    held: Mapping[str, int],
+    per_organization: int | None,
+) -> list[uuid.UUID]:
+    """Up to ``limit`` subscriptions of ``heads`` (in order of their oldest due delivery), one
+    organization after another, each organization in the order it first appears, and none past
+    ``per_organization`` counting what it already ``held``."""
+    queues: dict[str, deque[uuid.UUID]] = {}
+    for subscription_id, organization_id in heads:
+        queues.setdefault(organization_id, deque()).append(subscription_id)
+    counts = dict(held)
+    chosen: list[uuid.UUID] = []
+    while queues and len(chosen) < limit:
+        for organization_id in list(queues):
+            queue = queues[organization_id]
+            if per_organization is not None and counts.get(organization_id, 0) >= per_organization:
+                del queues[organization_id]
+                continue
+            chosen.append(queue.popleft())
+            counts[organization_id] = counts.get(organization_id, 0) + 1
+            if not queue:
+                del queues[organization_id]
+            if len(chosen) >= limit:
+                break
+    return chosen
+
+
 class DeliveryQueue:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -87,27 +142,82 @@ class DeliveryQueue:
         )
         return found.first() is not None
 
-    async def claim(self, *, now: datetime, lease_seconds: float, limit: int) -> list[ClaimedDelivery]:
-        """Claim up to ``limit`` due deliveries, oldest due first, until ``now + lease_seconds``.
+    async def claim(
+        self,
+        *,
+        now: datetime,
+        lease_seconds: float,
+        limit: int,
+        held: Mapping[str, int] | None = None,
+        per_organization: int | None = None,
+    ) -> list[ClaimedDelivery]:
+        """Claim up to ``limit`` due deliveries, one per subscription, round-robin across
+        organizations, until ``now + lease_seconds``.
 
-        Run it in a write transaction (``Database.write``) of its own, committed before sending.
+        ``held`` counts the attempts the claimer already has under way per organization; with
+        ``per_organization``, no organization gets more than that many in all. Run it in a write
+        transaction (``Database.write``) of its own, committed before sending.
         """
         until = now + timedelta(seconds=lease_seconds)
-        candidates = (
-            select(WebhookDelivery.id)
-            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
-            .where(_due(now), _deliverable())
-            .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
-            .limit(limit)
-            # Rendered on PostgreSQL only; SQLite's write transaction already excludes other writers.
-            .with_for_update(of=WebhookDelivery, skip_locked=True)
+        heads = await self.session.execute(
+            select(
+                WebhookSubscription.id,
+                WebhookSubscription.organization_id,
+                func.min(WebhookDelivery.next_attempt_at).label("due"),
+            )
+            .join(WebhookDelivery, WebhookDelivery.subscription_id == WebhookSubscription.id)
+            .where(_due(now), _deliverable(), ~_in_flight(now))
+            .group_by(WebhookSubscription.id, WebhookSubscription.organization_id)
+            .order_by("due", WebhookSubscription.id)
+            .limit(_HEADS)
         )
-        ids = list((await self.session.execute(candidates)).scalars())
-        if not ids:
+        chosen = _round_robin(
+            [(subscription_id, organization_id) for subscription_id, organization_id, _ in heads.all()],
+            limit,
+            held or {},
+            per_organization,
+        )
+        if not chosen:
             return []
+        # Rendered on PostgreSQL only; SQLite's write transaction already excludes other writers.
+        locked = await self.session.execute(
+            select(WebhookSubscription.id)
+            .where(WebhookSubscription.id.in_(chosen))
+            .with_for_update(skip_locked=True)
+        )
+        subscriptions = list(locked.scalars())
+        if not subscriptions:
+            return []
+        ranked = (
+            select(
+                WebhookDelivery.id,
+                func.row_number()
+                .over(
+                    partition_by=WebhookDelivery.subscription_id,
+                    order_by=(WebhookDelivery.next_attempt_at, WebhookDelivery.id),
+                )
+                .label("rank"),
+            )
+            .where(WebhookDelivery.subscription_id.in_(subscriptions), _due(now))
+            .subquery()
+        )
+        firsts = list((await self.session.execute(select(ranked.c.id).where(ranked.c.rank == 1))).scalars())
+        if not firsts:
+            return []
+        # The conditions again: another claimer may have committed one of these subscriptions'
+        # deliveries since the heads were read.
+        held_elsewhere = (
+            exists()
+            .where(
+                _OTHER.subscription_id == WebhookDelivery.subscription_id,
+                _OTHER.state == "pending",
+                _OTHER.claimed_until > now,
+            )
+            .correlate(WebhookDelivery)
+        )
         taken = await self.session.execute(
             update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_(ids), _due(now))
+            .where(WebhookDelivery.id.in_(firsts), _due(now), ~held_elsewhere)
             .values(claimed_until=until, updated_at=now)
             .returning(WebhookDelivery.id)
             .execution_options(synchronize_session=False)

@@ -36,7 +36,7 @@ from app.main import Overrides
 from app.webhooks.delivery import JITTER, MAX_ATTEMPTS, RETRY_DELAYS, DeliveryWorker, retry_delay
 from app.webhooks.models import WebhookDelivery, WebhookEvent, WebhookSubscription
 from app.webhooks.outbox import record_event
-from app.webhooks.queue import DeliveryQueue
+from app.webhooks.queue import ClaimedDelivery, DeliveryQueue
 from app.webhooks.secrets import generate_secret, seal_secret
 from tests.conftest import CANARY
 from tests.connectors import payloads
@@ -457,7 +457,9 @@ async def test_a_redirect_is_a_failed_attempt_and_is_not_followed(
 # The queue ------------------------------------------------------------------------------------
 
 
-async def insert_subscription(db: Database, settings: Settings, url: str, now: datetime) -> uuid.UUID:
+async def insert_subscription(
+    db: Database, settings: Settings, url: str, now: datetime, organization_id: str = "org-a"
+) -> uuid.UUID:
     """A subscription written as the API writes one, for tests that run no application."""
     subscription_id = uuid.uuid4()
     keyring = KeyRing.from_settings(settings)
@@ -465,11 +467,11 @@ async def insert_subscription(db: Database, settings: Settings, url: str, now: d
         session.add(
             WebhookSubscription(
                 id=subscription_id,
-                organization_id="org-a",
+                organization_id=organization_id,
                 url=url,
                 event_types=[],
                 enabled=True,
-                secret=seal_secret(keyring, "org-a", subscription_id, SecretStr(f"whsec_{CANARY}xx")),
+                secret=seal_secret(keyring, organization_id, subscription_id, SecretStr(f"whsec_{CANARY}xx")),
                 key_id=keyring.primary_key_id,
                 state="active",
                 version=1,
@@ -483,11 +485,12 @@ async def insert_subscription(db: Database, settings: Settings, url: str, now: d
 async def test_a_claimed_delivery_is_held_by_one_claimer_until_its_lease_expires(
     db: Database, settings: Settings, fake_time: FakeTime
 ) -> None:
-    # No application here: nothing but these claims takes the deliveries.
-    await insert_subscription(db, settings, "https://127.0.0.1:9/hooks", fake_time.now())
-    for i in range(5):
-        async with db.write() as session:
-            await record_event(session, "org-a", "connector.created", {"n": i}, at=fake_time.now())
+    # No application here: nothing but these claims takes the deliveries. Five subscriptions,
+    # one event: a delivery each.
+    for _ in range(5):
+        await insert_subscription(db, settings, "https://127.0.0.1:9/hooks", fake_time.now())
+    async with db.write() as session:
+        await record_event(session, "org-a", "connector.created", {"n": 0}, at=fake_time.now())
 
     now = fake_time.now()
     async with db.write() as session:
@@ -524,10 +527,10 @@ async def test_on_postgresql_a_claim_skips_the_rows_another_claim_holds_without_
 ) -> None:
     if db.is_sqlite:
         pytest.skip("SQLite has one writer at a time: a second claim waits for the first to commit")
-    await insert_subscription(db, settings, "https://127.0.0.1:9/hooks", fake_time.now())
-    for i in range(5):
-        async with db.write() as session:
-            await record_event(session, "org-a", "connector.created", {"n": i}, at=fake_time.now())
+    for _ in range(5):
+        await insert_subscription(db, settings, "https://127.0.0.1:9/hooks", fake_time.now())
+    async with db.write() as session:
+        await record_event(session, "org-a", "connector.created", {"n": 0}, at=fake_time.now())
 
     now = fake_time.now()
     async with db.write() as holding:
@@ -537,6 +540,117 @@ async def test_on_postgresql_a_claim_skips_the_rows_another_claim_holds_without_
             second = await DeliveryQueue(session).claim(now=now, lease_seconds=30, limit=10)
     assert (len(first), len(second)) == (3, 2)
     assert not {d.id for d in first} & {d.id for d in second}
+
+
+async def test_a_subscription_has_one_delivery_under_way_at_a_time_in_order(
+    db: Database, settings: Settings, fake_time: FakeTime
+) -> None:
+    subscription_id = await insert_subscription(db, settings, "https://127.0.0.1:9/hooks", fake_time.now())
+    for i in range(3):
+        async with db.write() as session:
+            await record_event(session, "org-a", "connector.created", {"n": i}, at=fake_time.now())
+        fake_time.advance(1)
+    now = fake_time.now()
+
+    async def claim(at: datetime) -> list[ClaimedDelivery]:
+        async with db.write() as session:
+            return await DeliveryQueue(session).claim(now=at, lease_seconds=30, limit=10)
+
+    (first,) = await claim(now)
+    assert json.loads(first.payload)["data"] == {"n": 0}
+    assert await claim(now) == [], "its next delivery waits while one is held"
+    # A lost lease gives the same delivery again, not the next one.
+    (again,) = await claim(now + timedelta(seconds=31))
+    assert again.id == first.id
+    async with db.write() as session:
+        recorded = await DeliveryQueue(session).record(
+            again,
+            attempted_at=now,
+            now=now + timedelta(seconds=32),
+            status_code=200,
+            duration_ms=5,
+            error=None,
+            succeeded=True,
+            next_attempt_at=None,
+        )
+    assert recorded
+    (second,) = await claim(now + timedelta(seconds=32))
+    assert json.loads(second.payload)["data"] == {"n": 1}
+    assert second.subscription_id == subscription_id
+
+
+async def test_claims_go_round_robin_across_organizations(
+    db: Database, settings: Settings, fake_time: FakeTime
+) -> None:
+    """Organization B's six subscriptions have events due long before A's one: a claim of four
+    still takes A's, and B gets no more than its share beside what it already holds."""
+    start = fake_time.now()
+    for _ in range(6):
+        await insert_subscription(db, settings, "https://127.0.0.1:9/b", start, "org-b")
+    for i in range(3):
+        async with db.write() as session:
+            await record_event(session, "org-b", "connector.created", {"n": i}, at=start)
+    a_subscription = await insert_subscription(db, settings, "https://127.0.0.1:9/a", start, "org-a")
+    fake_time.advance(60)
+    async with db.write() as session:
+        await record_event(session, "org-a", "connector.created", {"n": "a"}, at=fake_time.now())
+    now = fake_time.now()
+
+    async with db.write() as session:
+        claimed = await DeliveryQueue(session).claim(now=now, lease_seconds=30, limit=4)
+    assert len(claimed) == 4
+    assert [d.subscription_id for d in claimed if d.organization_id == "org-a"] == [a_subscription]
+    assert len({d.subscription_id for d in claimed}) == 4
+
+    async with db.write() as session:
+        capped = await DeliveryQueue(session).claim(
+            now=now, lease_seconds=30, limit=10, held={"org-b": 3}, per_organization=4
+        )
+    assert [d.organization_id for d in capped] == ["org-b"]
+
+
+async def test_a_receiver_that_never_answers_delays_only_its_own_deliveries(
+    client_for: Any,
+    worker: DeliveryWorker,
+    server_tls: Any,
+    fake_time: FakeTime,
+    receiver: WebhookReceiver,
+    secrets_given: list[str],
+) -> None:
+    """Organization B's receiver holds every request and B has 30 events queued; A's event still
+    reaches A's receiver while B's first attempt is held, and B never has two attempts at once."""
+    a, b = client_for("org-a"), client_for("org-b")
+    with WebhookReceiver(server_tls, now=fake_time.now) as slow:
+        slow.hold()
+        for client, target in ((a, receiver), (b, slow)):
+            response = await client.post("/webhooks", json={"url": target.url("/hooks")})
+            assert response.status_code == 201, response.text
+            secrets_given.append(response.json()["secret"])
+            target.trust("/hooks", response.json()["secret"])
+        connector = await create(b, payloads.basic(name="B 0"))
+        for i in range(1, 30):
+            fake_time.advance(0.001)  # each event written a moment after the last, as in real time
+            renamed = await b.patch(f"/connectors/{connector['id']}", json={"name": f"B {i}"})
+            assert renamed.status_code == 200, renamed.text
+        while slow.held == 0:
+            await asyncio.sleep(0.01)
+
+        await create(a, payloads.basic(name="A's"))
+        async with asyncio.timeout(30):
+            while not receiver.accepted("/hooks"):
+                assert slow.held <= 1, "two of B's deliveries were under way at once"
+                await asyncio.sleep(0.01)
+        assert [event["data"]["name"] for event in receiver.events()] == ["A's"]
+        assert slow.held == 1, "B's first attempt is still waiting for its receiver"
+        assert slow.requests == []
+        slow.release(200)
+        # B's events then go one after another, in the order they were written. (The receiver
+        # notes a request in its own thread after answering it: wait for its notes.)
+        await worker.deliver_due()
+        async with asyncio.timeout(30):
+            while len(slow.events()) < 30:
+                await asyncio.sleep(0.01)
+        assert [event["data"]["name"] for event in slow.events()] == [f"B {i}" for i in range(30)]
 
 
 async def test_old_events_are_pruned_once_every_delivery_is_finished(
