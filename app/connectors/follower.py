@@ -62,8 +62,11 @@ class ChangeFollower:
         batch: int = 1000,
         retention: timedelta = timedelta(days=1),
         prune_every: float = 600.0,
+        reached: Callable[[], None] | None = None,
     ) -> None:
+        """``reached`` is told after every poll that reached the database (it is back)."""
         self.db = db
+        self._reached = reached
         self.clock = clock
         self.interval = interval
         self.batch = batch
@@ -128,6 +131,8 @@ class ChangeFollower:
             self.last_success = self.clock.monotonic()
             seen += len(changes)
             if full or len(changes) < self.batch:
+                if self._reached is not None:
+                    self._reached()
                 return seen
 
     async def _read(self, session: AsyncSession, wanted: Sequence[tuple[str, uuid.UUID]]) -> list[Connector]:

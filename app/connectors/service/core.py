@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Hashable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -96,7 +96,7 @@ class Tokens(Protocol):
 ChangeListener = Callable[[uuid.UUID], Coroutine[Any, Any, None]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Validation:
     """The answer to ``POST /validate``: the connector, and, when no check ran for this call
     (one of this version ran less than the interval ago), the whole seconds until the next may."""
@@ -147,10 +147,13 @@ class ConnectorService:
             select=self._changed,
             apply=self._refresh,
             held=self._held_keys,
+            reached=self._write_unwritten,
         )
         # Status writes and change notices under way, awaited on close.
         self._background_tasks: set[asyncio.Task[None]] = set()
         self._status_writes: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # Statuses learned while the database was away, written once the follower reaches it.
+        self._unwritten: dict[uuid.UUID, _StatusChange] = {}
         # POST /validate: at most one live check per connector version per interval; the checks
         # under way here, shared by every caller asking meanwhile, and how many have ended.
         self.validate_interval = validate_interval
@@ -599,53 +602,67 @@ class ConnectorService:
         if held is None or held.version != version or held.state == state:
             return
         was, held.state = held.state, state
+        self._queue_status_write(
+            connector_id,
+            _StatusChange(held.organization_id, version, was, state, detail, self.clock.now()),
+        )
+
+    def _queue_status_write(self, connector_id: uuid.UUID, status: _StatusChange) -> None:
         # Written in the order they happened: each write of a connector waits for the one before.
         previous = self._status_writes.get(connector_id)
-        write = self._write_status(
-            previous, held.organization_id, connector_id, version, (was, state), detail
-        )
+        write = self._write_status(previous, connector_id, status)
         task = self._status_writes[connector_id] = self._background(write)
         task.add_done_callback(functools.partial(self._status_written, connector_id))
+
+    def _write_unwritten(self) -> None:
+        """The database answers again: write the statuses learned while it was away (each with
+        its event), those still true of what is held."""
+        pending, self._unwritten = self._unwritten, {}
+        for connector_id, status in pending.items():
+            held = self.memory.peek(connector_id)
+            if held is not None and held.version == status.version and held.state == status.state:
+                self._queue_status_write(connector_id, status)
 
     def _status_written(self, connector_id: uuid.UUID, task: asyncio.Task[None]) -> None:
         if self._status_writes.get(connector_id) is task:
             del self._status_writes[connector_id]
 
     async def _write_status(
-        self,
-        previous: asyncio.Task[None] | None,
-        organization_id: str,
-        connector_id: uuid.UUID,
-        version: int,
-        change: tuple[str, CheckState],
-        detail: str | None,
+        self, previous: asyncio.Task[None] | None, connector_id: uuid.UUID, status: _StatusChange
     ) -> None:
-        was, state = change
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
+        # An earlier status of this version that could not be written: this one replaces it, and
+        # changes from the state stored before it.
+        earlier = self._unwritten.get(connector_id)
+        if earlier is not None and earlier.version == status.version:
+            status = dataclasses.replace(status, was=earlier.was)
+        organization_id, version, state, at = status.organization_id, status.version, status.state, status.at
         try:
             async with self.db.write() as session:
                 repo = ConnectorRepository(session)
-                now = self.clock.now()
                 applied = await repo.set_status(
-                    organization_id, connector_id, version, state=state, detail=detail, checked_at=now
+                    organization_id, connector_id, version, state=state, detail=status.detail, checked_at=at
                 )
                 if applied:
                     data = {
                         "connector_id": str(connector_id),
                         "organization_id": organization_id,
                         "version": version,
-                        **_status_change(was, state, detail, now),
+                        **_status_change(status.was, state, status.detail, at),
                     }
-                    await record_event(session, organization_id, "connector.status_changed", data, at=now)
-                    await repo.record_change(organization_id, connector_id, now)
+                    await record_event(session, organization_id, "connector.status_changed", data, at=at)
+                    await repo.record_change(organization_id, connector_id, self.clock.now())
         except DatabaseUnavailable:
-            return  # held in memory only; the stored status catches up with the next change of state
+            # Held in memory; written when the follower next reaches the database.
+            self._unwritten[connector_id] = status
+            return
         except Exception:
             log.exception(
                 "recording a token request's outcome failed", extra={"connector": str(connector_id)}
             )
             return
+        self._unwritten.pop(connector_id, None)
         if applied:
             self._notify(connector_id)
 
@@ -923,6 +940,20 @@ class ConnectorService:
         if self._background_tasks:
             await asyncio.gather(*self._background_tasks, return_exceptions=True)
         self.key_checks.close()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _StatusChange:
+    """A status learned from a token request, to be written: the state it changes ``was`` from
+    (as stored), and when it was learned (``at``), which it is recorded as checked at, whenever
+    it is written."""
+
+    organization_id: str
+    version: int
+    was: str
+    state: CheckState
+    detail: str | None
+    at: datetime
 
 
 def _event_data(row: Connector) -> dict[str, Any]:
