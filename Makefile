@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 # `make run` is the development setup: SQLite under ./data and keys generated there.
 export CONNECTORS_DEV_KEYS ?= true
 
-.PHONY: run test lint format install install-dev bench bench-scale bench-scale-postgresql bench-outage bench-memory bench-all clean
+.PHONY: run test lint format install install-dev bench bench-scale bench-scale-postgresql bench-outage bench-memory bench-neighbours bench-all clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-scale-postgresql: install-dev
 
 bench-outage: install-dev
 	$(BIN)/python -m benchmarks.authorize --mode outage $(BENCH_ARGS)
+
+# What organization A sees while organization B attacks, one attack at a time (benchmarks/neighbours.py).
+bench-neighbours: install-dev
+	$(BIN)/python -m benchmarks.neighbours $(BENCH_ARGS)
 
 # Bytes per entry of authorize's caches, measured in-process with tracemalloc (benchmarks/memory.py).
 bench-memory: install-dev
