@@ -53,6 +53,7 @@ from pydantic import SecretStr
 from tests.client.conftest import Flavour, LiveService, run
 from tests.conftest import CANARY, canary
 from tests.support.fakes import FakeTime
+from tests.support.proxy import TunnelProxy
 from tests.support.servers import RecordedRequest, Reply, ScriptedServer
 from tests.support.tls import LocalCA
 
@@ -517,3 +518,53 @@ async def test_a_redirect_never_carries_a_key_out_of_the_resource_domain(
     paths = [request.path.partition("?")[0] for request in keyed.server.requests]
     assert "/elsewhere" not in paths and not any("%2e" in path for path in paths)
     assert all(api_key not in str(error) for error in refusals)
+
+
+async def test_through_an_https_proxy_keys_go_and_redirects_are_still_judged(
+    flavour: Flavour,
+    authorizer: ConnectorsClient | AsyncConnectorsClient,
+    keyed: KeyedResource,
+    api_key: str,
+    local_ca: LocalCA,
+    other_origin: ScriptedServer,
+) -> None:
+    """The proxy's CONNECT carries no credentials and passes; the request inside the tunnel, and
+    every redirect after it, is judged as without a proxy."""
+    created = await run(
+        flavour.connectors.create(
+            ConnectorCreate(
+                name="Keyed behind a proxy",
+                resource_domain_url=keyed.url("/api"),
+                auth=ApiKeyAuthIn(key=api_key, name=HEADER),
+            ),
+            validate=False,
+        )
+    )
+    answer_keys = keyed._answer
+
+    def answer(request: RecordedRequest) -> Reply:
+        if request.path == "/api/v1/away":
+            return Reply(status=302, headers={"Location": other_origin.url("/api/v1/items")})
+        return answer_keys(request)
+
+    keyed.server.set_default(answer)
+    connector_auth = ConnectorAuth(authorizer, created.id)
+    verify = ssl.create_default_context(cafile=str(local_ca.ca_bundle))
+    with TunnelProxy() as proxy:
+        options: dict[str, Any] = {"verify": verify, "follow_redirects": True, "auth": connector_auth}
+        if flavour.is_async:
+            async with httpx.AsyncClient(proxy=proxy.url, **options) as http:
+                ok = await http.get(keyed.url("/api/v1/items"))
+                with pytest.raises(DestinationRefused):
+                    await http.get(keyed.url("/api/v1/away"))
+        else:
+            with httpx.Client(proxy=proxy.url, **options) as sync_http:
+                ok = sync_http.get(keyed.url("/api/v1/items"))
+                with pytest.raises(DestinationRefused):
+                    sync_http.get(keyed.url("/api/v1/away"))
+        tunnels = list(proxy.tunnels)
+    assert (ok.status_code, ok.json()) == (200, {"path": "/api/v1/items"})
+    assert tunnels[0] == f"127.0.0.1:{keyed.server.port}"
+    # The redirect's tunnel to the other origin may open (it carries no credentials): no request
+    # went through it.
+    assert other_origin.count == 0

@@ -172,10 +172,12 @@ class ConnectorAuth(httpx.Auth):
         target = request.url
         signed = self._sync_sign(client, target, refused=None)
         _apply(request, signed)
-        _guard_hops_sync(request, signed)
+        _guard_hops(request, signed, asynchronous=False)
         response = yield request
         if response.status_code == 401:
-            _apply(request, self._sync_sign(client, target, refused=signed.credential))
+            again = self._sync_sign(client, target, refused=signed.credential)
+            _apply(request, again)
+            _guard_hops(request, again, asynchronous=False)
             yield request
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
@@ -186,10 +188,12 @@ class ConnectorAuth(httpx.Auth):
         target = request.url
         signed = await self._async_sign(client, target, refused=None)
         _apply(request, signed)
-        _guard_hops_async(request, signed)
+        _guard_hops(request, signed, asynchronous=True)
         response = yield request
         if response.status_code == 401:
-            _apply(request, await self._async_sign(client, target, refused=signed.credential))
+            again = await self._async_sign(client, target, refused=signed.credential)
+            _apply(request, again)
+            _guard_hops(request, again, asynchronous=True)
             yield request
 
     def _sync_sign(self, client: ConnectorsClient, target: httpx.URL, refused: _Credential | None) -> _Signed:
@@ -294,42 +298,67 @@ def _judge(origin: Origin, raw_target: bytes, answer: _Answer) -> str | None:
 _SENDING_HEADERS = frozenset({"http11.send_request_headers.started", "http2.send_request_headers.started"})
 
 
-def _check_hop(name: str, info: dict[str, Any], signed: _Signed) -> None:
-    """Refuse to write the headers of a hop other than the signed URL itself, unless the answer
-    serves it as it is."""
-    if name not in _SENDING_HEADERS:
+class _Guard:
+    """The trace callback of one request: refuses to write the headers of a hop other than the
+    URL last signed, unless the answer it was signed with serves that hop as it is.
+
+    ``signed`` is replaced when the request is signed again (after a 401), so the retry is
+    judged against its own signing. A proxy's ``CONNECT`` (the tunnel, which carries no
+    credentials) passes; a request to a forward proxy is judged by the URL in its target."""
+
+    def __init__(self, signed: _Signed) -> None:
+        self.signed = signed
+
+    def check(self, name: str, info: dict[str, Any]) -> None:
+        if name not in _SENDING_HEADERS:
+            return
+        request = info["request"]
+        if request.method == b"CONNECT":
+            return
+        url = request.url
+        target: bytes = url.target
+        if target.startswith((b"https://", b"http://")):
+            # Absolute form: the request goes to a forward proxy, for the URL in its target.
+            hop = httpx.URL(target.decode("ascii"))
+            origin, raw_target = _origin(hop), hop.raw_path
+        else:
+            scheme = url.scheme.decode("ascii")
+            default = {"https": 443, "http": 80}.get(scheme)
+            origin, raw_target = (scheme, url.host, None if url.port == default else url.port), target
+        signed = self.signed
+        if (origin, raw_target) == (_origin(signed.url), signed.url.raw_path):
+            return
+        if _judge(origin, raw_target, signed.answer) is not None:
+            raise DestinationRefused(
+                "a redirect leads to a path the connector's credentials were not given for: not followed"
+            )
+
+
+def _guard_hops(request: httpx.Request, signed: _Signed, *, asynchronous: bool) -> None:
+    """Judge every hop of ``request`` (redirects included: they carry its extensions) before its
+    headers are written; the caller's own trace callback still runs after the check."""
+    guard = request.extensions.get("trace")
+    if isinstance(getattr(guard, "guard", None), _Guard):
+        guard.guard.signed = signed  # type: ignore[union-attr]
         return
-    url = info["request"].url
-    scheme = url.scheme.decode("ascii")
-    port = None if url.port == {"https": 443, "http": 80}.get(scheme) else url.port
-    origin: Origin = (scheme, url.host, port)
-    if (origin, url.target) == (_origin(signed.url), signed.url.raw_path):
-        return
-    if _judge(origin, url.target, signed.answer) is not None:
-        raise DestinationRefused(
-            "a redirect leads to a path the connector's credentials were not given for: not followed"
-        )
-
-
-def _guard_hops_sync(request: httpx.Request, signed: _Signed) -> None:
+    state = _Guard(signed)
     previous = request.extensions.get("trace")
+    trace: Any
+    if asynchronous:
 
-    def trace(name: str, info: dict[str, Any]) -> None:
-        _check_hop(name, info, signed)
-        if previous is not None:
-            previous(name, info)
+        async def trace(name: str, info: dict[str, Any]) -> None:
+            state.check(name, info)
+            if previous is not None:
+                await previous(name, info)
 
-    request.extensions = {**request.extensions, "trace": trace}
+    else:
 
+        def trace(name: str, info: dict[str, Any]) -> None:
+            state.check(name, info)
+            if previous is not None:
+                previous(name, info)
 
-def _guard_hops_async(request: httpx.Request, signed: _Signed) -> None:
-    previous = request.extensions.get("trace")
-
-    async def trace(name: str, info: dict[str, Any]) -> None:
-        _check_hop(name, info, signed)
-        if previous is not None:
-            await previous(name, info)
-
+    trace.guard = state
     request.extensions = {**request.extensions, "trace": trace}
 
 
