@@ -119,6 +119,9 @@ def _serve(_args: argparse.Namespace) -> int:
         server_header=False,
         timeout_graceful_shutdown=30,
         timeout_keep_alive=settings.keep_alive_seconds,
+        # Each request starts with empty context variables: a pipelined request's task is started
+        # from the previous one's, and must not inherit its organization (outbound_tenant).
+        reset_contextvars=True,
         http=guarded_protocol(
             header_timeout=settings.header_timeout_seconds, max_connections=settings.max_connections
         ),

@@ -111,4 +111,4 @@ def test_connections_beyond_the_cap_are_closed_at_once(tmp_path: Path) -> None:
         finally:
             for sock in held:
                 sock.close()
-        assert "too many open connections" in service.stderr()
+        assert "connections refused: too many open connections" in service.stderr()

@@ -107,6 +107,21 @@ class PayloadTooLarge(AppError):
     title = "The request body is too large"
 
 
+class KeyChecksBusy(AppError):
+    """The organization already has private keys being checked (each takes a fraction of a second
+    of a worker's CPU): one organization's stream of key saves does not queue in front of the
+    others'."""
+
+    status = 429
+    code = "key_checks_busy"
+    title = "The organization's private keys are already being checked: try again shortly"
+    retry_after = 1
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class InvalidRequest(AppError):
     status = 422
     code = "invalid_request"

@@ -9,8 +9,10 @@ and the service asks ``KeyChecks`` for the full check only once a save has passe
 cheaper (body, organization's limit, name), before anything is stored or sent.
 
 ``KeyChecks`` runs the checks in a small pool of worker processes (``workers``, started on first
-use with ``spawn``, at a lower CPU priority than the service), so the loop keeps its core; waiting
-saves queue as coroutines, bounded by the connections the process accepts. The PEM crosses to the
+use with ``spawn``, at a lower CPU priority than the service), so the loop keeps its core. One
+organization has at most ``per_organization`` checks queued or running; more are refused at once
+(``KeyChecksBusy``, 429 with ``Retry-After``), so a stream of one organization's key saves never
+queues in front of another's. A pool whose worker died is made anew. The PEM crosses to the
 worker over a pipe and the answer is a fixed reason or None: no key, no library message.
 """
 
@@ -19,12 +21,16 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Final
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from app.core.errors import KeyChecksBusy
 
 __all__ = ["KeyChecks", "private_key_refusal"]
 
@@ -53,14 +59,37 @@ def _lower_priority() -> None:
 class KeyChecks:
     """Full checks of private keys in ``workers`` processes; see the module docstring."""
 
-    def __init__(self, workers: int = 1) -> None:
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
+    def __init__(self, workers: int = 1, per_organization: int = 2) -> None:
+        if workers < 1 or per_organization < 1:
+            raise ValueError("workers and per_organization must be at least 1")
         self._workers = workers
+        self._per_organization = per_organization
         self._pool: ProcessPoolExecutor | None = None
+        self._checking: Counter[str] = Counter()
 
-    async def refusal(self, pem: str) -> str | None:
-        """Why the private key of ``pem`` is refused after its full check, or None."""
+    async def refusal(self, organization_id: str, pem: str) -> str | None:
+        """Why the private key of ``pem`` is refused after its full check, or None.
+
+        Raises ``KeyChecksBusy`` when ``organization_id`` already has its maximum of checks.
+        """
+        if self._checking[organization_id] >= self._per_organization:
+            raise KeyChecksBusy(
+                f"at most {self._per_organization} private keys of an organization are checked at a time"
+            )
+        self._checking[organization_id] += 1
+        try:
+            try:
+                return await self._run(pem)
+            except BrokenProcessPool:
+                # A worker died (killed, out of memory): a new pool, and the check once more.
+                self.close()
+                return await self._run(pem)
+        finally:
+            self._checking[organization_id] -= 1
+            if not self._checking[organization_id]:
+                del self._checking[organization_id]
+
+    async def _run(self, pem: str) -> str | None:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=self._workers,

@@ -49,10 +49,8 @@ class _GuardedProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.max_connections:
             # Counted before this one is added: nothing is read from it, and nothing answered.
-            log.warning(
-                "connection refused: too many open connections", extra={"open": len(self.connections)}
-            )
             transport.abort()
+            _refusals.note(self.loop.time(), len(self.connections))
             return
         super().connection_made(transport)
         self._arm_header_timer()
@@ -64,8 +62,10 @@ class _GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        # The next request on a kept-alive connection has begun: its headers are due in time.
-        if self._header_timer is None:
+        # The next request on a kept-alive connection has begun: its headers are due in time. A
+        # request pipelined behind an answer still being written is left to the keep-alive
+        # timeout, which uvicorn arms once that answer is complete.
+        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
@@ -86,6 +86,29 @@ class _GuardedProtocol(HttpToolsProtocol):
             return
         self.transport.write(_TIMEOUT_ANSWER)
         self.transport.close()
+
+
+class _Refusals:
+    """Connections refused at the cap, logged at most once per ``every`` seconds with their
+    count: a flood of connections is not a flood of log lines."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.count = 0
+        self.logged_at = -float("inf")
+
+    def note(self, now: float, open_connections: int) -> None:
+        self.count += 1
+        if now - self.logged_at >= self.every:
+            log.warning(
+                "connections refused: too many open connections",
+                extra={"refused": self.count, "open": open_connections},
+            )
+            self.count = 0
+            self.logged_at = now
+
+
+_refusals = _Refusals()
 
 
 def guarded_protocol(*, header_timeout: float, max_connections: int) -> type[HttpToolsProtocol]:

@@ -37,7 +37,7 @@ from typing import Final
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import InstrumentedAttribute, aliased
 
 from app.webhooks.models import WebhookDelivery, WebhookEvent, WebhookSubscription
 
@@ -85,16 +85,15 @@ def _deliverable() -> ColumnElement[bool]:
 _OTHER = aliased(WebhookDelivery)
 
 
-def _in_flight(now: datetime) -> ColumnElement[bool]:
-    """The subscription has a delivery under a live lease: its attempt may be under way."""
+def _in_flight(now: datetime, subscription_id: InstrumentedAttribute[uuid.UUID]) -> ColumnElement[bool]:
+    """The subscription of ``subscription_id`` (a column of the enclosing statement's table) has
+    a delivery under a live lease: its attempt may be under way."""
     return (
         exists()
         .where(
-            _OTHER.subscription_id == WebhookSubscription.id,
-            _OTHER.state == "pending",
-            _OTHER.claimed_until > now,
+            _OTHER.subscription_id == subscription_id, _OTHER.state == "pending", _OTHER.claimed_until > now
         )
-        .correlate(WebhookSubscription)
+        .correlate(subscription_id.class_)
     )
 
 
@@ -166,26 +165,41 @@ class DeliveryQueue:
                 func.min(WebhookDelivery.next_attempt_at).label("due"),
             )
             .join(WebhookDelivery, WebhookDelivery.subscription_id == WebhookSubscription.id)
-            .where(_due(now), _deliverable(), ~_in_flight(now))
+            .where(_due(now), _deliverable(), ~_in_flight(now, WebhookSubscription.id))
             .group_by(WebhookSubscription.id, WebhookSubscription.organization_id)
             .order_by("due", WebhookSubscription.id)
             .limit(_HEADS)
         )
-        chosen = _round_robin(
-            [(subscription_id, organization_id) for subscription_id, organization_id, _ in heads.all()],
-            limit,
-            held or {},
-            per_organization,
-        )
-        if not chosen:
-            return []
-        # Rendered on PostgreSQL only; SQLite's write transaction already excludes other writers.
-        locked = await self.session.execute(
-            select(WebhookSubscription.id)
-            .where(WebhookSubscription.id.in_(chosen))
-            .with_for_update(skip_locked=True)
-        )
-        subscriptions = list(locked.scalars())
+        candidates = [
+            (subscription_id, organization_id) for subscription_id, organization_id, _ in heads.all()
+        ]
+        organization_of = dict(candidates)
+        counts = dict(held or {})
+        subscriptions: list[uuid.UUID] = []
+        tried: set[uuid.UUID] = set()
+        # Another claimer may hold some of the chosen ones (PostgreSQL skips them): choose again
+        # among the others until the claim is full or none is left.
+        while len(subscriptions) < limit:
+            chosen = _round_robin(
+                [candidate for candidate in candidates if candidate[0] not in tried],
+                limit - len(subscriptions),
+                counts,
+                per_organization,
+            )
+            if not chosen:
+                break
+            tried.update(chosen)
+            # Rendered on PostgreSQL only (NO KEY: the deliveries' foreign keys can still be checked
+            # meanwhile); SQLite's write transaction already excludes other writers.
+            locked = await self.session.execute(
+                select(WebhookSubscription.id)
+                .where(WebhookSubscription.id.in_(chosen), _deliverable())
+                .with_for_update(skip_locked=True, key_share=True)
+            )
+            for subscription_id in locked.scalars():
+                subscriptions.append(subscription_id)
+                organization_id = organization_of[subscription_id]
+                counts[organization_id] = counts.get(organization_id, 0) + 1
         if not subscriptions:
             return []
         ranked = (
@@ -206,18 +220,11 @@ class DeliveryQueue:
             return []
         # The conditions again: another claimer may have committed one of these subscriptions'
         # deliveries since the heads were read.
-        held_elsewhere = (
-            exists()
-            .where(
-                _OTHER.subscription_id == WebhookDelivery.subscription_id,
-                _OTHER.state == "pending",
-                _OTHER.claimed_until > now,
-            )
-            .correlate(WebhookDelivery)
-        )
         taken = await self.session.execute(
             update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_(firsts), _due(now), ~held_elsewhere)
+            .where(
+                WebhookDelivery.id.in_(firsts), _due(now), ~_in_flight(now, WebhookDelivery.subscription_id)
+            )
             .values(claimed_until=until, updated_at=now)
             .returning(WebhookDelivery.id)
             .execution_options(synchronize_session=False)

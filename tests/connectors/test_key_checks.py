@@ -3,8 +3,10 @@ cheaper. The database plays no part: SQLite only (the module's own ``settings``)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from app.connectors.kinds.client_auth import tls_client_auth
+from app.core import keychecks
 from app.core.config import Settings
 from app.core.keychecks import KeyChecks, private_key_refusal
 from tests.conftest import _sqlite_database, run_sync
@@ -62,9 +65,23 @@ class CountingKeyChecks(KeyChecks):
         super().__init__()
         self.checked = 0
 
-    async def refusal(self, pem: str) -> str | None:
+    async def refusal(self, organization_id: str, pem: str) -> str | None:
         self.checked += 1
-        return await super().refusal(pem)
+        return await super().refusal(organization_id, pem)
+
+
+class GatedKeyChecks(KeyChecks):
+    """Checks that wait for ``gate`` before running (as a long queue of them would)."""
+
+    def __init__(self) -> None:
+        super().__init__(per_organization=2)
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def _run(self, pem: str) -> str | None:
+        self.waiting += 1
+        await self.gate.wait()
+        return await super()._run(pem)
 
 
 @pytest.fixture
@@ -80,6 +97,8 @@ def no_full_check_here(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
     monkeypatch.setattr(serialization, "load_pem_private_key", watched)
     monkeypatch.setattr(tls_client_auth, "load_pem_private_key", watched)
+    # The worker's own function too: run in this process by mistake, it would be seen.
+    monkeypatch.setattr(keychecks, "load_pem_private_key", watched)
     return full_loads
 
 
@@ -147,3 +166,33 @@ async def test_a_patch_checks_only_a_key_it_sends(client: httpx.AsyncClient, app
     assert_problem(refused, 422, "invalid_request")
     assert counting.checked == 2
     assert (await client.get(url)).json()["version"] == 2
+
+
+async def test_one_organization_cannot_queue_key_checks_in_front_of_another(
+    client_for: Callable[..., httpx.AsyncClient], app: Any, settings: Settings
+) -> None:
+    """B has its maximum of checks waiting: its next save is refused at once (429, nothing
+    saved), while A's save is checked and saved."""
+    gated = app.state.connectors.key_checks = GatedKeyChecks()
+    a, b = client_for("org-a"), client_for("org-b")
+    pem = pem_of(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+    def body(client_id: str) -> dict[str, Any]:
+        return signed("https://127.0.0.1:9/oauth/token", client_id, pem)
+
+    # B's limit is 1 connector here: its two held saves are checked in parallel, one then fits.
+    waiting = [
+        asyncio.create_task(b.post("/connectors", json=body(f"b-{i}"), params=NO_CHECK)) for i in range(2)
+    ]
+    while gated.waiting < 2:
+        await asyncio.sleep(0.01)
+    busy = await b.post("/connectors", json=body("b-3"), params=NO_CHECK)
+    assert_problem(busy, 429, "key_checks_busy")
+    assert busy.headers["retry-after"] == "1"
+    a_save = asyncio.create_task(a.post("/connectors", json=body("a-1"), params=NO_CHECK))
+    while gated.waiting < 3:
+        await asyncio.sleep(0.01)
+    gated.gate.set()
+    assert (await a_save).status_code == 201
+    answers = sorted(response.status_code for response in await asyncio.gather(*waiting))
+    assert answers == [201, 409]  # one fits B's limit of one connector

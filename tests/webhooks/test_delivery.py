@@ -535,9 +535,10 @@ async def test_on_postgresql_a_claim_skips_the_rows_another_claim_holds_without_
     now = fake_time.now()
     async with db.write() as holding:
         first = await DeliveryQueue(holding).claim(now=now, lease_seconds=30, limit=3)
-        # The first claim's transaction is still open, its rows locked: the second takes the others.
+        # The first claim's transaction is still open, its rows locked: the second, which would
+        # choose the same three first, chooses again and takes the others.
         async with asyncio.timeout(5), db.write() as session:
-            second = await DeliveryQueue(session).claim(now=now, lease_seconds=30, limit=10)
+            second = await DeliveryQueue(session).claim(now=now, lease_seconds=30, limit=3)
     assert (len(first), len(second)) == (3, 2)
     assert not {d.id for d in first} & {d.id for d in second}
 

@@ -208,7 +208,7 @@ class ConnectorService:
             await self._check_room(repo, organization_id)
             if await repo.name_taken(organization_id, name_key):
                 raise NameTaken()
-        await self._check_private_keys(kind, public, secrets)
+        await self._check_private_keys(organization_id, kind, public, secrets)
         await self._check_destinations(body.resource_domain_url, kind, public)
         sent_at = self.clock.monotonic()
         # A kind with nothing to check against (an API key without a validation URL) stays unverified.
@@ -325,9 +325,8 @@ class ConnectorService:
             if secrets is None:
                 secrets = self.sealer.open_row(row)
             # Only keys sent now: a stored one had its full check when it was saved.
-            await self._check_private_keys(
-                kind, public, {n: secrets[n] for n in sent_secrets if n in secrets}
-            )
+            keys_sent = {name: secrets[name] for name in sent_secrets if name in secrets}
+            await self._check_private_keys(organization_id, kind, public, keys_sent)
             await self._check_destinations(base_url, kind, public)
             sent_at = self.clock.monotonic()
             validate = validate and kind.checkable(public)
@@ -620,7 +619,9 @@ class ConnectorService:
         pending, self._unwritten = self._unwritten, {}
         for connector_id, status in pending.items():
             held = self.memory.peek(connector_id)
-            if held is not None and held.version == status.version and held.state == status.state:
+            still_true = held is not None and held.version == status.version and held.state == status.state
+            # A status that changed and changed back while the database was away is the one stored.
+            if still_true and status.was != status.state:
                 self._queue_status_write(connector_id, status)
 
     def _status_written(self, connector_id: uuid.UUID, task: asyncio.Task[None]) -> None:
@@ -637,6 +638,10 @@ class ConnectorService:
         earlier = self._unwritten.get(connector_id)
         if earlier is not None and earlier.version == status.version:
             status = dataclasses.replace(status, was=earlier.was)
+            if status.was == status.state:
+                # Changed and changed back while the database was away: the stored status holds.
+                del self._unwritten[connector_id]
+                return
         organization_id, version, state, at = status.organization_id, status.version, status.state, status.at
         try:
             async with self.db.write() as session:
@@ -872,13 +877,13 @@ class ConnectorService:
             raise ConnectorLimitReached(f"an organization may have at most {self.max_per_org} connectors")
 
     async def _check_private_keys(
-        self, kind: Kind, public: Mapping[str, Any], secrets: Mapping[str, SecretStr]
+        self, organization_id: str, kind: Kind, public: Mapping[str, Any], secrets: Mapping[str, SecretStr]
     ) -> None:
         """The full check of each private key among ``secrets``, in a worker process; the last of
         the checks made before anything is sent or stored, being the costliest."""
         for field in kind.private_key_fields(public):
             if field in secrets:
-                refusal = await self.key_checks.refusal(secrets[field].get_secret_value())
+                refusal = await self.key_checks.refusal(organization_id, secrets[field].get_secret_value())
                 if refusal is not None:
                     raise InvalidRequest(errors=[{"field": f"auth.{field}", "reason": refusal}])
 
