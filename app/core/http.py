@@ -119,7 +119,6 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
         # The framework wraps what failed while it read the body (a body over the limit).
         return _app_error_response(error.__cause__)
     if isinstance(error.__cause__, ClientDisconnect):
-        log.info("the client closed the connection before its request was read")
         return _client_closed()
     if error.status_code == 400:
         refused = await _unauthenticated(request)
@@ -144,6 +143,7 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 def _client_closed() -> JSONResponse:
     """What is recorded (access line, metrics) for a client gone while sending its body: nginx's
     499. Nobody reads it."""
+    log.info("the client closed the connection before its request was read")
     return problem(
         CLIENT_CLOSED_REQUEST,
         "client_closed_request",
@@ -188,7 +188,6 @@ class UnexpectedErrorMiddleware:
             # The status recorded (access line, metrics) is nginx's 499.
             if started:
                 return
-            log.info("the client closed the connection before its request was read")
             await _client_closed()(scope, receive, send)
         except Exception as error:
             if started:

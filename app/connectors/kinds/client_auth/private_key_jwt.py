@@ -28,7 +28,7 @@ import base64
 import re
 import secrets
 from collections.abc import Mapping, MutableMapping
-from typing import Annotated, Any, Final, Literal, cast
+from typing import Annotated, Any, Final, Literal
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -153,9 +153,10 @@ PublicJWK = TypeAliasType(
 # The key ----------------------------------------------------------------------------------------
 
 
-def _load(pem: str, *, checked: bool) -> SigningKey:
-    """The key of ``pem``. ``checked`` keys were validated in full when saved: loading them skips
-    the (slow) check of the RSA numbers."""
+def _load(pem: str) -> SigningKey:
+    """The key of ``pem``, its type, size and curve judged, without the (slow) check of an RSA
+    key's numbers: a new key gets that check in a worker process (``app.core.keychecks``), and a
+    stored one had it when it was saved."""
     try:
         data = pem.encode("ascii")
     except UnicodeEncodeError:
@@ -165,7 +166,6 @@ def _load(pem: str, *, checked: bool) -> SigningKey:
     if _ENCRYPTED.search(data):
         raise _KeyRefused(_ENCRYPTED_REASON)
     try:
-        # The numbers of an RSA key are checked below, once its size is known to be bounded.
         key = serialization.load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=True)
     except TypeError:
         raise _KeyRefused(_ENCRYPTED_REASON) from None
@@ -176,11 +176,6 @@ def _load(pem: str, *, checked: bool) -> SigningKey:
             raise _KeyRefused(f"is an RSA key of {key.key_size} bits: at least {MIN_RSA_BITS} are needed")
         if key.key_size > MAX_RSA_BITS:
             raise _KeyRefused(f"is an RSA key of {key.key_size} bits: at most {MAX_RSA_BITS} are allowed")
-        if not checked:
-            try:
-                key = cast(rsa.RSAPrivateKey, serialization.load_pem_private_key(data, password=None))
-            except (ValueError, UnsupportedAlgorithm):
-                raise _KeyRefused("is not a valid RSA private key") from None
         return key
     if isinstance(key, ec.EllipticCurvePrivateKey):
         if not isinstance(key.curve, ec.SECP256R1):
@@ -235,7 +230,7 @@ class PrivateKeyJWTFields(Strict):
     @classmethod
     def _usable_key(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
         # The RSA numbers are checked later, off the event loop (``private_key_fields``).
-        key = _load(value.get_secret_value(), checked=True)
+        key = _load(value.get_secret_value())
         alg = info.data.get("signing_alg")
         if isinstance(alg, str):
             misfit = _fits(key, alg)
@@ -275,7 +270,7 @@ class PrivateKeyJWT:
     ) -> None:
         """``private_key``: a PEM key that passed ``PrivateKeyJWTFields`` (stored keys have)."""
         try:
-            key = _load(private_key.get_secret_value(), checked=True)
+            key = _load(private_key.get_secret_value())
         except _KeyRefused as refused:
             raise ValueError(f"the private key {refused}") from None
         misfit = _fits(key, signing_alg)
@@ -337,7 +332,7 @@ class _Method(ClientAuthMethod):
     def facts(self, auth: BaseModel) -> dict[str, Any]:
         private_key: SecretStr = getattr(auth, "private_key")  # noqa: B009
         signing_alg: str = getattr(auth, "signing_alg")  # noqa: B009
-        key = _load(private_key.get_secret_value(), checked=True)
+        key = _load(private_key.get_secret_value())
         return {"public_jwk": public_jwk(key, signing_alg, getattr(auth, "private_key_id"))}  # noqa: B009
 
 
