@@ -9,7 +9,8 @@ and the service asks ``KeyChecks`` for the full check only once a save has passe
 cheaper (body, organization's limit, name), before anything is stored or sent.
 
 ``KeyChecks`` runs the checks in a small pool of worker processes (``workers``, started on first
-use with ``spawn``, at a lower CPU priority than the service), so the loop keeps its core. One
+use with ``spawn``, scheduled behind the service: ``SCHED_IDLE`` on Linux), so the loop keeps
+its core. One
 organization has at most ``per_organization`` checks queued or running; more are refused at once
 (``KeyChecksBusy``, 429 with ``Retry-After``), so a stream of one organization's key saves never
 queues in front of another's. A pool whose worker died is made anew. The PEM crosses to the
@@ -53,7 +54,12 @@ def private_key_refusal(pem: bytes) -> str | None:
 
 
 def _lower_priority() -> None:
-    os.nice(_WORKER_NICENESS)
+    """Run behind the service: on Linux as an idle-class task, which gets the CPU only when no
+    other task wants it and gives it up the moment one does; elsewhere, niced."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(_WORKER_NICENESS)
 
 
 class KeyChecks:
