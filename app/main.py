@@ -45,6 +45,7 @@ from app.tokens.check import LiveChecker
 from app.tokens.oauth import OAuth2TokenClient
 from app.tokens.shared import SharedTokenStore
 from app.webhooks.delivery import DeliveryWorker, webhook_outbound
+from app.webhooks.outbox import record_event
 from app.webhooks.router import router as webhooks_router
 from app.webhooks.service import WebhookService
 
@@ -173,6 +174,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             # A check may take up to the outbound deadline: no replica claims the next one sooner.
             validate_interval=max(settings.validate_interval_seconds, settings.outbound_timeout_seconds),
             on_change=changed_here,
+            # Connectors' events go to the webhooks' outbox, in the transaction of each change.
+            record_event=record_event,
         )
         service_ref.append(service)
         await service.start()  # tolerates a database that is away: the follower keeps trying

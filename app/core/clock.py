@@ -21,3 +21,8 @@ class SystemClock:
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+
+def rfc3339(at: datetime) -> str:
+    """``at`` in RFC 3339, in UTC with a ``Z``, to the millisecond (as events carry times)."""
+    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

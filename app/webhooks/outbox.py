@@ -12,21 +12,18 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.connectors.events import EVENT_TYPES, EventType
+from app.core.clock import rfc3339
 from app.webhooks.models import WebhookDelivery, WebhookEvent, WebhookSubscription
 
-EventType = Literal["connector.created", "connector.updated", "connector.deleted", "connector.status_changed"]
-EVENT_TYPES: Final[tuple[EventType, ...]] = (
-    "connector.created",
-    "connector.updated",
-    "connector.deleted",
-    "connector.status_changed",
-)
+# The events are the connectors' (``app.connectors.events``); this is their recorder.
+__all__ = ["EVENT_TYPES", "EventType", "event_body", "new_event_id", "record_event"]
 
 
 def new_event_id() -> str:
@@ -34,15 +31,10 @@ def new_event_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
 
 
-def timestamp(at: datetime) -> str:
-    """RFC 3339 in UTC with a ``Z``, to the millisecond."""
-    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def event_body(event_type: str, data: Mapping[str, Any], at: datetime) -> str:
     """The body Standard Webhooks recommends: ``{"type", "timestamp", "data"}``, compact JSON."""
     return json.dumps(
-        {"type": event_type, "timestamp": timestamp(at), "data": dict(data)},
+        {"type": event_type, "timestamp": rfc3339(at), "data": dict(data)},
         separators=(",", ":"),
         ensure_ascii=False,
     )

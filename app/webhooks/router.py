@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response, status
 from fastapi.openapi.models import Example
 
-from app.connectors.router import IfMatch
 from app.core.auth import SCOPE_READ, SCOPE_WRITE
 from app.core.errors import (
     DatabaseUnavailable,
@@ -25,6 +24,7 @@ from app.core.errors import (
     WebhookNotFound,
 )
 from app.core.openapi import ErrorSpec, problems, secured
+from app.core.preconditions import IfMatch
 from app.core.resources import ID_SCHEMA, NO_STORE, canonical_uuid, etag
 from app.core.security import Reader, Writer
 from app.webhooks import schemas

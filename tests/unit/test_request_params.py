@@ -12,6 +12,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from app.connectors import router
+from app.core import preconditions
 from app.core.validation import field_errors
 
 
@@ -23,7 +24,9 @@ def _refusal(adapter: TypeAdapter[Any], value: str, location: tuple[str, str]) -
 
 # If-Match ---------------------------------------------------------------------------------------
 
-_IF_MATCH = TypeAdapter[Any](typing.get_type_hints(router.parse_if_match, include_extras=True)["if_match"])
+_IF_MATCH = TypeAdapter[Any](
+    typing.get_type_hints(preconditions.parse_if_match, include_extras=True)["if_match"]
+)
 _IF_MATCH_REFUSED = [{"field": "header.If-Match", "reason": 'must be * or a list of entity tags such as "3"'}]
 
 
@@ -35,7 +38,7 @@ async def _if_match_answer(header: str, version: int) -> tuple[int, list[dict[st
         value = _IF_MATCH.validate_python(header)
     except ValidationError as error:
         return 422, field_errors(error, prefix=("header", "If-Match"))
-    versions = await router.parse_if_match(value)
+    versions = await preconditions.parse_if_match(value)
     return (200 if versions is None or version in versions else 412), []
 
 
@@ -61,7 +64,7 @@ async def test_if_match_forms(header: str, status: int) -> None:
 
 
 async def test_no_if_match_header_means_any_version() -> None:
-    assert await router.parse_if_match(None) is None
+    assert await preconditions.parse_if_match(None) is None
 
 
 # ?validate= -------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.audit.repository import AuditRepository
 from app.audit.schemas import SUCCEEDED, AuditAction, AuditEvent, AuditEventList
 from app.connectors import schemas
+from app.connectors.events import EventRecorder, no_events
 from app.connectors.follower import ChangeFollower
 from app.connectors.kinds import CheckTools, Kind, kind_for, kind_of
 from app.connectors.memory import ConnectorMemory, HeldConnector
@@ -46,7 +47,7 @@ from app.connectors.service.patching import merge_auth
 from app.connectors.service.sealing import UNREADABLE, SecretSealer
 from app.connectors.urls import URLRuleError, join_resource_path, origin_of
 from app.core import tracing
-from app.core.clock import Clock
+from app.core.clock import Clock, rfc3339
 from app.core.crypto import KeyRing
 from app.core.db import Database
 from app.core.errors import (
@@ -66,7 +67,6 @@ from app.core.errors import (
 from app.core.keychecks import KeyChecks
 from app.tokens.static import with_query
 from app.tokens.types import CheckState, ConfigLoader, IssuedToken, OAuth2Config, StaticCredential, TokenGrant
-from app.webhooks.outbox import record_event, timestamp
 
 log = logging.getLogger("app.connectors.service")
 
@@ -122,11 +122,14 @@ class ConnectorService:
         validate_interval: float = 10.0,
         on_change: ChangeListener | None = None,
         key_checks: KeyChecks | None = None,
+        record_event: EventRecorder = no_events,
     ) -> None:
         """``key_checks`` checks private keys in full off the event loop (one worker process
-        made on first use when not given)."""
+        made on first use when not given); ``record_event`` is told of every change."""
         self.db = db
         self.key_checks = key_checks or KeyChecks()
+        # Writes the event of each change in the change's transaction (app.connectors.events).
+        self.record_event = record_event
         self.keyring = keyring
         self.sealer = SecretSealer(keyring)
         self.tokens = tokens
@@ -238,7 +241,7 @@ class ConnectorService:
             await self._audit(
                 session, organization_id, connector_id, "create", actor, fields_set(body), SUCCEEDED, at=now
             )
-            await record_event(session, organization_id, "connector.created", _event_data(row), at=now)
+            await self.record_event(session, organization_id, "connector.created", _event_data(row), at=now)
             await repo.record_change(organization_id, connector_id, now, row=row)
         self._changed_here(row)
         if grant is not None:
@@ -357,10 +360,10 @@ class ConnectorService:
             )
             at = values["updated_at"]
             data = {**_event_data(updated), "changed_fields": changed}
-            await record_event(session, organization_id, "connector.updated", data, at=at)
+            await self.record_event(session, organization_id, "connector.updated", data, at=at)
             if updated.status_state != row.status_state:
                 status = _status_data(updated, row.status_state, updated.status_detail, at)
-                await record_event(session, organization_id, "connector.status_changed", status, at=at)
+                await self.record_event(session, organization_id, "connector.status_changed", status, at=at)
             await repo.record_change(organization_id, connector_id, at, row=updated)
         self._changed_here(updated)
         if grant is not None:
@@ -389,7 +392,7 @@ class ConnectorService:
                     "organization_id": organization_id,
                     "name": row.name,
                 }
-                await record_event(session, organization_id, "connector.deleted", data, at=now)
+                await self.record_event(session, organization_id, "connector.deleted", data, at=now)
                 await repo.record_change(organization_id, connector_id, now)
         except AppError as error:
             await self._record_refusal(organization_id, connector_id, "delete", actor, [], error)
@@ -530,7 +533,9 @@ class ConnectorService:
             if applied:
                 if state != row.status_state:
                     status = _status_data(updated, row.status_state, detail, now)
-                    await record_event(session, organization_id, "connector.status_changed", status, at=now)
+                    await self.record_event(
+                        session, organization_id, "connector.status_changed", status, at=now
+                    )
                 await repo.record_change(organization_id, connector_id, now, row=updated)
         # A check clears what the token cache remembers of the connector (a rejection included).
         self.tokens.forget(connector_id)
@@ -656,7 +661,7 @@ class ConnectorService:
                         "version": version,
                         **_status_change(status.was, state, status.detail, at),
                     }
-                    await record_event(session, organization_id, "connector.status_changed", data, at=at)
+                    await self.record_event(session, organization_id, "connector.status_changed", data, at=at)
                     await repo.record_change(organization_id, connector_id, self.clock.now())
         except DatabaseUnavailable:
             # Held in memory; written when the follower next reaches the database.
@@ -981,7 +986,7 @@ def _status_change(was: str, state: str, detail: str | None, at: datetime) -> di
         "state": state,
         "error_code": code or None,
         "provider_error": provider or None,
-        "changed_at": timestamp(at),
+        "changed_at": rfc3339(at),
     }
 
 
