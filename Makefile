@@ -30,8 +30,9 @@ run: install
 	$(BIN)/python -m app migrate
 	exec $(BIN)/python -m app serve
 
+# One pytest worker per core (pytest-xdist); each has its own PostgreSQL database and servers.
 test: install-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist worksteal
 
 lint: install-dev
 	$(BIN)/ruff check .
