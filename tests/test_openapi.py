@@ -18,7 +18,7 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from pydantic import BaseModel
 
 from app.connectors import schemas
-from app.connectors.kinds import KINDS
+from app.connectors.kinds import KINDS, create_examples
 from app.core.config import Settings
 from app.core.errors import ERROR_CLASSES
 from app.main import create_app
@@ -464,14 +464,8 @@ def test_bodies_and_answers_are_named_schemas() -> None:
 
 
 EXAMPLES: dict[tuple[str, type[BaseModel]], set[str]] = {
-    ("createConnector", schemas.ConnectorCreate): {
-        "basic",
-        "oauth2ClientCredentials",
-        "oauth2Password",
-        "oauth2PrivateKeyJWT",
-        "oauth2TlsClientAuth",
-        "apiKey",
-    },
+    # One per registered kind, and per client-authentication method with fields of its own.
+    ("createConnector", schemas.ConnectorCreate): {example.name for example in create_examples()},
     ("updateConnector", schemas.ConnectorPatch): {"rename", "secretRotation", "moveTokenURL", "switchType"},
     ("createWebhook", WebhookCreate): {"allEvents", "someEvents", "disabled"},
     ("updateWebhook", WebhookPatch): {"moveURL", "reEnable", "pause", "everyEvent"},
@@ -564,3 +558,21 @@ def test_webhook_bodies_state_their_rules_and_reads_hold_no_secret() -> None:
     assert "secret" in COMPONENTS["WebhookWithSecret"]["required"]
     for name in ("Webhook", "WebhookList", "WebhookDelivery", "WebhookDeliveryList"):
         assert '"secret"' not in str(COMPONENTS[name]).replace("'", '"')
+
+
+def test_every_registered_kind_has_an_example_and_a_model_in_the_python_client() -> None:
+    """A kind added to the service without a model in the client (or without an example) fails
+    here: the client parses each example into its own ``ConnectorCreate``."""
+    import connectors_client
+
+    names = [example.name for example in create_examples()]
+    assert len(names) == len(set(names))
+    covered = {(kind.auth_type, kind.variant) for kind in KINDS}
+    for kind in KINDS:
+        assert kind.example.value["auth"]["type"] == kind.auth_type
+    for example in create_examples():
+        parsed = connectors_client.ConnectorCreate.model_validate(example.value)
+        sent = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        auth = sent["auth"]
+        assert (auth["type"], auth.get("grant_type")) in covered
+        assert set(auth) == set(example.value["auth"]), example.name

@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from app.audit.schemas import AuditEventList
 from app.connectors import schemas
+from app.connectors.kinds import create_examples
 from app.connectors.service import ConnectorService
 from app.core.auth import SCOPE_AUTHORIZE, SCOPE_READ, SCOPE_WRITE
 from app.core.errors import (
@@ -144,132 +145,9 @@ _CREATED_LINKS: dict[str, Any] = {
     )
 }
 
-# Example key material, made for these examples only (a certificate valid until 2126).
-_EXAMPLE_JWT_KEY = (
-    "-----BEGIN PRIVATE KEY-----\n"
-    "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgayxt1H8Pt0ZiKxF2\n"
-    "sVEmZqysjaCmKIE2+0ZiBl7JNXuhRANCAAR/3jGSp42jGs4VT0W7x3g0j2iSEbVO\n"
-    "uZYsz8veg9EQKQRkIDs9Kg1LZT5oIqrJ72aMyUi3i8WGNZceBRMCmtIc\n"
-    "-----END PRIVATE KEY-----\n"
-)
-_EXAMPLE_TLS_KEY = (
-    "-----BEGIN PRIVATE KEY-----\n"
-    "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgZBScmlzp7TzTK4GX\n"
-    "JSA8vzpWk2gxBznSMrBuCOZY9a6hRANCAAS/mK12rU+1DuC2bR92mwiXl2MsloXw\n"
-    "NE8NFuCTP2fojnU6Yb3sF6mCqyIwRTISzbdu4kZTJg2XvW6branEGH2I\n"
-    "-----END PRIVATE KEY-----\n"
-)
-_EXAMPLE_TLS_CERTIFICATE = (
-    "-----BEGIN CERTIFICATE-----\n"
-    "MIIBZzCCAQygAwIBAgIUCoGl0xGnOsYzoFd4Gf0KiOzUpdkwCgYIKoZIzj0EAwIw\n"
-    "MjEeMBwGA1UEAwwVY29udGFjdC1jZW50ZXItY2xpZW50MRAwDgYDVQQKDAdFeGFt\n"
-    "cGxlMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYwMTAxMDAwMDAwWjAyMR4wHAYDVQQD\n"
-    "DBVjb250YWN0LWNlbnRlci1jbGllbnQxEDAOBgNVBAoMB0V4YW1wbGUwWTATBgcq\n"
-    "hkjOPQIBBggqhkjOPQMBBwNCAAS/mK12rU+1DuC2bR92mwiXl2MsloXwNE8NFuCT\n"
-    "P2fojnU6Yb3sF6mCqyIwRTISzbdu4kZTJg2XvW6branEGH2IMAoGCCqGSM49BAMC\n"
-    "A0kAMEYCIQC63Fx6Gd+5m36Pb27XpRhS2QS0wYYcHEUsnvuuG55G+wIhAP5g0Gc0\n"
-    "3Z3hcu1xIoCWw/DZsDwPWhH32ZGj5uMd4h16\n"
-    "-----END CERTIFICATE-----\n"
-)
-
+# One example per kind and per client-authentication method with fields of its own.
 _CREATE_EXAMPLES: dict[str, Example] = {
-    "basic": Example(
-        summary="Basic authentication, checked by GET validation_url",
-        value={
-            "name": "Contact Center Connector",
-            "resource_domain_url": "https://api.example.com",
-            "auth": {
-                "type": "basic",
-                "username": "svc-user",
-                "password": "s3cret",
-                "validation_url": "https://api.example.com/auth/check",
-            },
-        },
-    ),
-    "oauth2ClientCredentials": Example(
-        summary="OAuth 2.0, client credentials grant",
-        value={
-            "name": "CRM",
-            "resource_domain_url": "https://crm.example.com/api",
-            "auth": {
-                "type": "oauth2",
-                "grant_type": "client_credentials",
-                "client_id": "abc",
-                "client_secret": "s3cret",
-                "token_url": "https://idp.example.com/oauth/token",
-                "scope": "read write",
-                "client_auth_method": "client_secret_post",
-                "audience": "https://crm.example.com/",
-            },
-        },
-    ),
-    "oauth2Password": Example(
-        summary="OAuth 2.0, resource-owner password grant",
-        value={
-            "name": "Ticketing",
-            "resource_domain_url": "https://tickets.example.com",
-            "auth": {
-                "type": "oauth2",
-                "grant_type": "password",
-                "client_id": "abc",
-                "client_secret": "s3cret",
-                "token_url": "https://idp.example.com/oauth/token",
-                "scope": "read",
-                "username": "svc-user",
-                "password": "s3cret",
-                "extra_token_params": {"resource": "https://tickets.example.com"},
-            },
-        },
-    ),
-    "oauth2PrivateKeyJWT": Example(
-        summary="OAuth 2.0, the client signing an assertion with its private key (private_key_jwt)",
-        value={
-            "name": "Billing",
-            "resource_domain_url": "https://billing.example.com",
-            "auth": {
-                "type": "oauth2",
-                "grant_type": "client_credentials",
-                "client_id": "abc",
-                "token_url": "https://idp.example.com/oauth/token",
-                "scope": "read",
-                "client_auth_method": "private_key_jwt",
-                "private_key": _EXAMPLE_JWT_KEY,
-                "signing_alg": "ES256",
-                "private_key_id": "billing-2026",
-            },
-        },
-    ),
-    "oauth2TlsClientAuth": Example(
-        summary="OAuth 2.0, the client presenting a certificate (tls_client_auth, mutual TLS)",
-        value={
-            "name": "Payments",
-            "resource_domain_url": "https://payments.example.com",
-            "auth": {
-                "type": "oauth2",
-                "grant_type": "client_credentials",
-                "client_id": "abc",
-                "token_url": "https://mtls.idp.example.com/oauth/token",
-                "client_auth_method": "tls_client_auth",
-                "tls_certificate": _EXAMPLE_TLS_CERTIFICATE,
-                "tls_private_key": _EXAMPLE_TLS_KEY,
-            },
-        },
-    ),
-    "apiKey": Example(
-        summary="An API key in a header, checked by GET validation_url",
-        value={
-            "name": "Billing API",
-            "resource_domain_url": "https://billing.example.com",
-            "auth": {
-                "type": "api_key",
-                "key": "s3cret-key",
-                "in": "header",
-                "name": "X-API-Key",
-                "prefix": None,
-                "validation_url": "https://billing.example.com/v1/me",
-            },
-        },
-    ),
+    example.name: Example(summary=example.summary, value=example.value) for example in create_examples()
 }
 _PATCH_EXAMPLES: dict[str, Example] = {
     "rename": Example(summary="A new name; nothing else changes", value={"name": "Contact Center (EU)"}),

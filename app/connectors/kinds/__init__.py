@@ -15,8 +15,21 @@ from pydantic import BaseModel
 
 from app.connectors.kinds import api_key, basic, oauth2_client_credentials, oauth2_password
 from app.connectors.kinds.base import CheckTools, Kind, StaticKind, TokenKind
+from app.connectors.kinds.client_auth import METHODS
+from app.connectors.kinds.example import BodyExample
 
-__all__ = ["KINDS", "CheckTools", "Kind", "StaticKind", "TokenKind", "fill_defaults", "kind_for", "kind_of"]
+__all__ = [
+    "KINDS",
+    "BodyExample",
+    "CheckTools",
+    "Kind",
+    "StaticKind",
+    "TokenKind",
+    "create_examples",
+    "fill_defaults",
+    "kind_for",
+    "kind_of",
+]
 
 # In the order the document lists them; the first variant of a type is its default.
 KINDS: tuple[Kind, ...] = (
@@ -62,3 +75,9 @@ def fill_defaults(raw: Any) -> Any:
         if kind is None:
             return raw  # an unknown variant: the union says so
     return kind.fill_defaults(raw)
+
+
+def create_examples() -> list[BodyExample]:
+    """The document's examples of a create: one per kind, then one per client-authentication
+    method with fields of its own."""
+    return [kind.example for kind in KINDS] + [method.example for method in METHODS if method.example]

@@ -29,6 +29,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, Va
 
 from app.connectors.fields import EndpointURL, Strict
 from app.connectors.kinds.base import Public, Secrets, StaticKind
+from app.connectors.kinds.example import BodyExample
 from app.tokens.types import StaticCredential
 
 __all__ = [
@@ -239,6 +240,22 @@ class ApiKeyAuthOut(BaseModel):
 
 class ApiKeyKind(StaticKind):
     auth_type = "api_key"
+    example = BodyExample(
+        "apiKey",
+        "An API key in a header, checked by GET validation_url",
+        {
+            "name": "Billing API",
+            "resource_domain_url": "https://billing.example.com",
+            "auth": {
+                "type": "api_key",
+                "key": "s3cret-key",
+                "in": "header",
+                "name": "X-API-Key",
+                "prefix": None,
+                "validation_url": "https://billing.example.com/v1/me",
+            },
+        },
+    )
     schema_prefix = "ApiKey"
     input_model = ApiKeyAuthIn
     output_model = ApiKeyAuthOut

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, SecretStr
 
+from app.connectors.kinds.example import BodyExample
 from app.tokens.types import OAuth2Config, StaticCredential, TokenGrant
 
 
@@ -46,6 +47,8 @@ class Kind(ABC):
     guarded_urls: ClassVar[tuple[str, ...]] = ()
     # True: authorize asks the token cache with ``token_config``; False: it hands out ``credential``.
     issues_tokens: ClassVar[bool]
+    # A create of a connector of this kind, as the API document shows it.
+    example: ClassVar[BodyExample]
 
     def tags(self) -> dict[str, str]:
         tags = {"type": self.auth_type}

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.connectors import patterns
 from app.connectors.fields import EndpointURL, Secret, Strict, Username
 from app.connectors.kinds.base import Public, Secrets, StaticKind
+from app.connectors.kinds.example import BodyExample
 from app.tokens.basic import basic_header
 from app.tokens.types import StaticCredential
 
@@ -52,6 +53,20 @@ class BasicAuthOut(BaseModel):
 
 class BasicKind(StaticKind):
     auth_type = "basic"
+    example = BodyExample(
+        "basic",
+        "Basic authentication, checked by GET validation_url",
+        {
+            "name": "Contact Center Connector",
+            "resource_domain_url": "https://api.example.com",
+            "auth": {
+                "type": "basic",
+                "username": "svc-user",
+                "password": "s3cret",
+                "validation_url": "https://api.example.com/auth/check",
+            },
+        },
+    )
     schema_prefix = "Basic"
     input_model = BasicAuthIn
     output_model = BasicAuthOut

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, SecretStr
 
+from app.connectors.kinds.example import BodyExample
 from app.tokens.types import ClientAuth
 
 
@@ -27,6 +28,9 @@ class ClientAuthMethod(ABC):
     schema_suffix: ClassVar[str]
     # The method of an OAuth connector that names none.
     default: ClassVar[bool] = False
+    # A create of an OAuth 2.0 connector authenticating this way, for methods with fields of
+    # their own (the others are shown by the grants' examples).
+    example: ClassVar[BodyExample | None] = None
     # Secret fields holding a private key: the fields' validators check it cheaply, and the
     # service has its numbers checked in full off the event loop (``app.core.keychecks``).
     private_key_fields: ClassVar[tuple[str, ...]] = ()

@@ -48,6 +48,7 @@ from typing_extensions import TypeAliasType
 from app.connectors import patterns
 from app.connectors.fields import Strict, no_control, utf8
 from app.connectors.kinds.client_auth.base import ClientAuthMethod
+from app.connectors.kinds.example import BodyExample
 from app.core.clock import Clock, SystemClock
 
 __all__ = [
@@ -314,11 +315,40 @@ class PrivateKeyJWT:
         form["client_assertion"] = self.assertion(client_id, token_url)
 
 
+# Key material made for the example only.
+_EXAMPLE_KEY = (
+    "-----BEGIN PRIVATE KEY-----\n"
+    "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgayxt1H8Pt0ZiKxF2\n"
+    "sVEmZqysjaCmKIE2+0ZiBl7JNXuhRANCAAR/3jGSp42jGs4VT0W7x3g0j2iSEbVO\n"
+    "uZYsz8veg9EQKQRkIDs9Kg1LZT5oIqrJ72aMyUi3i8WGNZceBRMCmtIc\n"
+    "-----END PRIVATE KEY-----\n"
+)
+
+
 class _Method(ClientAuthMethod):
     name = "private_key_jwt"
     fields = PrivateKeyJWTFields
     out_fields = PrivateKeyJWTOut
     schema_suffix = "PrivateKeyJWT"
+    example = BodyExample(
+        "oauth2PrivateKeyJWT",
+        "OAuth 2.0, the client signing an assertion with its private key (private_key_jwt)",
+        {
+            "name": "Billing",
+            "resource_domain_url": "https://billing.example.com",
+            "auth": {
+                "type": "oauth2",
+                "grant_type": "client_credentials",
+                "client_id": "abc",
+                "token_url": "https://idp.example.com/oauth/token",
+                "scope": "read",
+                "client_auth_method": "private_key_jwt",
+                "private_key": _EXAMPLE_KEY,
+                "signing_alg": "ES256",
+                "private_key_id": "billing-2026",
+            },
+        },
+    )
     private_key_fields = ("private_key",)
 
     def build(self, public: Mapping[str, Any], secrets: Mapping[str, SecretStr]) -> PrivateKeyJWT:

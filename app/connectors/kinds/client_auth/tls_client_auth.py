@@ -54,6 +54,7 @@ from pydantic import (
 
 from app.connectors.fields import Strict, utf8
 from app.connectors.kinds.client_auth.base import ClientAuthMethod
+from app.connectors.kinds.example import BodyExample
 from app.core.outbound import ClientCertificate
 
 __all__ = [
@@ -332,11 +333,50 @@ class TlsClientAuth:
         form["client_id"] = client_id
 
 
+# Key material made for the example only (the certificate is valid until 2126).
+_EXAMPLE_KEY = (
+    "-----BEGIN PRIVATE KEY-----\n"
+    "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgZBScmlzp7TzTK4GX\n"
+    "JSA8vzpWk2gxBznSMrBuCOZY9a6hRANCAAS/mK12rU+1DuC2bR92mwiXl2MsloXw\n"
+    "NE8NFuCTP2fojnU6Yb3sF6mCqyIwRTISzbdu4kZTJg2XvW6branEGH2I\n"
+    "-----END PRIVATE KEY-----\n"
+)
+_EXAMPLE_CERTIFICATE = (
+    "-----BEGIN CERTIFICATE-----\n"
+    "MIIBZzCCAQygAwIBAgIUCoGl0xGnOsYzoFd4Gf0KiOzUpdkwCgYIKoZIzj0EAwIw\n"
+    "MjEeMBwGA1UEAwwVY29udGFjdC1jZW50ZXItY2xpZW50MRAwDgYDVQQKDAdFeGFt\n"
+    "cGxlMCAXDTI2MDEwMTAwMDAwMFoYDzIxMjYwMTAxMDAwMDAwWjAyMR4wHAYDVQQD\n"
+    "DBVjb250YWN0LWNlbnRlci1jbGllbnQxEDAOBgNVBAoMB0V4YW1wbGUwWTATBgcq\n"
+    "hkjOPQIBBggqhkjOPQMBBwNCAAS/mK12rU+1DuC2bR92mwiXl2MsloXwNE8NFuCT\n"
+    "P2fojnU6Yb3sF6mCqyIwRTISzbdu4kZTJg2XvW6branEGH2IMAoGCCqGSM49BAMC\n"
+    "A0kAMEYCIQC63Fx6Gd+5m36Pb27XpRhS2QS0wYYcHEUsnvuuG55G+wIhAP5g0Gc0\n"
+    "3Z3hcu1xIoCWw/DZsDwPWhH32ZGj5uMd4h16\n"
+    "-----END CERTIFICATE-----\n"
+)
+
+
 class _Method(ClientAuthMethod):
     name = "tls_client_auth"
     fields = TlsClientAuthFields
     out_fields = TlsClientAuthOut
     schema_suffix = "TlsClientAuth"
+    example = BodyExample(
+        "oauth2TlsClientAuth",
+        "OAuth 2.0, the client presenting a certificate (tls_client_auth, mutual TLS)",
+        {
+            "name": "Payments",
+            "resource_domain_url": "https://payments.example.com",
+            "auth": {
+                "type": "oauth2",
+                "grant_type": "client_credentials",
+                "client_id": "abc",
+                "token_url": "https://mtls.idp.example.com/oauth/token",
+                "client_auth_method": "tls_client_auth",
+                "tls_certificate": _EXAMPLE_CERTIFICATE,
+                "tls_private_key": _EXAMPLE_KEY,
+            },
+        },
+    )
     private_key_fields = ("tls_private_key",)
 
     def build(self, public: Mapping[str, Any], secrets: Mapping[str, SecretStr]) -> TlsClientAuth:
