@@ -24,7 +24,7 @@ from app import __version__
 from app.connectors import schemas
 from app.connectors.router import hot_routes
 from app.connectors.router import router as connectors_router
-from app.connectors.service import ConnectorService
+from app.connectors.service import ConnectorService, status_recorder
 from app.core.auth import TokenVerifier
 from app.core.broadcast import Broadcast
 from app.core.clock import Clock, SystemClock
@@ -103,12 +103,6 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             metrics=metrics,
             tracer=tracer,
         )
-        service_ref: list[ConnectorService] = []
-
-        async def on_outcome(key: object, state: str, detail: str | None) -> None:
-            if service_ref:
-                await service_ref[0].record_outcome(key, state, detail)  # type: ignore[arg-type]
-
         keyring = KeyRing.from_settings(settings)
         redis: Redis | None = None
         shared: SharedTokenStore | None = None
@@ -152,10 +146,19 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             if broadcast is not None:
                 await broadcast.publish(str(connector_id))
 
+        # What token requests learn of a connector's status is written by a recorder built first,
+        # sharing the held connectors with the service.
+        status = status_recorder(
+            db=db,
+            clock=clock,
+            held_capacity=settings.connector_cache_size,
+            on_change=changed_here,
+            record_event=record_event,
+        )
         tokens = TokenCache(
             fetcher,
             clock=clock,
-            on_outcome=on_outcome,
+            on_outcome=status.record_outcome,
             shared=shared,
             metrics=metrics,
             capacity=settings.token_cache_size,
@@ -168,16 +171,14 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             check_destination=outbound.check_destination,
             clock=clock,
             max_per_org=settings.max_connectors_per_org,
-            held_capacity=settings.connector_cache_size,
             max_staleness=settings.max_staleness_seconds,
             poll_interval=settings.change_poll_interval_seconds,
             # A check may take up to the outbound deadline: no replica claims the next one sooner.
             validate_interval=max(settings.validate_interval_seconds, settings.outbound_timeout_seconds),
-            on_change=changed_here,
             # Connectors' events go to the webhooks' outbox, in the transaction of each change.
             record_event=record_event,
+            status=status,
         )
-        service_ref.append(service)
         await service.start()  # tolerates a database that is away: the follower keeps trying
         background = [
             asyncio.create_task(service.follower.run(), name="connector change follower"),

@@ -83,7 +83,7 @@ async def test_a_status_learned_during_an_outage_is_written_when_the_database_is
         # The status is held, its write failed: it waits for the database.
         service = app.state.connectors
         async with asyncio.timeout(30):
-            while uuid.UUID(connector_id) not in service._unwritten:
+            while uuid.UUID(connector_id) not in service.status.unwritten:
                 await asyncio.sleep(0.01)
 
         await asyncio.to_thread(own_postgres.start)

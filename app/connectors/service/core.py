@@ -22,11 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import uuid
-from collections.abc import Callable, Collection, Coroutine, Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -43,11 +42,14 @@ from app.connectors.memory import ConnectorMemory, HeldConnector
 from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository, StatsRepository
 from app.connectors.service.audit_fields import changed_fields, detail_of, fields_set
+from app.connectors.service.background import Background, ChangeListener
 from app.connectors.service.patching import merge_auth
+from app.connectors.service.payloads import event_data, status_data
 from app.connectors.service.sealing import UNREADABLE, SecretSealer
+from app.connectors.service.status import StatusRecorder
 from app.connectors.urls import URLRuleError, join_resource_path, origin_of
 from app.core import tracing
-from app.core.clock import Clock, rfc3339
+from app.core.clock import Clock
 from app.core.crypto import KeyRing
 from app.core.db import Database
 from app.core.errors import (
@@ -93,9 +95,6 @@ class Tokens(Protocol):
     def forget(self, connector_id: Hashable) -> None: ...
 
 
-ChangeListener = Callable[[uuid.UUID], Coroutine[Any, Any, None]]
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Validation:
     """The answer to ``POST /validate``: the connector, and, when no check ran for this call
@@ -123,9 +122,14 @@ class ConnectorService:
         on_change: ChangeListener | None = None,
         key_checks: KeyChecks | None = None,
         record_event: EventRecorder = no_events,
+        status: StatusRecorder | None = None,
     ) -> None:
         """``key_checks`` checks private keys in full off the event loop (one worker process
-        made on first use when not given); ``record_event`` is told of every change."""
+        made on first use when not given); ``record_event`` is told of every change.
+
+        ``status`` is the recorder of token requests' outcomes that the token cache was given
+        (``status_recorder`` builds it, with the memory this service then shares); without one,
+        the service makes its own (``record_outcome`` then reaches it)."""
         self.db = db
         self.key_checks = key_checks or KeyChecks()
         # Writes the event of each change in the change's transaction (app.connectors.events).
@@ -140,9 +144,18 @@ class ConnectorService:
         self.max_per_org = max_per_org
         # How long after the follower last heard from the database what is held is still served.
         self.max_staleness = max_staleness
-        # Told of every change made here, to tell the other replicas (app.core.broadcast).
-        self.on_change = on_change
-        self.memory = ConnectorMemory(held_capacity)
+        if status is None:
+            status = status_recorder(
+                db=db,
+                clock=clock,
+                held_capacity=held_capacity,
+                on_change=on_change,
+                record_event=record_event,
+            )
+        self.status = status
+        self.memory = status.memory
+        # Status writes, change notices (on_change: the other replicas) and checks under way.
+        self.background = status.background
         self.follower = ChangeFollower(
             db,
             clock=clock,
@@ -150,13 +163,8 @@ class ConnectorService:
             select=self._changed,
             apply=self._refresh,
             held=self._held_keys,
-            reached=self._write_unwritten,
+            reached=status.write_unwritten,
         )
-        # Status writes and change notices under way, awaited on close.
-        self._background_tasks: set[asyncio.Task[None]] = set()
-        self._status_writes: dict[uuid.UUID, asyncio.Task[None]] = {}
-        # Statuses learned while the database was away, written once the follower reaches it.
-        self._unwritten: dict[uuid.UUID, _StatusChange] = {}
         # POST /validate: at most one live check per connector version per interval; the checks
         # under way here, shared by every caller asking meanwhile, and how many have ended.
         self.validate_interval = validate_interval
@@ -241,7 +249,7 @@ class ConnectorService:
             await self._audit(
                 session, organization_id, connector_id, "create", actor, fields_set(body), SUCCEEDED, at=now
             )
-            await self.record_event(session, organization_id, "connector.created", _event_data(row), at=now)
+            await self.record_event(session, organization_id, "connector.created", event_data(row), at=now)
             await repo.record_change(organization_id, connector_id, now, row=row)
         self._changed_here(row)
         if grant is not None:
@@ -359,10 +367,10 @@ class ConnectorService:
                 at=values["updated_at"],
             )
             at = values["updated_at"]
-            data = {**_event_data(updated), "changed_fields": changed}
+            data = {**event_data(updated), "changed_fields": changed}
             await self.record_event(session, organization_id, "connector.updated", data, at=at)
             if updated.status_state != row.status_state:
-                status = _status_data(updated, row.status_state, updated.status_detail, at)
+                status = status_data(updated, row.status_state, updated.status_detail, at)
                 await self.record_event(session, organization_id, "connector.status_changed", status, at=at)
             await repo.record_change(organization_id, connector_id, at, row=updated)
         self._changed_here(updated)
@@ -398,7 +406,7 @@ class ConnectorService:
             await self._record_refusal(organization_id, connector_id, "delete", actor, [], error)
             raise
         self._forget_here(connector_id)
-        self._notify(connector_id)
+        self.background.notify(connector_id)
 
     async def validate(
         self, organization_id: str, connector_id: uuid.UUID, *, actor: str | None = None
@@ -458,7 +466,7 @@ class ConnectorService:
         # Retrieved here too: a failed check whose callers all gave up is not an unhandled error.
         flight.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._validations[key] = flight
-        self._background(self._run_validation(flight, key, row, actor))
+        self.background.run(self._run_validation(flight, key, row, actor))
         return flight
 
     async def _run_validation(
@@ -532,7 +540,7 @@ class ConnectorService:
             )
             if applied:
                 if state != row.status_state:
-                    status = _status_data(updated, row.status_state, detail, now)
+                    status = status_data(updated, row.status_state, detail, now)
                     await self.record_event(
                         session, organization_id, "connector.status_changed", status, at=now
                     )
@@ -593,89 +601,6 @@ class ConnectorService:
             expires_at=token.expires_at,
         )
 
-    async def record_outcome(self, key: Hashable, state: CheckState, detail: str | None) -> None:
-        """Hold a token request's result at once; write it, in the background, when it changed.
-
-        Nothing waiting on the token request waits for the database. The write is a change like
-        any other: the follower then reads the row back (and the other replicas learn of it).
-        """
-        if not isinstance(key, tuple) or len(key) != 2:
-            return
-        connector_id, version = key
-        held = self.memory.peek(connector_id)
-        if held is None or held.version != version or held.state == state:
-            return
-        was, held.state = held.state, state
-        self._queue_status_write(
-            connector_id,
-            _StatusChange(held.organization_id, version, was, state, detail, self.clock.now()),
-        )
-
-    def _queue_status_write(self, connector_id: uuid.UUID, status: _StatusChange) -> None:
-        # Written in the order they happened: each write of a connector waits for the one before.
-        previous = self._status_writes.get(connector_id)
-        write = self._write_status(previous, connector_id, status)
-        task = self._status_writes[connector_id] = self._background(write)
-        task.add_done_callback(functools.partial(self._status_written, connector_id))
-
-    def _write_unwritten(self) -> None:
-        """The database answers again: write the statuses learned while it was away (each with
-        its event), those still true of what is held."""
-        pending, self._unwritten = self._unwritten, {}
-        for connector_id, status in pending.items():
-            held = self.memory.peek(connector_id)
-            still_true = held is not None and held.version == status.version and held.state == status.state
-            # A status that changed and changed back while the database was away is the one stored.
-            if still_true and status.was != status.state:
-                self._queue_status_write(connector_id, status)
-
-    def _status_written(self, connector_id: uuid.UUID, task: asyncio.Task[None]) -> None:
-        if self._status_writes.get(connector_id) is task:
-            del self._status_writes[connector_id]
-
-    async def _write_status(
-        self, previous: asyncio.Task[None] | None, connector_id: uuid.UUID, status: _StatusChange
-    ) -> None:
-        if previous is not None:
-            await asyncio.gather(previous, return_exceptions=True)
-        # An earlier status of this version that could not be written: this one replaces it, and
-        # changes from the state stored before it.
-        earlier = self._unwritten.get(connector_id)
-        if earlier is not None and earlier.version == status.version:
-            status = dataclasses.replace(status, was=earlier.was)
-            if status.was == status.state:
-                # Changed and changed back while the database was away: the stored status holds.
-                del self._unwritten[connector_id]
-                return
-        organization_id, version, state, at = status.organization_id, status.version, status.state, status.at
-        try:
-            async with self.db.write() as session:
-                repo = ConnectorRepository(session)
-                applied = await repo.set_status(
-                    organization_id, connector_id, version, state=state, detail=status.detail, checked_at=at
-                )
-                if applied:
-                    data = {
-                        "connector_id": str(connector_id),
-                        "organization_id": organization_id,
-                        "version": version,
-                        **_status_change(status.was, state, status.detail, at),
-                    }
-                    await self.record_event(session, organization_id, "connector.status_changed", data, at=at)
-                    await repo.record_change(organization_id, connector_id, self.clock.now())
-        except DatabaseUnavailable:
-            # Held in memory; written when the follower next reaches the database.
-            self._unwritten[connector_id] = status
-            return
-        except Exception:
-            log.exception(
-                "recording a token request's outcome failed", extra={"connector": str(connector_id)}
-            )
-            return
-        self._unwritten.pop(connector_id, None)
-        if applied:
-            self._notify(connector_id)
-
     def auth_type_of(self, organization_id: str, connector_id: uuid.UUID) -> str | None:
         """The connector's ``type`` if authorize holds it in memory, else None."""
         held = self.memory.peek(connector_id)
@@ -735,7 +660,7 @@ class ConnectorService:
         """A change committed here: hold the new copy at once and tell the other replicas."""
         # A copy whose secret cannot be opened is held too: authorize answers its problem.
         self._replace(row)
-        self._notify(row.id)
+        self.background.notify(row.id)
 
     def _replace(self, row: Connector, *, force: bool = False) -> None:
         """Hold ``row`` unless a later change is held; drop tokens its change made useless."""
@@ -934,66 +859,31 @@ class ConnectorService:
             "status_detail": None,
         }
 
-    def _notify(self, connector_id: uuid.UUID) -> None:
-        if self.on_change is not None:
-            self._background(self.on_change(connector_id))
-
-    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background_tasks.add(task)
-        task.add_done_callback(self._background_tasks.discard)
-        return task
-
     async def aclose(self) -> None:
         """Stop loads; wait for status writes and change notices still under way."""
         await self.memory.aclose()
-        if self._background_tasks:
-            await asyncio.gather(*self._background_tasks, return_exceptions=True)
+        await self.background.drain()
         self.key_checks.close()
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _StatusChange:
-    """A status learned from a token request, to be written: the state it changes ``was`` from
-    (as stored), and when it was learned (``at``), which it is recorded as checked at, whenever
-    it is written."""
-
-    organization_id: str
-    version: int
-    was: str
-    state: CheckState
-    detail: str | None
-    at: datetime
+    async def record_outcome(self, key: Hashable, state: CheckState, detail: str | None) -> None:
+        """A token request's outcome (``StatusRecorder.record_outcome``)."""
+        await self.status.record_outcome(key, state, detail)
 
 
-def _event_data(row: Connector) -> dict[str, Any]:
-    """What connector events say of a connector: identifiers, name, kind, version, state."""
-    return {
-        "connector_id": str(row.id),
-        "organization_id": row.organization_id,
-        "name": row.name,
-        "auth_type": row.auth_type,
-        "version": row.version,
-        "status": row.status_state,
-    }
-
-
-def _status_change(was: str, state: str, detail: str | None, at: datetime) -> dict[str, Any]:
-    """``connector.status_changed``: the previous and new state, the error code, when."""
-    code, _, provider = (detail or "").partition(": ")
-    return {
-        "previous_state": was,
-        "state": state,
-        "error_code": code or None,
-        "provider_error": provider or None,
-        "changed_at": rfc3339(at),
-    }
-
-
-def _status_data(row: Connector, was: str, detail: str | None, at: datetime) -> dict[str, Any]:
-    return {
-        "connector_id": str(row.id),
-        "organization_id": row.organization_id,
-        "version": row.version,
-        **_status_change(was, row.status_state, detail, at),
-    }
+def status_recorder(
+    *,
+    db: Database,
+    clock: Clock,
+    held_capacity: int = 100_000,
+    on_change: ChangeListener | None = None,
+    record_event: EventRecorder = no_events,
+) -> StatusRecorder:
+    """The recorder of token requests' outcomes, with the memory of held connectors it and the
+    service share: built first, so that the token cache can be given ``record_outcome``."""
+    return StatusRecorder(
+        db=db,
+        memory=ConnectorMemory(held_capacity),
+        clock=clock,
+        record_event=record_event,
+        background=Background(on_change),
+    )
