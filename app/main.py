@@ -180,18 +180,15 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             status=status,
         )
         await service.start()  # tolerates a database that is away: the follower keeps trying
-        background = [
-            asyncio.create_task(service.follower.run(), name="connector change follower"),
-            asyncio.create_task(service.follower.prune(), name="connector change pruning"),
-            asyncio.create_task(deliveries.run(), name="webhook deliveries"),
-        ]
+        background = [asyncio.create_task(work) for work in service.background_work()]
+        background.append(asyncio.create_task(deliveries.run(), name="webhook deliveries"))
         if broadcast is not None:
             # A notice (or a resubscription, after which notices may have been missed) makes the
-            # follower read the changes at once.
-            wake = service.follower.wake
+            # service read the changes at once.
+            announced = service.changes_announced
             background.append(
                 asyncio.create_task(
-                    broadcast.listen(lambda _message: wake(), wake), name="connector change notices"
+                    broadcast.listen(lambda _message: announced(), announced), name="connector change notices"
                 )
             )
         app.state.broadcast = broadcast
@@ -268,27 +265,21 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     )
     async def readyz() -> dict[str, str | float] | JSONResponse:
         """Readiness: the database answers, or authorize can still answer from memory."""
-        db: Database = app.state.db
         service: ConnectorService = app.state.connectors
-        try:
-            await db.ping()
-        except DatabaseUnavailable as error:
-            remaining = service.max_staleness - service.follower.age()
-            if remaining <= 0:
-                return problem(
-                    503,
-                    error.code,
-                    error.title,
-                    "the database is not reachable and what this process holds may be out of date",
-                    error.headers,
-                )
-            # Still worth routing to: authorize answers for the connectors held.
-            return {
-                "status": "degraded",
-                "database": "unavailable",
-                "memory_valid_for_s": round(remaining, 1),
-            }
-        return {"status": "ready"}
+        remaining = await service.readiness()
+        if remaining is None:
+            return {"status": "ready"}
+        if remaining <= 0:
+            error = DatabaseUnavailable()
+            return problem(
+                503,
+                error.code,
+                error.title,
+                "the database is not reachable and what this process holds may be out of date",
+                error.headers,
+            )
+        # Still worth routing to: authorize answers for the connectors held.
+        return {"status": "degraded", "database": "unavailable", "memory_valid_for_s": round(remaining, 1)}
 
     @app.get(
         "/metrics",
@@ -313,9 +304,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             log.warning("counting connectors for the metrics failed", extra={"error": type(error).__name__})
             counts = None
         metrics.set_connector_states(counts)
-        metrics.held.set(len(service.memory))
-        metrics.follower_age.set(min(service.follower.age(), 1e9))
-        metrics.database_up.set(1 if app.state.db.available else 0)
+        service.observe(metrics)
         deliveries: DeliveryWorker = app.state.webhook_deliveries
         await deliveries.observe_backlog()
         return Response(metrics.render(), media_type=CONTENT_TYPE)

@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import math
 import uuid
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Collection, Coroutine, Hashable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -67,6 +67,7 @@ from app.core.errors import (
     VersionMismatch,
 )
 from app.core.keychecks import KeyChecks
+from app.core.metrics import Metrics
 from app.tokens.static import with_query
 from app.tokens.types import CheckState, ConfigLoader, IssuedToken, OAuth2Config, StaticCredential, TokenGrant
 
@@ -607,6 +608,33 @@ class ConnectorService:
         if held is None or held.organization_id != organization_id:
             return None
         return held.auth_type
+
+    # Running it ---------------------------------------------------------------------------------
+
+    def background_work(self) -> tuple[Coroutine[Any, Any, None], ...]:
+        """What runs beside the requests until cancelled: following the changes made elsewhere,
+        and pruning the change log."""
+        return (self.follower.run(), self.follower.prune())
+
+    def changes_announced(self) -> None:
+        """Another replica announced a change (or notices may have been missed): read the
+        changes now."""
+        self.follower.wake()
+
+    async def readiness(self) -> float | None:
+        """None when the database answers; else how many seconds what is held may still be
+        served from memory (0 or less: no longer)."""
+        try:
+            await self.db.ping()
+        except DatabaseUnavailable:
+            return self.max_staleness - self.follower.age()
+        return None
+
+    def observe(self, metrics: Metrics) -> None:
+        """Set the gauges of what this process holds and how current it is."""
+        metrics.held.set(len(self.memory))
+        metrics.follower_age.set(min(self.follower.age(), 1e9))
+        metrics.database_up.set(1 if self.db.available else 0)
 
     # Memory ------------------------------------------------------------------------------------
 
