@@ -1,0 +1,158 @@
+"""The status recorder on its own: outcomes written in order with their events, and kept while
+the database is away. A fake stands in for the event recorder (it notes what it is told) and for
+the database while it is away; the rest is the real recorder over SQLite."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.connectors.service import ConnectorService, StatusRecorder
+from app.core.config import Settings
+from app.core.db import Database
+from app.core.errors import DatabaseUnavailable
+from tests.conftest import _sqlite_database, run_sync
+from tests.connectors import payloads
+from tests.support.fakes import FakeTime
+from tests.support.tls import LocalCA
+
+
+@pytest.fixture
+def settings(tmp_path: Path, local_ca: LocalCA) -> Settings:
+    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    return Settings(
+        database_url=run_sync(_sqlite_database(tmp_path)),
+        data_dir=tmp_path,
+        jwt_secret=secrets.token_urlsafe(32),
+        encryption_keys=f"k1:{key}",
+        ca_bundle=local_ca.ca_bundle,
+        allow_private_destinations=True,
+    )
+
+
+class NotedEvents:
+    """An event recorder that notes each status change it is told of."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, str, str]] = []
+
+    async def __call__(
+        self, session: object, organization_id: str, event_type: str, data: Mapping[str, Any], *, at: datetime
+    ) -> None:
+        self.changes.append((event_type, data["previous_state"], data["state"]))
+
+
+class SwitchableDatabase:
+    """The real database, or, while ``away``, one whose writes fail as an unreachable one does."""
+
+    def __init__(self, real: Database) -> None:
+        self.real = real
+        self.away = False
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Any]:
+        if self.away:
+            raise DatabaseUnavailable()
+        async with self.real.write() as session:
+            yield session
+
+
+async def held_basic(
+    client: httpx.AsyncClient, app: Any
+) -> tuple[uuid.UUID, StatusRecorder, ConnectorService]:
+    created = await client.post("/connectors", json=payloads.basic(), params={"validate": "false"})
+    assert created.status_code == 201, created.text
+    connector_id = created.json()["id"]
+    # An authorize loads it into memory: what the recorder's outcomes apply to.
+    assert (await client.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
+    service: ConnectorService = app.state.connectors
+    return uuid.UUID(connector_id), service.status, service
+
+
+async def stored(client: httpx.AsyncClient, connector_id: uuid.UUID) -> dict[str, Any]:
+    status: dict[str, Any] = (await client.get(f"/connectors/{connector_id}")).json()["status"]
+    return status
+
+
+async def test_outcomes_are_written_in_the_order_they_happened(client: httpx.AsyncClient, app: Any) -> None:
+    connector_id, recorder, service = await held_basic(client, app)
+    events = recorder.record_event = NotedEvents()
+    key = (connector_id, 1)
+    # Three outcomes at once: each write waits for the one before.
+    await recorder.record_outcome(key, "authorized", None)
+    await recorder.record_outcome(key, "unreachable", "upstream_unreachable")
+    await recorder.record_outcome(key, "authorized", None)
+    await recorder.record_outcome(key, "authorized", None)  # no change: nothing to write
+    await service.background.drain()
+    assert events.changes == [
+        ("connector.status_changed", "unverified", "authorized"),
+        ("connector.status_changed", "authorized", "unreachable"),
+        ("connector.status_changed", "unreachable", "authorized"),
+    ]
+    assert (await stored(client, connector_id))["state"] == "authorized"
+    # An outcome for another version than the one held is not the connector's any more.
+    await recorder.record_outcome((connector_id, 2), "rejected", "credentials_rejected")
+    await service.background.drain()
+    assert len(events.changes) == 3
+
+
+async def test_a_status_learned_while_away_is_written_when_back_with_when_it_was_learned(
+    client: httpx.AsyncClient, app: Any, fake_time: FakeTime
+) -> None:
+    connector_id, recorder, service = await held_basic(client, app)
+    events = recorder.record_event = NotedEvents()
+    database = SwitchableDatabase(recorder.db)
+    recorder.db = database  # type: ignore[assignment]
+    recorder.clock = fake_time
+    key = (connector_id, 1)
+
+    database.away = True
+    await recorder.record_outcome(key, "rejected", "credentials_rejected: invalid_client")
+    fake_time.advance(60)
+    learned = fake_time.now()
+    await recorder.record_outcome(key, "unreachable", "upstream_unreachable")
+    fake_time.advance(60)
+    await service.background.drain()
+    assert events.changes == []
+    assert recorder.unwritten[connector_id].was == "unverified"
+
+    database.away = False
+    recorder.write_unwritten()
+    await service.background.drain()
+    # One change, from what is stored to what is true now, recorded at when it was learned.
+    assert events.changes == [("connector.status_changed", "unverified", "unreachable")]
+    status = await stored(client, connector_id)
+    assert status["state"] == "unreachable"
+    assert status["checked_at"] == learned.isoformat().replace("+00:00", "Z")
+    assert recorder.unwritten == {}
+
+
+async def test_a_status_changed_and_changed_back_while_away_writes_nothing(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    connector_id, recorder, service = await held_basic(client, app)
+    events = recorder.record_event = NotedEvents()
+    database = SwitchableDatabase(recorder.db)
+    recorder.db = database  # type: ignore[assignment]
+    key = (connector_id, 1)
+    await recorder.record_outcome(key, "authorized", None)
+    await service.background.drain()
+
+    database.away = True
+    await recorder.record_outcome(key, "unreachable", "upstream_unreachable")
+    await recorder.record_outcome(key, "authorized", None)
+    await service.background.drain()
+    database.away = False
+    recorder.write_unwritten()
+    await service.background.drain()
+    assert events.changes == [("connector.status_changed", "unverified", "authorized")]
+    assert recorder.unwritten == {}
