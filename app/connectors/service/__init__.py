@@ -1,8 +1,9 @@
 """Connector rules (``core.ConnectorService``), with one module per concern: sealing secrets
 (``sealing``), merging a PATCH of ``auth`` (``patching``), naming fields in audit events
 (``audit_fields``), what events say (``payloads``), writing the statuses token requests learn
-(``status``), the throttled live check of ``POST /validate`` (``validation``) and the work done
-after answering (``background``). What authorize holds in
+(``status``), ``POST /authorize`` and the memory it answers from (``authorize``), the throttled
+live check of ``POST /validate`` (``validation``) and the work done after answering
+(``background``). ``core`` keeps the reads and writes, and builds the whole. What authorize holds in
 memory is ``app.connectors.memory``."""
 
 from app.connectors.service.background import ChangeListener
