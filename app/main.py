@@ -1,69 +1,45 @@
-"""The application factory: ``create_app(settings)`` builds everything the routes use.
+"""The application factory: ``create_app(settings)`` builds the routes and middleware.
 
-The lifespan owns the long-lived parts (database engine, outbound HTTP client, caller-token
-verifier, token cache) and closes them on shutdown, after uvicorn has drained requests in flight.
+The lifespan builds the long-lived parts with ``app.services.build_services``, starts their
+background work, and closes them on shutdown, after uvicorn has drained requests in flight.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import platform
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 
 from app import __version__
 from app.connectors import schemas
 from app.connectors.router import hot_routes
 from app.connectors.router import router as connectors_router
-from app.connectors.service import ConnectorService, status_recorder
-from app.core.auth import TokenVerifier
-from app.core.broadcast import Broadcast
-from app.core.clock import Clock, SystemClock
+from app.core.clock import SystemClock
 from app.core.config import Settings
-from app.core.crypto import KeyRing
-from app.core.db import Database, build_engine
 from app.core.docs import install_docs
 from app.core.errors import DatabaseUnavailable
 from app.core.http import BodyLimitMiddleware, UnexpectedErrorMiddleware, install_error_handlers, problem
 from app.core.logs import AccessLogMiddleware
 from app.core.metrics import CONTENT_TYPE, HTTPMetricsMiddleware, Metrics
 from app.core.openapi import install_openapi, liveness_responses, readiness_responses
-from app.core.outbound import Lookups, OutboundClient
 from app.core.requestid import RequestIdMiddleware
 from app.core.tracing import TracingMiddleware, setup_tracing
-from app.tokens.cache import TokenCache
-from app.tokens.check import LiveChecker
-from app.tokens.oauth import OAuth2TokenClient
-from app.tokens.shared import SharedTokenStore
-from app.webhooks.delivery import DeliveryWorker, webhook_outbound
-from app.webhooks.outbox import record_event
+from app.services import Overrides, Services, build_services
 from app.webhooks.router import router as webhooks_router
-from app.webhooks.service import WebhookService
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace.export import SpanExporter
+    pass
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class Overrides:
-    """Parts a test may supply instead of the ones built from settings."""
-
-    clock: Clock | None = None
-    outbound: OutboundClient | None = None
-    webhook_outbound: OutboundClient | None = None
-    # Tracing on, whatever the OTEL_* variables say, with every span handed to this exporter.
-    span_exporter: SpanExporter | None = None
+__all__ = ["Overrides", "create_app"]
 
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:
@@ -82,149 +58,20 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(
-            build_engine(
-                settings.effective_database_url,
-                pool_size=settings.database_pool_size,
-                command_timeout=settings.database_statement_timeout_seconds,
-            ),
-            tracer=tracer,
-        )
-        # One set of name lookups for every outbound client: one flight per name, one cap per
-        # organization, whatever the call is for.
-        lookups = Lookups.from_settings(settings, clock=clock, metrics=metrics)
-        outbound = overrides.outbound or OutboundClient.from_settings(
-            settings, metrics=metrics, resolver=lookups
-        )
-        verifier = TokenVerifier(settings)
-        fetcher = OAuth2TokenClient(
-            outbound,
-            default_token_lifetime_seconds=settings.default_token_lifetime_seconds,
-            metrics=metrics,
-            tracer=tracer,
-        )
-        keyring = KeyRing.from_settings(settings)
-        redis: Redis | None = None
-        shared: SharedTokenStore | None = None
-        broadcast: Broadcast | None = None
-        if settings.redis_url is not None:
-            # Replicas share tokens and change notices; every Redis call is bounded and a failing
-            # Redis only makes a replica work alone for a while (app.tokens.shared).
-            redis = Redis.from_url(
-                settings.redis_url.get_secret_value(), socket_timeout=2.0, socket_connect_timeout=1.0
-            )
-
-            def redis_failed(operation: str) -> None:
-                metrics.redis_errors.labels(operation=operation).inc()
-
-            shared = SharedTokenStore(
-                redis,
-                keyring,
-                clock=clock,
-                lock_timeout=settings.outbound_timeout_seconds + 2.0,
-                on_error=redis_failed,
-                tracer=tracer,
-            )
-            broadcast = Broadcast(redis, on_error=redis_failed, tracer=tracer)
-        webhook_client = overrides.webhook_outbound or webhook_outbound(
-            settings, clock=clock, metrics=metrics, resolver=lookups
-        )
-        deliveries = DeliveryWorker(
-            db=db,
-            keyring=keyring,
-            outbound=webhook_client,
-            clock=clock,
-            metrics=metrics,
-            poll_interval=settings.webhook_poll_interval_seconds,
-            timeout=settings.webhook_timeout_seconds,
-            retention=settings.webhook_retention_seconds,
-        )
-
-        async def changed_here(connector_id: uuid.UUID) -> None:
-            # The change may have queued webhook events: this process sends them at once.
-            deliveries.wake()
-            if broadcast is not None:
-                await broadcast.publish(str(connector_id))
-
-        # What token requests learn of a connector's status is written by a recorder built first,
-        # sharing the held connectors with the service.
-        status = status_recorder(
-            db=db,
-            clock=clock,
-            held_capacity=settings.connector_cache_size,
-            on_change=changed_here,
-            record_event=record_event,
-        )
-        tokens = TokenCache(
-            fetcher,
-            clock=clock,
-            on_outcome=status.record_outcome,
-            shared=shared,
-            metrics=metrics,
-            capacity=settings.token_cache_size,
-        )
-        service = ConnectorService(
-            db=db,
-            keyring=keyring,
-            tokens=tokens,
-            checker=LiveChecker(outbound, fetcher, tracer=tracer),
-            check_destination=outbound.check_destination,
-            clock=clock,
-            max_per_org=settings.max_connectors_per_org,
-            max_staleness=settings.max_staleness_seconds,
-            poll_interval=settings.change_poll_interval_seconds,
-            # A check may take up to the outbound deadline: no replica claims the next one sooner.
-            validate_interval=max(settings.validate_interval_seconds, settings.outbound_timeout_seconds),
-            # Connectors' events go to the webhooks' outbox, in the transaction of each change.
-            record_event=record_event,
-            status=status,
-        )
-        await service.start()  # tolerates a database that is away: the follower keeps trying
-        background = [asyncio.create_task(work) for work in service.background_work()]
-        background.append(asyncio.create_task(deliveries.run(), name="webhook deliveries"))
-        if broadcast is not None:
-            # A notice (or a resubscription, after which notices may have been missed) makes the
-            # service read the changes at once.
-            announced = service.changes_announced
-            background.append(
-                asyncio.create_task(
-                    broadcast.listen(lambda _message: announced(), announced), name="connector change notices"
-                )
-            )
-        app.state.broadcast = broadcast
-        app.state.db = db
-        app.state.verifier = verifier
-        app.state.connectors = service
-        app.state.webhook_deliveries = deliveries
-        app.state.webhooks = WebhookService(
-            db=db,
-            keyring=keyring,
-            # The client deliveries leave through: its address policy also judges a URL when saved.
-            check_destination=webhook_client.check_destination,
-            clock=clock,
-            max_per_org=settings.webhooks_per_organization,
-            secret_overlap_seconds=settings.webhook_secret_overlap_seconds,
-            on_due=deliveries.wake,
-        )
+        services = build_services(settings, overrides, clock=clock, metrics=metrics, tracer=tracer)
+        await services.start()
+        app.state.services = services
+        # What the routes ask for, by name (``services`` holds the same, typed).
+        app.state.db = services.db
+        app.state.verifier = services.verifier
+        app.state.connectors = services.connectors
+        app.state.webhooks = services.webhooks
+        app.state.webhook_deliveries = services.deliveries
+        app.state.broadcast = services.broadcast
         try:
             yield
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await service.aclose()
-            await tokens.aclose()
-            if shared is not None:
-                await shared.drain()  # Redis commands still finishing, never cut off half-way
-            if redis is not None:
-                await redis.aclose()
-            await verifier.aclose()
-            if overrides.outbound is None:
-                await outbound.aclose()
-            if overrides.webhook_outbound is None:
-                await webhook_client.aclose()
-            await lookups.aclose()
-            await db.dispose()
+            await services.aclose()
             if tracing is not None:
                 await tracing.shutdown()  # last: exports the spans of everything above
 
@@ -265,8 +112,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     )
     async def readyz() -> dict[str, str | float] | JSONResponse:
         """Readiness: the database answers, or authorize can still answer from memory."""
-        service: ConnectorService = app.state.connectors
-        remaining = await service.readiness()
+        services: Services = app.state.services
+        remaining = await services.connectors.readiness()
         if remaining is None:
             return {"status": "ready"}
         if remaining <= 0:
@@ -295,7 +142,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     )
     async def prometheus_metrics() -> Response:
         """Prometheus metrics; no caller token, for scrapers on the internal network."""
-        service: ConnectorService = app.state.connectors
+        services: Services = app.state.services
+        service = services.connectors
         try:
             counts: dict[str, int] | None = await service.count_by_state()
         except DatabaseUnavailable:
@@ -305,8 +153,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
             counts = None
         metrics.set_connector_states(counts)
         service.observe(metrics)
-        deliveries: DeliveryWorker = app.state.webhook_deliveries
-        await deliveries.observe_backlog()
+        await services.deliveries.observe_backlog()
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.add_middleware(UnexpectedErrorMiddleware)
