@@ -1,9 +1,11 @@
-"""The status recorder on its own: outcomes written in order with their events, and kept while
-the database is away. A fake stands in for the event recorder (it notes what it is told) and for
-the database while it is away; the rest is the real recorder over SQLite."""
+"""Pieces of the connector service on their own. The status recorder: outcomes written in order
+with their events, and kept while the database is away (a fake event recorder notes what it is
+told; a fake stands in for the database while it is away). Validate: concurrent calls share one
+check (a fake live check, held back). The rest is real, over SQLite."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
 import uuid
@@ -156,3 +158,40 @@ async def test_a_status_changed_and_changed_back_while_away_writes_nothing(
     await service.background.drain()
     assert events.changes == [("connector.status_changed", "unverified", "authorized")]
     assert recorder.unwritten == {}
+
+
+class GatedChecker:
+    """A live check that waits for ``gate``, counting the checks made (``CheckTools``)."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.checks = 0
+
+    async def static(self, url: str, credential: object) -> None:
+        self.checks += 1
+        await self.gate.wait()
+
+    async def token(self, config: object) -> Any:
+        raise AssertionError("no token request in this test")
+
+
+async def test_concurrent_validates_share_one_check_and_its_answer(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    """The service's validate on its own, with a fake live check: ten callers, one check."""
+    connector_id, _, service = await held_basic(client, app)
+    checker = service.checker = GatedChecker()
+    callers = [asyncio.create_task(service.validate("org-a", connector_id)) for _ in range(10)]
+    while checker.checks == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0)
+    # One caller giving up does not end the check for the others.
+    callers[0].cancel()
+    checker.gate.set()
+    answers = await asyncio.gather(*callers[1:])
+    assert checker.checks == 1
+    assert {answer.connector.status.state for answer in answers} == {"authorized"}
+    assert {answer.retry_after for answer in answers} == {None}
+    # Within the interval, another call checks nothing and says when the next may run.
+    again = await service.validate("org-a", connector_id)
+    assert checker.checks == 1 and again.retry_after is not None
