@@ -1,12 +1,14 @@
 """Pieces of the connector service on their own. The status recorder: outcomes written in order
 with their events, and kept while the database is away (a fake event recorder notes what it is
 told; a fake stands in for the database while it is away). Validate: concurrent calls share one
-check (a fake live check, held back). The rest is real, over SQLite."""
+check (a fake live check, held back). The follower's refresh of what is held (a fake token cache
+notes what it is told to forget). The rest is real, over SQLite."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -17,7 +19,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
+from app.connectors.models import Connector
+from app.connectors.repository import ConnectorRepository
 from app.connectors.service import ConnectorService, StatusRecorder
 from app.core.config import Settings
 from app.core.db import Database
@@ -195,3 +200,44 @@ async def test_concurrent_validates_share_one_check_and_its_answer(
     # Within the interval, another call checks nothing and says when the next may run.
     again = await service.validate("org-a", connector_id)
     assert checker.checks == 1 and again.retry_after is not None
+
+
+class NotedForgets:
+    """Token cache stand-in for the follower's refresh: notes which connectors' tokens go."""
+
+    def __init__(self) -> None:
+        self.forgotten: list[uuid.UUID] = []
+
+    def forget(self, connector_id: Any) -> None:
+        self.forgotten.append(connector_id)
+
+
+async def test_the_followers_refresh_holds_a_newer_copy_and_drops_a_deleted_one(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    """What the follower hands the service, on its own: a row changed by another replica (a new
+    version) replaces the copy held, and its tokens go; a connector no longer found is dropped."""
+    connector_id, _, service = await held_basic(client, app)
+    tokens = service.tokens = NotedForgets()  # type: ignore[assignment]
+    key = ("org-a", connector_id)
+    async with service.db.write() as session:
+        await session.execute(
+            update(Connector)
+            .where(Connector.id == connector_id)
+            .values(version=2, change_seq=Connector.change_seq + 1, name="Renamed elsewhere")
+        )
+    assert list(service._changed([key, key])) == [key]  # held: read it again (once)
+    async with service.db.read() as session:
+        row = await ConnectorRepository(session).get("org-a", connector_id)
+    assert row is not None
+    service._refresh([row], [key])
+    held = service.memory.peek(connector_id)
+    assert held is not None and held.version == 2
+    assert tokens.forgotten == [connector_id]
+    # An older copy offered later (a late read) does not replace the newer one.
+    stale = dataclasses.replace(held, version=1, change_seq=held.change_seq - 1)
+    assert not service.memory.offer(connector_id, stale)
+    # Asked for, and not found: deleted elsewhere.
+    service._refresh([], [key])
+    assert service.memory.peek(connector_id) is None
+    assert tokens.forgotten == [connector_id, connector_id]
