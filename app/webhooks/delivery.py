@@ -141,8 +141,12 @@ class DeliveryWorker:
         # Attempts under way, and how many of them are each organization's.
         self._attempts: set[asyncio.Task[None]] = set()
         self._held: Counter[str] = Counter()
-        # One claim at a time in this process.
+        # Attempts ended so far (``deliver_due`` tells whether one ended while it claimed).
+        self._ended = 0
+        # One claim at a time in this process; and while a round of ``deliver_due`` runs, the
+        # background loop claims nothing (the round sees every attempt it waits for).
         self._claiming = asyncio.Lock()
+        self._round = asyncio.Lock()
         self._next_prune = -float("inf")
 
     def wake(self) -> None:
@@ -156,7 +160,8 @@ class DeliveryWorker:
             while True:
                 self._wake.clear()
                 try:
-                    await self._fill()
+                    async with self._round:
+                        await self._fill()
                     if self.clock.monotonic() >= self._next_prune:
                         self._next_prune = self.clock.monotonic() + PRUNE_INTERVAL_SECONDS
                         await self.prune()
@@ -174,11 +179,16 @@ class DeliveryWorker:
         """Claim and send what is due until nothing is left and no attempt is under way; how many
         attempts were started. Attempts started meanwhile by ``run`` are waited for too."""
         attempted = 0
-        while True:
-            attempted += await self._fill()
-            if not self._attempts:
-                return attempted
-            await asyncio.wait(set(self._attempts), return_when=asyncio.FIRST_COMPLETED)
+        async with self._round:
+            while True:
+                ended = self._ended
+                attempted += await self._fill()
+                if self._attempts:
+                    await asyncio.wait(set(self._attempts), return_when=asyncio.FIRST_COMPLETED)
+                elif self._ended == ended:
+                    return attempted
+                # Else an attempt ended while this claim ran, which saw its delivery still held:
+                # what it frees (its subscription's next delivery) may be due now.
 
     async def _fill(self) -> int:
         """Claim as many due deliveries as there are free slots and start their attempts."""
@@ -201,10 +211,11 @@ class DeliveryWorker:
             self._held[delivery.organization_id] += 1
             attempt = asyncio.create_task(self._attempt(delivery), name=f"webhook delivery {delivery.id}")
             self._attempts.add(attempt)
-            attempt.add_done_callback(functools.partial(self._ended, delivery.organization_id))
+            attempt.add_done_callback(functools.partial(self._attempt_ended, delivery.organization_id))
         return len(claimed)
 
-    def _ended(self, organization_id: str, attempt: asyncio.Task[None]) -> None:
+    def _attempt_ended(self, organization_id: str, attempt: asyncio.Task[None]) -> None:
+        self._ended += 1
         self._attempts.discard(attempt)
         self._held[organization_id] -= 1
         if self._held[organization_id] <= 0:
