@@ -212,17 +212,30 @@ def _key() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
 
 
+def suite_settings(database_url: str, data_dir: Path, local_ca: LocalCA, **overrides: Any) -> Settings:
+    """The settings every test's service starts from: fresh keys, the test CA trusted, private
+    destinations allowed (test servers live on 127.0.0.1), a 2 s outbound deadline."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "data_dir": data_dir,
+        "jwt_secret": secrets.token_urlsafe(32),
+        "encryption_keys": f"k1:{_key()}",
+        "ca_bundle": local_ca.ca_bundle,
+        "allow_private_destinations": True,
+        "outbound_timeout_seconds": 2.0,
+    }
+    return Settings(**{**values, **overrides})
+
+
+def sqlite_settings(directory: Path, local_ca: LocalCA, **overrides: Any) -> Settings:
+    """``suite_settings`` over a fresh SQLite database in ``directory``: for tests in which the
+    database plays no part."""
+    return suite_settings(run_sync(_sqlite_database(directory)), directory, local_ca, **overrides)
+
+
 @pytest.fixture
 def settings(database_url: str, local_ca: LocalCA, tmp_path: Path) -> Settings:
-    return Settings(
-        database_url=database_url,
-        data_dir=tmp_path,
-        jwt_secret=secrets.token_urlsafe(32),
-        encryption_keys=f"k1:{_key()}",
-        ca_bundle=local_ca.ca_bundle,
-        allow_private_destinations=True,
-        outbound_timeout_seconds=2.0,
-    )
+    return suite_settings(database_url, tmp_path, local_ca)
 
 
 TokenFactory = Callable[..., str]

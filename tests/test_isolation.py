@@ -7,8 +7,6 @@ The database plays no part in what is shown here, so it runs on SQLite only.
 from __future__ import annotations
 
 import asyncio
-import base64
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import httpx
 import pytest
 
 from app.core.config import Settings
-from tests.conftest import _sqlite_database, run_sync
+from tests.conftest import sqlite_settings
 from tests.connectors import payloads
 from tests.connectors.test_authorize import counter_tokens
 from tests.support.dns import DNSServer
@@ -36,14 +34,9 @@ def dns_server() -> Iterator[DNSServer]:
 @pytest.fixture
 def settings(tmp_path: Path, local_ca: LocalCA, dns_server: DNSServer) -> Settings:
     """The suite's settings on SQLite, resolving names with the test's DNS server."""
-    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
-    return Settings(
-        database_url=run_sync(_sqlite_database(tmp_path)),
-        data_dir=tmp_path,
-        jwt_secret=secrets.token_urlsafe(32),
-        encryption_keys=f"k1:{key}",
-        ca_bundle=local_ca.ca_bundle,
-        allow_private_destinations=True,
+    return sqlite_settings(
+        tmp_path,
+        local_ca,
         outbound_timeout_seconds=3.0,
         max_connectors_per_org=20,
         dns_servers=(dns_server.address,),

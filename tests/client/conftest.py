@@ -41,7 +41,7 @@ from connectors_client import (
 from app.core.auth import mint_token
 from app.core.config import Settings
 from app.main import Overrides, create_app
-from tests.conftest import ALL_SCOPES, CanaryGuard, _sqlite_database, canary, run_sync
+from tests.conftest import ALL_SCOPES, CanaryGuard, canary, sqlite_settings
 from tests.support.authserver import AuthorizationServerThread, AuthStore, RegisteredClient
 from tests.support.fakes import FakeTime
 from tests.support.servers import RecordedRequest, Reply, ScriptedServer
@@ -101,15 +101,9 @@ class _ThreadedServer:
 
 @pytest.fixture
 def live(tmp_path: Path, local_ca: LocalCA, fake_time: FakeTime) -> Iterator[LiveService]:
-    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
-    settings = Settings(
-        database_url=run_sync(_sqlite_database(tmp_path)),
-        data_dir=tmp_path,
-        jwt_secret=secrets.token_urlsafe(32),
-        encryption_keys=f"k1:{key}",
-        ca_bundle=local_ca.ca_bundle,
-        allow_private_destinations=True,
-        outbound_timeout_seconds=2.0,
+    settings = sqlite_settings(
+        tmp_path,
+        local_ca,
         # The clock jumps ahead of the change follower's polls: trust what is held for a day.
         max_staleness_seconds=86_400,
     )

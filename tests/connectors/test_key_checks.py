@@ -4,8 +4,6 @@ cheaper. The database plays no part: SQLite only (the module's own ``settings``)
 from __future__ import annotations
 
 import asyncio
-import base64
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from app.connectors.kinds.client_auth import tls_client_auth
 from app.core import keychecks
 from app.core.config import Settings
 from app.core.keychecks import KeyChecks, private_key_refusal
-from tests.conftest import _sqlite_database, run_sync
+from tests.conftest import sqlite_settings
 from tests.connectors.test_crud import assert_problem
 from tests.connectors.test_private_key_jwt import signed
 from tests.support.tls import LocalCA
@@ -31,17 +29,7 @@ NO_CHECK = {"validate": "false"}
 
 @pytest.fixture
 def settings(tmp_path: Path, local_ca: LocalCA) -> Settings:
-    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
-    return Settings(
-        database_url=run_sync(_sqlite_database(tmp_path)),
-        data_dir=tmp_path,
-        jwt_secret=secrets.token_urlsafe(32),
-        encryption_keys=f"k1:{key}",
-        ca_bundle=local_ca.ca_bundle,
-        allow_private_destinations=True,
-        outbound_timeout_seconds=2.0,
-        max_connectors_per_org=1,
-    )
+    return sqlite_settings(tmp_path, local_ca, max_connectors_per_org=1)
 
 
 def damaged_rsa_pem() -> str:

@@ -5,9 +5,7 @@ it stops and starts; the app in process, on fake time."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import secrets
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +20,7 @@ from app.core.db import Database, build_engine
 from app.main import Overrides
 from app.migrations import upgrade
 from app.webhooks.models import WebhookEvent
+from tests.conftest import suite_settings
 from tests.connectors import payloads
 from tests.connectors.test_authorize import token_reply
 from tests.support.fakes import FakeTime
@@ -32,15 +31,10 @@ from tests.support.tls import LocalCA
 
 @pytest.fixture
 def settings(own_postgres: PostgresServer, local_ca: LocalCA, tmp_path: Path) -> Settings:
-    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
-    return Settings(
-        database_url=own_postgres.url,
-        data_dir=tmp_path,
-        jwt_secret=secrets.token_urlsafe(32),
-        encryption_keys=f"k1:{key}",
-        ca_bundle=local_ca.ca_bundle,
-        allow_private_destinations=True,
-        outbound_timeout_seconds=2.0,
+    return suite_settings(
+        own_postgres.url,
+        tmp_path,
+        local_ca,
         # The fake clock jumps hours ahead: what is held stays trusted.
         max_staleness_seconds=86_400,
         change_poll_interval_seconds=0.1,

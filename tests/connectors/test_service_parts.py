@@ -7,9 +7,7 @@ notes what it is told to forget). The rest is real, over SQLite."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -27,7 +25,7 @@ from app.connectors.service import ConnectorService, StatusRecorder
 from app.core.config import Settings
 from app.core.db import Database
 from app.core.errors import DatabaseUnavailable
-from tests.conftest import _sqlite_database, run_sync
+from tests.conftest import sqlite_settings
 from tests.connectors import payloads
 from tests.support.fakes import FakeTime
 from tests.support.tls import LocalCA
@@ -35,15 +33,7 @@ from tests.support.tls import LocalCA
 
 @pytest.fixture
 def settings(tmp_path: Path, local_ca: LocalCA) -> Settings:
-    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
-    return Settings(
-        database_url=run_sync(_sqlite_database(tmp_path)),
-        data_dir=tmp_path,
-        jwt_secret=secrets.token_urlsafe(32),
-        encryption_keys=f"k1:{key}",
-        ca_bundle=local_ca.ca_bundle,
-        allow_private_destinations=True,
-    )
+    return sqlite_settings(tmp_path, local_ca)
 
 
 class NotedEvents:

@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from app.core.http import _leaf_routes
 from tests.connectors import payloads
+from tests.core.test_requestid import raw_request
 
 
 async def test_an_unexpected_error_is_a_logged_500_that_does_not_reach_the_server(
@@ -111,38 +112,13 @@ async def test_a_client_gone_while_sending_its_body_is_no_error(
 ) -> None:
     """The body's first bytes, then the connection closes: recorded as 499, logged at info, never
     an error line nor an internal_error."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"authorization", f"Bearer {make_token()}".encode()),
-            (b"content-type", b"application/json"),
-            (b"content-length", b"1000"),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-    pending = [{"type": "http.request", "body": b'{"name": "half', "more_body": True}]
-
-    async def receive() -> dict[str, Any]:
-        return pending.pop() if pending else {"type": "http.disconnect"}
-
-    statuses: list[int] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    await app(scope, receive, send)
-    assert statuses == [499]
+    headers = [
+        (b"authorization", f"Bearer {make_token()}".encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"1000"),
+    ]
+    status, _, _ = await raw_request(app, method, path, headers, b'{"name": "half', more_body=True)
+    assert status == 499
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
     rendered = app.state.metrics.render().decode()
     samples = [line for line in rendered.splitlines() if not line.startswith("#")]

@@ -42,10 +42,17 @@ MALFORMED = [
 
 
 async def raw_request(
-    app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b""
+    app: Any,
+    method: str,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes = b"",
+    *,
+    more_body: bool = False,
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """One request straight through the ASGI interface, headers exactly as given (no client
-    library in between to refuse or repair them)."""
+    library in between to refuse or repair them). ``more_body``: ``body`` is only the start,
+    and then the client goes away."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -61,7 +68,7 @@ async def raw_request(
         "server": ("testserver", 80),
     }
     messages: list[dict[str, Any]] = []
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    pending = [{"type": "http.request", "body": body, "more_body": more_body}]
 
     async def receive() -> dict[str, Any]:
         return pending.pop() if pending else {"type": "http.disconnect"}
