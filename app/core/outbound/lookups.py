@@ -281,4 +281,4 @@ class Lookups:
         self._lookups.labels(result).inc()
         self._failures.put(host, _Failure(detail, self._clock.monotonic() + self._negative_ttl))
         log.info("name lookup failed", extra={"host": host, "result": result})
-        raise NameNotResolved(detail)
+        raise NameNotResolved(detail) from None  # the resolver's own error may carry OS detail
