@@ -22,11 +22,11 @@ from collections.abc import Callable
 from pydantic import SecretStr
 
 from app.connectors.memory import ConnectorMemory, HeldConnector
-from app.connectors.urls import origin_of
 from app.core.auth import SCOPE_AUTHORIZE, TokenVerifier, mint_token
 from app.core.clock import SystemClock
 from app.core.config import Settings
 from app.core.crypto import KeyRing, secret_aad
+from app.core.urls import origin_of
 from app.tokens.basic import basic_header
 from app.tokens.cache import TokenCache
 from app.tokens.types import OAuth2Config, StaticCredential, TokenGrant

@@ -33,10 +33,10 @@ from typing import Any
 
 from app.connectors.repository import BulkRepository
 from app.connectors.schemas import name_key
-from app.connectors.urls import normalise_base_url, normalise_endpoint_url
 from app.core.config import parse_settings
 from app.core.crypto import KeyRing, secret_aad
 from app.core.db import Database, build_engine
+from app.core.urls import normalise_base_url, normalise_endpoint_url
 
 DEFAULT_BATCH = 5000
 

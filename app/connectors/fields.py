@@ -1,44 +1,54 @@
-"""Field types shared by the connector's wire shapes and by every kind's models.
+"""Field types of the connector's wire shapes and of every kind's models.
 
-Each type carries its rule twice: the validator decides, and the document states it as a pattern
-(``app.connectors.patterns``; tests keep the two in agreement).
+The types every package shares (``Strict``, ``EndpointURL``, ``Omissible``, ...) are
+``app.core.fields``; they are re-exported here for the kinds. Each type carries its rule twice: the
+validator decides, and the document states it as a pattern (``app.core.patterns``; tests keep the
+two in agreement).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, StringConstraints
-from pydantic.json_schema import SkipJsonSchema
+from pydantic import AfterValidator, Field, SecretStr, StringConstraints
 from typing_extensions import TypeAliasType
 
-from app.connectors import patterns
-from app.connectors.urls import URLRuleError, normalise_endpoint_url
+from app.core import patterns
+from app.core.fields import (
+    CONTROL,
+    EndpointURL,
+    Omissible,
+    Strict,
+    no_control,
+    no_null_defaults,
+    not_null,
+    utf8,
+)
 from app.tokens.oauth import RESERVED_TOKEN_PARAMS, token_param_key
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+__all__ = [
+    "CONTROL",
+    "RESERVED_TOKEN_PARAM",
+    "Audience",
+    "EndpointURL",
+    "ExtraTokenParams",
+    "Identifier",
+    "Omissible",
+    "Scope",
+    "Secret",
+    "Strict",
+    "TokenLifetime",
+    "Username",
+    "check_token_params",
+    "no_control",
+    "no_null_defaults",
+    "not_null",
+    "utf8",
+]
 
-
-class Strict(BaseModel):
-    """An input model: unknown fields are refused."""
-
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
-
-
-def utf8(value: str) -> bool:
-    """False for a string no UTF-8 store accepts (JSON can carry a lone surrogate, ``\\ud800``)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def no_control(value: str) -> str:
-    if CONTROL.search(value):
-        raise ValueError("may not contain control characters")
-    return value
+# A name the token request sets itself, in any spelling ``token_param_key`` folds together.
+RESERVED_TOKEN_PARAM: Final = patterns.any_spelling_of(RESERVED_TOKEN_PARAMS)
 
 
 def _secret(value: SecretStr) -> SecretStr:
@@ -50,22 +60,6 @@ def _secret(value: SecretStr) -> SecretStr:
     return value
 
 
-def _endpoint_url(value: str) -> str:
-    try:
-        return normalise_endpoint_url(value)
-    except URLRuleError as error:
-        raise ValueError(str(error)) from None
-
-
-EndpointURL = Annotated[
-    str,
-    StringConstraints(max_length=2048),
-    AfterValidator(_endpoint_url),
-    Field(
-        description="An `https://` URL with no user name or fragment; a query is allowed",
-        json_schema_extra={"pattern": patterns.ENDPOINT_URL, "format": "uri"},
-    ),
-]
 Identifier = Annotated[
     str,
     StringConstraints(min_length=1, max_length=256),
@@ -105,7 +99,7 @@ _TOKEN_PARAMS_SCHEMA: dict[str, Any] = {
     "maxProperties": 10,
     "propertyNames": {
         "pattern": patterns.TOKEN_PARAM_NAME,
-        "not": {"pattern": patterns.RESERVED_TOKEN_PARAM},
+        "not": {"pattern": RESERVED_TOKEN_PARAM},
     },
     "additionalProperties": {"type": "string", "maxLength": 1024, "pattern": patterns.NO_CONTROL},
 }
@@ -136,19 +130,3 @@ def check_token_params(value: dict[str, str]) -> dict[str, str]:
 ExtraTokenParams = TypeAliasType(
     "ExtraTokenParams", Annotated[dict[str, str], Field(json_schema_extra=_TOKEN_PARAMS_SCHEMA)]
 )
-
-# A field that may be omitted but not sent as null: ``None`` only stands for "not sent".
-Omissible = SkipJsonSchema[None]
-
-
-def not_null(value: Any) -> Any:
-    if value is None:
-        raise ValueError("may not be null")
-    return value
-
-
-def no_null_defaults(schema: dict[str, Any]) -> None:
-    """The null default only means "not sent": a field that may not be null shows none."""
-    for field in schema.get("properties", {}).values():
-        if "default" in field and field["default"] is None and "anyOf" not in field:
-            del field["default"]

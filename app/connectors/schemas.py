@@ -29,7 +29,6 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from typing_extensions import TypeAliasType
 
-from app.connectors import patterns
 from app.connectors.fields import (
     CONTROL,
     Audience,
@@ -48,7 +47,8 @@ from app.connectors.fields import (
 from app.connectors.kinds import KINDS, fill_defaults
 from app.connectors.kinds.basic import BasicAuthIn, BasicAuthOut
 from app.connectors.kinds.oauth2 import ClientAuthMethod
-from app.connectors.urls import URLRuleError, normalise_base_url
+from app.core import patterns
+from app.core.urls import URLRuleError, normalise_base_url
 from app.core.validation import LocationRules
 
 __all__ = [
@@ -101,7 +101,7 @@ def _base_url(value: str) -> str:
         raise ValueError(str(error)) from None
 
 
-# The document states each rule as a pattern (app.connectors.patterns); the validators decide.
+# The document states each rule as a pattern (app.core.patterns); the validators decide.
 ConnectorName = Annotated[
     str,
     AfterValidator(_name),

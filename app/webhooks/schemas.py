@@ -14,7 +14,7 @@ from uuid import UUID
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 from pydantic.config import JsonDict
 
-from app.connectors.fields import EndpointURL, Omissible, Strict, no_null_defaults, not_null
+from app.core.fields import EndpointURL, Omissible, Strict, no_null_defaults, not_null
 from app.webhooks.outbox import EVENT_TYPES, EventType
 
 __all__ = [

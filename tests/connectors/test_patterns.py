@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.connectors import patterns
+from app.connectors.fields import RESERVED_TOKEN_PARAM
 from app.connectors.schemas import _name
-from app.connectors.urls import URLRuleError, normalise_base_url, normalise_endpoint_url
+from app.core import patterns
+from app.core.urls import URLRuleError, normalise_base_url, normalise_endpoint_url
 from app.tokens.oauth import RESERVED_TOKEN_PARAMS, token_param_key
 
 _DRAWS = settings(max_examples=200, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -43,7 +44,7 @@ def _class_members(character_class: str) -> str:
 
 
 def test_the_unicode_data_is_the_one_the_classes_were_written_from() -> None:
-    # A newer Python may assign new characters; then the ranges in app.connectors.patterns need
+    # A newer Python may assign new characters; then the ranges in app.core.patterns need
     # looking at again (this test and the next say which).
     assert unicodedata.unidata_version == "14.0.0"
 
@@ -149,14 +150,14 @@ def test_urls_as_the_validators_and_the_patterns_judge_them(url: str, base: bool
 @_DRAWS
 @given(st.from_regex(patterns.TOKEN_PARAM_NAME, fullmatch=True))
 def test_reserved_token_parameter_names_are_what_the_pattern_says(name: str) -> None:
-    assert _matches(patterns.RESERVED_TOKEN_PARAM, name) is (token_param_key(name) in RESERVED_TOKEN_PARAMS)
+    assert _matches(RESERVED_TOKEN_PARAM, name) is (token_param_key(name) in RESERVED_TOKEN_PARAMS)
 
 
 @pytest.mark.parametrize("name", sorted(RESERVED_TOKEN_PARAMS))
 def test_every_reserved_name_is_in_the_pattern_in_any_case(name: str) -> None:
     for spelling in (name, name.upper(), name.replace("_", "."), name.title().replace("_", "-")):
-        assert _matches(patterns.RESERVED_TOKEN_PARAM, spelling), spelling
-    assert not _matches(patterns.RESERVED_TOKEN_PARAM, name + "x")
+        assert _matches(RESERVED_TOKEN_PARAM, spelling), spelling
+    assert not _matches(RESERVED_TOKEN_PARAM, name + "x")
 
 
 def test_the_no_control_patterns() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app.connectors.urls import URLRuleError, join_resource_path
+from app.core.urls import URLRuleError, join_resource_path
 from tests.connectors import payloads
 from tests.connectors.test_authorize import authorize
 from tests.connectors.test_crud import NO_CHECK, assert_problem

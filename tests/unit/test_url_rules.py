@@ -1,5 +1,5 @@
 """URL rules without the app: the resource domain URL a create body may carry, and the paths
-``/authorize`` joins onto it (``app.connectors.urls``). ``tests/connectors`` holds a few of each
+``/authorize`` joins onto it (``app.core.urls``). ``tests/connectors`` holds a few of each
 through the real app, on both databases."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from app.connectors.schemas import AuthorizeRequest, ConnectorCreate
-from app.connectors.urls import URLRuleError, join_resource_path
+from app.core.urls import URLRuleError, join_resource_path
 from tests.connectors import payloads
 from tests.unit.refusals import fields, refusal
 

@@ -52,7 +52,7 @@ _TCHAR = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]"
 # RFC 3986 §2.3: unreserved, the characters a query parameter name needs no encoding for.
 _UNRESERVED = "[A-Za-z0-9\\-._~]"
 
-# The rules as JSON Schema patterns for the document (see ``app.connectors.patterns``).
+# The rules as JSON Schema patterns for the document (see ``app.core.patterns``).
 KEY: Final = "^[\\x21-\\x7e]*$"
 HEADER_NAME: Final = f"^{_TCHAR}{{1,64}}$"
 QUERY_NAME: Final = f"^{_UNRESERVED}{{1,64}}$"

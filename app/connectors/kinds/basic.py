@@ -6,10 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.connectors import patterns
 from app.connectors.fields import EndpointURL, Secret, Strict, Username
 from app.connectors.kinds.base import Public, Secrets, StaticKind
 from app.connectors.kinds.example import BodyExample
+from app.core import patterns
 from app.tokens.basic import basic_header
 from app.tokens.types import StaticCredential
 

@@ -2,9 +2,9 @@
 (``sealing``), merging a PATCH of ``auth`` (``patching``), naming fields in audit events
 (``audit_fields``), what events say (``payloads``), writing the statuses token requests learn
 (``status``), ``POST /authorize`` and the memory it answers from (``authorize``), the throttled
-live check of ``POST /validate`` (``validation``) and the work done after answering
-(``background``), and creates, updates and deletes (``writes``). ``core`` keeps the reads and
-what the parts share, and builds the whole. What authorize holds in
+live check of ``POST /validate`` (``validation``), the work done after answering
+(``background``), creates, updates and deletes (``writes``), and the audit trail (``audit``).
+``core`` keeps the reads and what the parts share, and builds the whole. What authorize holds in
 memory is ``app.connectors.memory``."""
 
 from app.connectors.service.background import ChangeListener

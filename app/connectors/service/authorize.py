@@ -23,7 +23,6 @@ from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository
 from app.connectors.service.background import Background
 from app.connectors.service.sealing import UNREADABLE, SecretSealer
-from app.connectors.urls import URLRuleError, join_resource_path, origin_of
 from app.core.db import Database
 from app.core.errors import (
     ConnectorNotFound,
@@ -33,6 +32,7 @@ from app.core.errors import (
     PathOutsideResourceDomain,
     SecretUnreadable,
 )
+from app.core.urls import URLRuleError, join_resource_path, origin_of
 from app.tokens.static import with_query
 from app.tokens.types import OAuth2Config, StaticCredential
 

@@ -22,15 +22,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Coroutine, Hashable, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Coroutine, Hashable, Mapping
 from typing import Any, Protocol
 
 from pydantic import SecretStr
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.audit.repository import AuditRepository
-from app.audit.schemas import AuditAction, AuditEvent, AuditEventList
 from app.connectors import schemas
 from app.connectors.events import EventRecorder, no_events
 from app.connectors.follower import ChangeFollower
@@ -38,6 +34,7 @@ from app.connectors.kinds import CheckTools, Kind, kind_of
 from app.connectors.memory import ConnectorMemory
 from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository, StatsRepository
+from app.connectors.service.audit import Auditing
 from app.connectors.service.authorize import Authorizing
 from app.connectors.service.background import Background, ChangeListener
 from app.connectors.service.sealing import SecretSealer
@@ -81,7 +78,7 @@ class Tokens(Protocol):
     def forget(self, connector_id: Hashable) -> None: ...
 
 
-class ConnectorService(Writing, Authorizing, Validating):
+class ConnectorService(Writing, Authorizing, Validating, Auditing):
     def __init__(
         self,
         *,
@@ -165,17 +162,6 @@ class ConnectorService(Writing, Authorizing, Validating):
         async with self.db.read() as session:
             return await StatsRepository(session).count_by_state()
 
-    async def history(self, organization_id: str, connector_id: uuid.UUID, *, limit: int) -> AuditEventList:
-        """The connector's audit events, newest first; still readable after a delete.
-
-        Not found only when the organization has neither the connector nor any event for it.
-        """
-        async with self.db.read() as session:
-            events = await AuditRepository(session).for_connector(organization_id, connector_id, limit=limit)
-            if not events:
-                await self._require(ConnectorRepository(session), organization_id, connector_id)
-        return AuditEventList(items=[AuditEvent.model_validate(event) for event in events])
-
     # Running it ---------------------------------------------------------------------------------
 
     def background_work(self) -> tuple[Coroutine[Any, Any, None], ...]:
@@ -202,32 +188,6 @@ class ConnectorService(Writing, Authorizing, Validating):
         metrics.held.set(len(self.memory))
         metrics.follower_age.set(min(self.follower.age(), 1e9))
         metrics.database_up.set(1 if self.db.available else 0)
-
-    # Audit -------------------------------------------------------------------------------------
-
-    async def _audit(
-        self,
-        session: AsyncSession,
-        organization_id: str,
-        connector_id: uuid.UUID,
-        action: AuditAction,
-        actor: str | None,
-        changed_fields: Sequence[str],
-        outcome: str,
-        *,
-        detail: str | None = None,
-        at: datetime | None = None,
-    ) -> None:
-        await AuditRepository(session).record(
-            organization_id,
-            connector_id,
-            action=action,
-            actor=actor,
-            changed_fields=changed_fields,
-            outcome=outcome,
-            detail=detail,
-            at=at or self.clock.now(),
-        )
 
     # Helpers -----------------------------------------------------------------------------------
 

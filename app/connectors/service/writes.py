@@ -37,8 +37,6 @@ from app.core.db import Database
 from app.core.errors import (
     AppError,
     ConnectorLimitReached,
-    ConnectorNotFound,
-    DatabaseUnavailable,
     InvalidRequest,
     NameTaken,
     SecretRequired,
@@ -386,38 +384,6 @@ class Writing:
         self.background.notify(connector_id)
 
     # Helpers of writes ------------------------------------------------------------------------
-
-    async def _record_refusal(
-        self: _Service,
-        organization_id: str,
-        connector_id: uuid.UUID,
-        action: AuditAction,
-        actor: str | None,
-        attempted_fields: Sequence[str],
-        error: AppError,
-    ) -> None:
-        """Record a refused attempt on an existing connector, in a transaction of its own."""
-        if isinstance(error, ConnectorNotFound | DatabaseUnavailable):
-            return  # nothing of the caller's organization was touched, or nothing can be recorded
-        provider = error.extra.get("provider_error")
-        try:
-            async with self.db.write() as session:
-                await self._audit(
-                    session,
-                    organization_id,
-                    connector_id,
-                    action,
-                    actor,
-                    attempted_fields,
-                    error.code,
-                    detail=provider if isinstance(provider, str) else None,
-                )
-        except Exception as failure:
-            # The caller's answer is the refusal; failing to record it must not replace it.
-            log.warning(
-                "could not record a refused attempt",
-                extra={"connector": str(connector_id), "error": type(failure).__name__},
-            )
 
     async def _check_room(self: _Service, repo: ConnectorRepository, organization_id: str) -> None:
         if await repo.count(organization_id) >= self.max_per_org:

@@ -45,10 +45,10 @@ from pydantic import (
 )
 from typing_extensions import TypeAliasType
 
-from app.connectors import patterns
 from app.connectors.fields import Strict, no_control, utf8
 from app.connectors.kinds.client_auth.base import ClientAuthMethod
 from app.connectors.kinds.example import BodyExample
+from app.core import patterns
 from app.core.clock import Clock, SystemClock
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""The input rules of ``schemas`` and ``urls`` written as JSON Schema patterns, for OpenAPI.
+"""Input rules written as JSON Schema patterns, for OpenAPI: those of ``app.core.urls``,
+``app.connectors.schemas`` and the kinds.
 
 The validators stay the rule; a pattern describes it so that a client (or a generated request)
 can tell a valid value before sending it. Each pattern accepts only values the validator accepts;
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Final
-
-from app.tokens.oauth import RESERVED_TOKEN_PARAMS
 
 # Unicode 14.0 (Python 3.11), by category: the tests compare them with ``unicodedata``.
 _FORMAT: Final = (  # Cf: soft hyphen, bidi controls, zero-width characters, tags, ...
@@ -109,13 +108,14 @@ SECRET: Final = _anchored("[^\\x00]*")
 TOKEN_PARAM_NAME: Final = _anchored("[A-Za-z0-9_.\\-]{1,64}")
 
 
-def _any_case(name: str) -> str:
-    return "".join(f"[{c.upper()}{c}]" if c.isalpha() else "[_.\\-]" if c == "_" else c for c in name)
+def any_spelling_of(names: Iterable[str]) -> str:
+    """A pattern matching any of ``names`` in any case, with ``.`` or ``-`` for ``_``."""
 
+    def spelling(name: str) -> str:
+        return "".join(f"[{c.upper()}{c}]" if c.isalpha() else "[_.\\-]" if c == "_" else c for c in name)
 
-RESERVED_TOKEN_PARAM: Final = _anchored(
-    "(?:" + "|".join(_any_case(name) for name in sorted(RESERVED_TOKEN_PARAMS)) + ")"
-)
+    return _anchored("(?:" + "|".join(spelling(name) for name in sorted(names)) + ")")
+
 
 # URLs, as ``urls.normalise_base_url`` and ``urls.normalise_endpoint_url`` take them.
 _LABEL = "[A-Za-z0-9](?:[A-Za-z0-9\\-]{0,61}[A-Za-z0-9])?"
