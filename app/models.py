@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from app.audit.models import AuditEvent
-from app.connectors.models import Connector, Organization
+from app.connectors.models import Connector, ConnectorGrant, ConsentRequest, Organization
 from app.core.orm import Base
 from app.webhooks.models import WebhookDelivery, WebhookEvent, WebhookSubscription
 
 __all__ = [
     "AuditEvent",
     "Connector",
+    "ConnectorGrant",
+    "ConsentRequest",
     "Organization",
     "WebhookDelivery",
     "WebhookEvent",

@@ -58,7 +58,7 @@ async def test_the_newest_migration_goes_down_and_up_again(database_url: str) ->
         ]
     finally:
         await upgrade(database_url)
-    assert await current_revision(database_url) == head_revision() == "0005"
+    assert await current_revision(database_url) == head_revision() == "0006"
     assert await _run(database_url, _differences) == []
 
 

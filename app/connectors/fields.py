@@ -9,6 +9,7 @@ two in agreement).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Final
 
 from pydantic import AfterValidator, Field, SecretStr, StringConstraints
@@ -25,13 +26,16 @@ from app.core.fields import (
     not_null,
     utf8,
 )
+from app.tokens.consent import RESERVED_AUTHORIZATION_PARAMS
 from app.tokens.oauth import RESERVED_TOKEN_PARAMS, token_param_key
 
 __all__ = [
     "CONTROL",
+    "RESERVED_AUTHORIZATION_PARAM",
     "RESERVED_TOKEN_PARAM",
     "Audience",
     "EndpointURL",
+    "ExtraAuthorizationParams",
     "ExtraTokenParams",
     "Identifier",
     "Omissible",
@@ -40,6 +44,7 @@ __all__ = [
     "Strict",
     "TokenLifetime",
     "Username",
+    "check_authorization_params",
     "check_token_params",
     "no_control",
     "no_null_defaults",
@@ -47,8 +52,10 @@ __all__ = [
     "utf8",
 ]
 
-# A name the token request sets itself, in any spelling ``token_param_key`` folds together.
+# A name the token (authorization) request sets itself, in any spelling ``token_param_key`` folds
+# together.
 RESERVED_TOKEN_PARAM: Final = patterns.any_spelling_of(RESERVED_TOKEN_PARAMS)
+RESERVED_AUTHORIZATION_PARAM: Final = patterns.any_spelling_of(RESERVED_AUTHORIZATION_PARAMS)
 
 
 def _secret(value: SecretStr) -> SecretStr:
@@ -89,44 +96,66 @@ Secret = Annotated[
 Audience = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 TokenLifetime = Annotated[int, Field(ge=1, le=86_400 * 30)]
 
-# What the document says of extra_token_params; ``check_token_params`` enforces it.
-_TOKEN_PARAMS_SCHEMA: dict[str, Any] = {
-    "description": (
-        "Extra form fields for the token request. A name is 1-64 ASCII letters, digits, `_`, `-` or `.`, "
-        "never one the token request sets itself (in any case, with `.` or `-` for `_`); no two names "
-        "may differ only in that way. A value has at most 1024 characters and no control character."
-    ),
-    "maxProperties": 10,
-    "propertyNames": {
-        "pattern": patterns.TOKEN_PARAM_NAME,
-        "not": {"pattern": RESERVED_TOKEN_PARAM},
-    },
-    "additionalProperties": {"type": "string", "maxLength": 1024, "pattern": patterns.NO_CONTROL},
-}
+
+def _params_schema(what: str, request: str, reserved_pattern: str) -> dict[str, Any]:
+    """What the document says of extra parameters; ``_params_rule`` enforces it."""
+    return {
+        "description": (
+            f"Extra {what} for the {request}. A name is 1-64 ASCII letters, digits, `_`, `-` or "
+            f"`.`, never one the {request} sets itself (in any case, with `.` or `-` for `_`); no two "
+            "names may differ only in that way. A value has at most 1024 characters and no control "
+            "character."
+        ),
+        "maxProperties": 10,
+        "propertyNames": {"pattern": patterns.TOKEN_PARAM_NAME, "not": {"pattern": reserved_pattern}},
+        "additionalProperties": {"type": "string", "maxLength": 1024, "pattern": patterns.NO_CONTROL},
+    }
 
 
-def check_token_params(value: dict[str, str]) -> dict[str, str]:
-    """The rules of ``extra_token_params`` (a field validator of the models using it)."""
-    # ASCII names only, so no space or lookalike character can hide a reserved name; and
-    # compared without case, as many providers read form names.
-    keys: set[str] = set()
-    for key, item in value.items():
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", key):
-            raise ValueError("parameter names must be 1-64 ASCII letters, digits, '_', '-' or '.'")
-        folded = token_param_key(key)
-        if folded in RESERVED_TOKEN_PARAMS:
-            raise ValueError(
-                "a parameter name is reserved for the token request itself"
-                " (in any case, with '.' or '-' for '_')"
-            )
-        if folded in keys:
-            raise ValueError("two parameter names differ only in case or in '.', '-' and '_'")
-        keys.add(folded)
-        if len(item) > 1024 or CONTROL.search(item) or not utf8(item):
-            raise ValueError("parameter values must be at most 1024 characters, no control characters")
-    return value
+def _params_rule(reserved: frozenset[str], request: str) -> Callable[[dict[str, str]], dict[str, str]]:
+    def check(value: dict[str, str]) -> dict[str, str]:
+        # ASCII names only, so no space or lookalike character can hide a reserved name; and
+        # compared without case, as many providers read parameter names.
+        keys: set[str] = set()
+        for key, item in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", key):
+                raise ValueError("parameter names must be 1-64 ASCII letters, digits, '_', '-' or '.'")
+            folded = token_param_key(key)
+            if folded in reserved:
+                raise ValueError(
+                    f"a parameter name is reserved for the {request} itself"
+                    " (in any case, with '.' or '-' for '_')"
+                )
+            if folded in keys:
+                raise ValueError("two parameter names differ only in case or in '.', '-' and '_'")
+            keys.add(folded)
+            if len(item) > 1024 or CONTROL.search(item) or not utf8(item):
+                raise ValueError("parameter values must be at most 1024 characters, no control characters")
+        return value
 
+    return check
+
+
+# The rules of ``extra_token_params`` and ``extra_authorization_params`` (field validators of the
+# models using them).
+check_token_params = _params_rule(RESERVED_TOKEN_PARAMS, "token request")
+check_authorization_params = _params_rule(RESERVED_AUTHORIZATION_PARAMS, "authorization request")
 
 ExtraTokenParams = TypeAliasType(
-    "ExtraTokenParams", Annotated[dict[str, str], Field(json_schema_extra=_TOKEN_PARAMS_SCHEMA)]
+    "ExtraTokenParams",
+    Annotated[
+        dict[str, str],
+        Field(json_schema_extra=_params_schema("form fields", "token request", RESERVED_TOKEN_PARAM)),
+    ],
+)
+ExtraAuthorizationParams = TypeAliasType(
+    "ExtraAuthorizationParams",
+    Annotated[
+        dict[str, str],
+        Field(
+            json_schema_extra=_params_schema(
+                "query parameters", "authorization request", RESERVED_AUTHORIZATION_PARAM
+            )
+        ),
+    ],
 )

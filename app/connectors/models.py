@@ -80,3 +80,53 @@ class ConnectorChange(Base):
     organization_id: Mapped[str] = mapped_column(String(255))
     connector_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     changed_at: Mapped[datetime] = mapped_column()
+
+
+class ConnectorGrant(Base):
+    """The grant an admin gave an authorization code connector by consent; at most one.
+
+    Not part of the connector's configuration: renewing a token rotates the refresh token here
+    without changing the connector. ``generation`` counts the rotations: a write names the one it
+    read, so a rotation written by another replica is never overwritten. ``lease_*`` is the
+    renewal under way (the one replica sending the refresh token), so no two replicas ever send
+    the same one.
+    """
+
+    __tablename__ = "connector_grants"
+
+    connector_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("connectors.id", ondelete="CASCADE"), primary_key=True
+    )
+    organization_id: Mapped[str] = mapped_column(String(255))
+    # Ciphertexts bound to (organization, connector, field), as the connector's secrets are.
+    refresh_token: Mapped[str | None] = mapped_column(Text)
+    # Kept only when the provider issued no refresh token: the grant ends with it.
+    access_token: Mapped[str | None] = mapped_column(Text)
+    access_expires_at: Mapped[datetime | None] = mapped_column()
+    key_id: Mapped[str] = mapped_column(String(32))
+    granted_scope: Mapped[str | None] = mapped_column(Text)
+    connected_at: Mapped[datetime] = mapped_column()
+    generation: Mapped[int] = mapped_column(Integer)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column()
+
+
+class ConsentRequest(Base):
+    """A consent started and not yet finished: found by its state's SHA-256, used once.
+
+    Bound to the organization, the connector and the version it was started for; the PKCE
+    verifier is a ciphertext bound to the connector (field ``code_verifier``).
+    """
+
+    __tablename__ = "consent_requests"
+    __table_args__ = (Index("ix_consent_requests_expires_at", "expires_at"),)
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(255))
+    connector_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("connectors.id", ondelete="CASCADE"))
+    connector_version: Mapped[int] = mapped_column(Integer)
+    code_verifier: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str] = mapped_column(String(32))
+    return_url: Mapped[str | None] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column()
+    expires_at: Mapped[datetime] = mapped_column()

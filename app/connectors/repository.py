@@ -13,7 +13,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
-from app.connectors.models import ChangeSequence, Connector, ConnectorChange, Organization
+from app.connectors.models import (
+    ChangeSequence,
+    Connector,
+    ConnectorChange,
+    ConnectorGrant,
+    ConsentRequest,
+    Organization,
+)
 from app.core.errors import NameTaken
 
 
@@ -147,6 +154,13 @@ class ConnectorRepository:
         return bool(getattr(result, "rowcount", 0))
 
     async def delete(self, organization_id: str, connector_id: uuid.UUID) -> bool:
+        # Its grant and consents go with it, whatever SQLite's foreign_keys pragma says.
+        for table in (ConnectorGrant, ConsentRequest):
+            await self.session.execute(
+                delete(table)
+                .where(table.organization_id == organization_id, table.connector_id == connector_id)
+                .execution_options(synchronize_session=False)
+            )
         result = await self.session.execute(
             delete(Connector)
             .where(Connector.organization_id == organization_id, Connector.id == connector_id)

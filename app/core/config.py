@@ -18,6 +18,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -172,6 +173,55 @@ class Settings(BaseSettings):
     # Delivered and abandoned events are kept this long for GET /webhooks/{id}/deliveries.
     webhook_retention_seconds: float = Field(default=7 * 86_400.0, ge=3600, le=90 * 86_400)
 
+    # Authorization code connectors. The URL users' browsers reach the service at (a proxy's, when
+    # one is in front): the consent callback is {public_url}/oauth/callback. Empty: the address
+    # the service listens at. Plain http only for a loopback host.
+    public_url: str = ""
+    # Origins ("https://host[:port]") a consent's return_url may have, comma-separated; the
+    # service's own origin is always allowed.
+    consent_return_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        if not value:
+            return value
+        problem = _public_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value.rstrip("/")
+
+    @field_validator("consent_return_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        origins = tuple(part.strip().rstrip("/") for part in value.split(",") if part.strip())
+        for origin in origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("https", "http") or not parts.hostname or parts.path or parts.query:
+                raise ValueError(
+                    'each origin is "https://host" or "https://host:port", with nothing after it'
+                )
+            if parts.scheme == "http" and not _loopback(parts.hostname):
+                raise ValueError("an http:// origin must be a loopback host")
+        return tuple(_origin(origin) for origin in origins)
+
+    @property
+    def callback_url(self) -> str:
+        """The one redirect URI of the service, to register at each provider."""
+        return f"{self.effective_public_url}/oauth/callback"
+
+    @property
+    def effective_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url
+        # Listening on every address: the browser on this machine reaches it at loopback.
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)  # noqa: S104
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
     @field_validator("dns_servers", mode="before")
     @classmethod
     def _split_dns_servers(cls, value: object) -> object:
@@ -242,6 +292,41 @@ class Settings(BaseSettings):
         if self.encryption_keys is None:
             raise ConfigError("CONNECTORS_ENCRYPTION_KEYS is not set")
         return _parse_key_ring(self.encryption_keys.get_secret_value())
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` in lower case, the default port left out."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"https": 443, "http": 80}[parts.scheme]
+    port = "" if parts.port in (None, default) else f":{parts.port}"
+    return f"{parts.scheme}://{host}{port}"
+
+
+def _public_url_problem(value: str) -> str | None:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        return "must be an absolute http(s) URL"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "must be an absolute http(s) URL"
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return "may not have a query, a fragment or credentials"
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        return "must be https:// unless its host is a loopback address"
+    return None
 
 
 def _generate_dev_keys(path: Path) -> dict[str, str]:

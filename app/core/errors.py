@@ -95,6 +95,23 @@ class ResendLimitReached(AppError):
     title = "The webhook subscription already has its maximum of deliveries waiting"
 
 
+class ConsentRequired(AppError):
+    """An authorization code connector has no usable grant: an admin must connect it (again)
+    at the provider's consent page (``POST /connectors/{id}/consent``)."""
+
+    status = 409
+    code = "consent_required"
+    title = "The connector needs an admin to connect its account"
+
+
+class WrongGrantType(AppError):
+    """The operation needs a connector of another grant type (consent: authorization code)."""
+
+    status = 409
+    code = "wrong_grant_type"
+    title = "The connector's grant type does not allow this"
+
+
 class VersionMismatch(AppError):
     status = 412
     code = "version_mismatch"

@@ -54,10 +54,10 @@ from urllib.parse import quote
 from opentelemetry.trace import Span, Tracer
 
 from app.core import tracing
-from app.core.errors import AppError, CredentialsRejected, InvalidRequest, TokenEndpointError
+from app.core.errors import AppError, ConsentRequired, CredentialsRejected, InvalidRequest, TokenEndpointError
 from app.core.metrics import Metrics
 from app.core.outbound import OutboundClient
-from app.tokens.types import OAuth2Config, RefreshTokenRejected, TokenGrant
+from app.tokens.types import CodeExchange, OAuth2Config, RefreshTokenRejected, TokenGrant
 
 __all__ = [
     "MAX_EXPIRES_IN_SECONDS",
@@ -148,8 +148,25 @@ class OAuth2TokenClient:
         self._tracer = tracer
 
     async def __call__(self, config: OAuth2Config, refresh_token: str | None = None) -> TokenGrant:
-        """Run the configured grant, or the refresh grant when ``refresh_token`` is given."""
-        form, headers = build_token_request(config, refresh_token)
+        """Run the configured grant, or the refresh grant when ``refresh_token`` is given.
+
+        The configured grant of an authorization code connector is a refresh with the grant an
+        admin gave, which its ``StoredGrant`` runs (and keeps the rotated refresh token of).
+        """
+        if refresh_token is None and config.grant_type == "authorization_code":
+            if config.grant is None:
+                raise ConsentRequired()
+            return await config.grant.renew(lambda token: self._run(config, token, None))
+        return await self._run(config, refresh_token, None)
+
+    async def exchange_code(self, config: OAuth2Config, exchange: CodeExchange) -> TokenGrant:
+        """Exchange an authorization code (with its PKCE verifier) for tokens."""
+        return await self._run(config, None, exchange)
+
+    async def _run(
+        self, config: OAuth2Config, refresh_token: str | None, exchange: CodeExchange | None
+    ) -> TokenGrant:
+        form, headers = build_token_request(config, refresh_token, exchange)
         grant_type = form["grant_type"]
         # The span records the token URL's host, the grant type, the status and the outcome only.
         with tracing.outbound_span(
@@ -157,7 +174,9 @@ class OAuth2TokenClient:
         ) as span:
             # Counted in the vocabulary of a connector's status; a cancelled request is not counted.
             try:
-                grant = await self._send(config, form, headers, refresh_token=refresh_token, span=span)
+                grant = await self._send(
+                    config, form, headers, refresh_token=refresh_token, exchange=exchange, span=span
+                )
             except (CredentialsRejected, RefreshTokenRejected):
                 self._requests.labels(grant_type, "rejected").inc()
                 span.set_attribute(tracing.OUTCOME, "rejected")
@@ -177,13 +196,14 @@ class OAuth2TokenClient:
         headers: dict[str, str],
         *,
         refresh_token: str | None,
+        exchange: CodeExchange | None,
         span: Span,
     ) -> TokenGrant:
         first = [form]
 
         def attempt_form() -> dict[str, str]:
             # A retry sends a form made afresh: a client assertion (its jti) is good for one use.
-            return first.pop() if first else build_token_request(config, refresh_token)[0]
+            return first.pop() if first else build_token_request(config, refresh_token, exchange)[0]
 
         response = await self._outbound.request(
             "POST",
@@ -203,13 +223,21 @@ class OAuth2TokenClient:
 
 
 def build_token_request(
-    config: OAuth2Config, refresh_token: str | None = None
+    config: OAuth2Config, refresh_token: str | None = None, exchange: CodeExchange | None = None
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """The form fields and headers of one token request."""
+    """The form fields and headers of one token request: the refresh grant when given
+    ``refresh_token``, the code exchange when given ``exchange``, else the configured grant."""
     form: dict[str, str] = {}
     if refresh_token is not None:
         form["grant_type"] = "refresh_token"
         form["refresh_token"] = refresh_token
+    elif exchange is not None:
+        form["grant_type"] = "authorization_code"
+        form["code"] = exchange.code
+        form["redirect_uri"] = exchange.redirect_uri
+        form["code_verifier"] = exchange.code_verifier
+    elif config.grant_type == "authorization_code":
+        raise InvalidRequest("the authorization code grant runs by consent or with a refresh token")
     elif config.grant_type == "password":
         if config.username is None or config.password is None:
             raise InvalidRequest("the password grant needs a username and a password")
@@ -218,7 +246,8 @@ def build_token_request(
         form["password"] = config.password.get_secret_value()
     else:
         form["grant_type"] = "client_credentials"
-    if config.scope:
+    if config.scope and exchange is None:
+        # A code carries the scope its consent granted (RFC 6749 §4.1.3 sends none with it).
         form["scope"] = config.scope
     if config.audience:
         form["audience"] = config.audience

@@ -16,8 +16,10 @@ from pydantic import SecretStr
 if TYPE_CHECKING:
     from app.core.outbound import ClientCertificate
 
-GrantType = Literal["client_credentials", "password"]
-CheckState = Literal["authorized", "rejected", "unreachable"]
+GrantType = Literal["client_credentials", "password", "authorization_code"]
+# What a token request tells of a connector: ``consent_required`` is an authorization code
+# connector whose grant is gone (refused, or never given): only an admin's consent mends it.
+CheckState = Literal["authorized", "rejected", "unreachable", "consent_required"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,23 @@ class ClientAuth(Protocol):
     ) -> None: ...
 
 
+# Sends one refresh request with the given refresh token (``TokenFetcher`` with ``refresh_token``).
+RefreshSender = Callable[[str], Awaitable["TokenGrant"]]
+
+
+class StoredGrant(Protocol):
+    """The grant an admin gave by consent (authorization code connectors), kept by its owner.
+
+    ``renew`` runs a refresh with the stored refresh token through ``send`` and keeps what the
+    answer brings (a rotated refresh token), so that no two renewals anywhere send the same
+    refresh token. It returns the grant without its refresh token, which the token cache must
+    not hold: the owner's copy is the only one. It raises ``ConsentRequired`` when there is no
+    grant, or the provider refused it.
+    """
+
+    async def renew(self, send: RefreshSender) -> TokenGrant: ...
+
+
 @dataclass(frozen=True, slots=True)
 class OAuth2Config:
     grant_type: GrantType
@@ -76,6 +95,17 @@ class OAuth2Config:
     # Password grant only.
     username: str | None = None
     password: SecretStr | None = None
+    # Authorization code grant only: renewals go through the stored grant.
+    grant: StoredGrant | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CodeExchange:
+    """The authorization code grant's own fields of a token request (RFC 6749 §4.1.3, RFC 7636)."""
+
+    code: str = field(repr=False)
+    code_verifier: str = field(repr=False)
+    redirect_uri: str
 
 
 @dataclass(frozen=True, slots=True)

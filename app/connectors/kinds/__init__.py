@@ -13,7 +13,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from app.connectors.kinds import api_key, basic, oauth2_client_credentials, oauth2_password
+from app.connectors.kinds import (
+    api_key,
+    basic,
+    oauth2_authorization_code,
+    oauth2_client_credentials,
+    oauth2_password,
+)
 from app.connectors.kinds.base import CheckTools, Kind, StaticKind, TokenKind
 from app.connectors.kinds.client_auth import METHODS
 from app.connectors.kinds.example import BodyExample
@@ -36,6 +42,7 @@ KINDS: tuple[Kind, ...] = (
     basic.KIND,
     oauth2_client_credentials.KIND,
     oauth2_password.KIND,
+    oauth2_authorization_code.KIND,
     api_key.KIND,
 )
 _BY_TAGS = {(kind.auth_type, kind.variant): kind for kind in KINDS}

@@ -47,6 +47,9 @@ class Kind(ABC):
     guarded_urls: ClassVar[tuple[str, ...]] = ()
     # True: authorize asks the token cache with ``token_config``; False: it hands out ``credential``.
     issues_tokens: ClassVar[bool]
+    # True: a connector of this kind works only once an admin consented at the provider (the
+    # authorization code grant); it starts ``consent_required`` and its tokens come from that grant.
+    needs_consent: ClassVar[bool] = False
     # A create of a connector of this kind, as the API document shows it.
     example: ClassVar[BodyExample]
 

@@ -8,7 +8,7 @@ are one per group of methods taking the same fields, discriminated by ``client_a
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union, cast
+from typing import Annotated, Any, ClassVar, Literal, Union, cast
 
 from pydantic import BaseModel, Field, create_model, field_validator
 from typing_extensions import TypeAliasType
@@ -104,7 +104,7 @@ class OAuth2Kind(TokenKind):
     auth_type = "oauth2"
     schema_prefix = "OAuth2"
     variant_field = "grant_type"
-    guarded_urls = ("token_url",)
+    guarded_urls: ClassVar[tuple[str, ...]] = ("token_url",)
 
     def fill_defaults(self, raw: dict[str, Any]) -> dict[str, Any]:
         if "client_auth_method" not in raw:

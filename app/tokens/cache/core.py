@@ -25,6 +25,8 @@ Failures
     ``CredentialsRejected`` is sticky: the entry drops its tokens and every ``get`` raises the same
     error at once, without a token request, until ``forget`` (the connector was changed or checked
     again). A password grant retried in a loop locks the service account at many providers.
+    ``ConsentRequired`` (an authorization code connector's grant is gone) is sticky the same way,
+    and reported as ``consent_required``.
 
     Any other ``AppError`` is transient. The callers of the failed flight all get the error; until
     the backoff has passed, later callers get the same error at once (or the cached token while
@@ -82,6 +84,7 @@ from app.core.clock import Clock
 from app.core.errors import (
     ERROR_CLASSES,
     AppError,
+    ConsentRequired,
     CredentialsRejected,
     TokenEndpointError,
     UpstreamUnreachable,
@@ -415,6 +418,16 @@ class TokenCache:
                 grant, sent_at, accepted_refresh = await self._request(config, refresh_token)
             finally:
                 del config
+        except ConsentRequired as error:
+            # An authorization code connector's grant is gone: sticky, as a rejection is, until
+            # an admin connects it again (which changes the connector, and so forgets this).
+            entry.rejected = _detached(error)
+            entry.token = None
+            entry.failure = None
+            log.warning("token request needs consent", extra={"key": repr(key)})
+            await self._share_failure(shared, key, error, rejected=True, ttl=self._backoff_max)
+            await self._report(key, "consent_required", None)
+            raise
         except CredentialsRejected as error:
             entry.rejected = _detached(error)
             entry.token = None
