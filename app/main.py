@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from app import __version__
 from app.connectors import schemas
+from app.connectors.callback import router as consent_router
 from app.connectors.router import hot_routes
 from app.connectors.router import router as connectors_router
 from app.core.clock import SystemClock
@@ -94,6 +95,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     app.state.validation_rules = schemas.LOCATIONS
     app.router.routes.extend(hot_routes)
     app.include_router(connectors_router)
+    app.include_router(consent_router)
     app.include_router(webhooks_router)
     install_docs(app)
     install_openapi(app, models=[schemas.AuthorizeRequest])

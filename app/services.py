@@ -192,6 +192,9 @@ def build_services(
         # Connectors' events go to the webhooks' outbox, in the transaction of each change.
         record_event=record_event,
         status=status,
+        exchange_code=fetcher.exchange_code,
+        callback_url=settings.callback_url,
+        return_origins=settings.consent_return_origins,
     )
     webhooks = WebhookService(
         db=db,

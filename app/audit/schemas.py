@@ -7,7 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-AuditAction = Literal["create", "update", "delete", "validate", "rotate_keys"]
+# ``consent``: an admin started connecting an authorization code connector; ``connect``: the
+# provider's answer came back (its outcome: ``succeeded`` or why not); ``status``: a token renewal
+# found the grant gone (``consent_required``).
+AuditAction = Literal["create", "update", "delete", "validate", "rotate_keys", "consent", "connect", "status"]
 
 # The outcome of a change that was made; a refused attempt records its error code instead.
 SUCCEEDED = "succeeded"

@@ -128,5 +128,7 @@ class ConsentRequest(Base):
     code_verifier: Mapped[str] = mapped_column(Text)
     key_id: Mapped[str] = mapped_column(String(32))
     return_url: Mapped[str | None] = mapped_column(String(2048))
+    # Who started it: the audit event of its outcome names them.
+    actor: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column()
     expires_at: Mapped[datetime] = mapped_column()

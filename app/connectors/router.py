@@ -21,6 +21,7 @@ from app.core.errors import (
     AppError,
     ConnectorLimitReached,
     ConnectorNotFound,
+    ConsentRequired,
     CredentialsRejected,
     DatabaseUnavailable,
     DestinationNotAllowed,
@@ -39,6 +40,7 @@ from app.core.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
     VersionMismatch,
+    WrongGrantType,
 )
 from app.core.metrics import Metrics
 from app.core.openapi import ErrorSpec, problems, secured
@@ -142,6 +144,7 @@ _CREATED_LINKS: dict[str, Any] = {
         ("validateConnector", "Check the created connector's credentials"),
         ("getConnectorHistory", "Read the created connector's history"),
         ("authorizeConnector", "Get headers for a request through the connector created"),
+        ("startConsent", "Connect the created connector's account (authorization code connectors)"),
     )
 }
 
@@ -199,6 +202,7 @@ _PATCH_EXAMPLES: dict[str, Example] = {
             InvalidRequest,
             PathOutsideResourceDomain,
             SecretUnreadable,
+            ConsentRequired,
             (CredentialsRejected, 502),
             (DestinationNotAllowed, 502),
             TokenEndpointError,
@@ -444,6 +448,48 @@ async def validate_connector(
     if result.retry_after is not None:
         response.headers["Retry-After"] = str(result.retry_after)
     return result.connector
+
+
+@router.post(
+    "/{connector_id}/consent",
+    operation_id="startConsent",
+    summary="Start connecting an account at the provider",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        201: {
+            "description": (
+                "Open `authorization_url` in the admin's browser before `expires_at`: the provider "
+                "asks them to sign in and consent, then sends the browser to `GET /oauth/callback`"
+            ),
+            "headers": {
+                "Cache-Control": {
+                    "description": "`no-store`: the URL holds the consent's state",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["no-store"]},
+                }
+            },
+        },
+        **problems("startConsent", *_CALLER, ConnectorNotFound, WrongGrantType, InvalidRequest),
+    },
+    openapi_extra=secured(SCOPE_WRITE),
+)
+async def start_consent(
+    principal: Writer,
+    connector_id: ConnectorId,
+    service: Service,
+    response: Response,
+    body: Annotated[schemas.ConsentStartRequest | None, Body()] = None,
+) -> schemas.ConsentStart:
+    """Start an admin's consent for an authorization code connector (a reconnect keeps the
+    connector's grant until the new one is given)."""
+    started = await service.start_consent(
+        principal.organization_id,
+        connector_id,
+        return_url=body.return_url if body is not None else None,
+        actor=principal.subject,
+    )
+    response.headers.update(NO_STORE)
+    return schemas.ConsentStart(authorization_url=started.authorization_url, expires_at=started.expires_at)
 
 
 HistoryLimit = Annotated[int, Query(ge=1, le=1000, description="At most this many events, the newest")]

@@ -14,6 +14,7 @@ import unicodedata
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from pydantic import (
@@ -285,7 +286,7 @@ class ConnectorPatch(Strict):
 
 # Read models ----------------------------------------------------------------------------------
 
-StatusState = Literal["unverified", "authorized", "rejected", "unreachable"]
+StatusState = Literal["unverified", "authorized", "rejected", "unreachable", "consent_required"]
 
 
 class ConnectorStatus(BaseModel):
@@ -400,3 +401,55 @@ def _location_tags() -> dict[str, set[str]]:
 
 # How validation errors of these models name their fields (app.core.validation).
 LOCATIONS = LocationRules(tags=_location_tags(), free_keys={"extra_token_params"})
+
+
+# Consent ---------------------------------------------------------------------------------------
+
+
+def _return_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment or parts.username:
+        raise ValueError("must be an absolute http(s) URL without credentials or fragment")
+    return value
+
+
+class ConsentStartRequest(Strict):
+    return_url: (
+        Annotated[
+            str,
+            StringConstraints(max_length=2048),
+            AfterValidator(_return_url),
+            Field(
+                description=(
+                    "Where the browser goes once the consent ended, with `connector_id` and `result` "
+                    "(`connected`, or `error` and `error`) added to its query. Its origin must be the "
+                    "service's own or one of `CONNECTORS_CONSENT_RETURN_ORIGINS`. Without it, the "
+                    "callback answers a page saying how it ended."
+                ),
+                json_schema_extra={"format": "uri"},
+            ),
+        ]
+        | Omissible
+    ) = None
+
+    _no_nulls = field_validator("return_url", mode="before")(not_null)
+
+
+class ConsentStart(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "authorization_url": (
+                        "https://idp.example.com/oauth/authorize?response_type=code&client_id=abc"
+                        "&redirect_uri=https%3A%2F%2Fconnectors.example.com%2Foauth%2Fcallback"
+                        "&scope=calendar.read&state=...&code_challenge=...&code_challenge_method=S256"
+                    ),
+                    "expires_at": "2026-12-07T10:10:00Z",
+                }
+            ]
+        }
+    )
+
+    authorization_url: str = Field(description="The provider's consent page, for the admin's browser")
+    expires_at: datetime = Field(description="The consent must be finished before this")

@@ -113,6 +113,8 @@ _NUMERIC: Final = re.compile(r"\d{1,12}(?:\.\d{1,9})?")
 # Visible ASCII only: a token becomes part of an Authorization header.
 _HEADER_SAFE_TOKEN: Final = re.compile(r"[\x21-\x7e]+")
 _NAME_SEPARATORS: Final = re.compile(r"[.\- ]")
+# RFC 6749 §3.3 scope tokens, separated by spaces.
+_SCOPE: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*")
 
 
 def token_param_key(name: str) -> str:
@@ -289,10 +291,13 @@ def _grant_from(body: Mapping[str, object] | None, status: int, default_lifetime
         not isinstance(refresh_token, str) or not _HEADER_SAFE_TOKEN.fullmatch(refresh_token)
     ):
         raise TokenEndpointError("the token endpoint answered with an unusable refresh_token")
+    scope = body.get("scope")
     return TokenGrant(
         access_token=access_token,
         expires_in=_expires_in(body.get("expires_in"), default_lifetime),
         refresh_token=refresh_token or None,
+        # Shown to admins as the granted scope: a plain, bounded string or nothing.
+        scope=scope if isinstance(scope, str) and len(scope) <= 1024 and _SCOPE.fullmatch(scope) else None,
     )
 
 

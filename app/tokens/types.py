@@ -115,6 +115,8 @@ class TokenGrant:
     access_token: str = field(repr=False)
     expires_in: float
     refresh_token: str | None = field(default=None, repr=False)
+    # The scope the provider says it granted, when it says (RFC 6749 §5.1).
+    scope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

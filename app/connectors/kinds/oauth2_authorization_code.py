@@ -27,7 +27,7 @@ from app.tokens.consent import RESERVED_AUTHORIZATION_PARAMS
 from app.tokens.oauth import token_param_key
 
 # Public fields whose change makes a grant given before worthless.
-CONSENT_FIELDS = ("client_id", "authorization_url", "token_url", "scope", "client_auth_method")
+CONSENT_FIELDS = ("client_id", "authorization_url", "token_url", "scope", "issuer", "client_auth_method")
 
 
 def _no_reserved_query(url: str) -> str:
@@ -43,6 +43,13 @@ class _GrantIn(Strict):
         description="The provider's authorization endpoint, where an admin signs in and consents"
     )
     extra_authorization_params: ExtraAuthorizationParams = Field(default_factory=dict, max_length=10)
+    issuer: EndpointURL | None = Field(
+        default=None,
+        description=(
+            "The authorization server's issuer identifier: when set, a callback whose `iss` (RFC 9207)"
+            " differs is refused; when not, an `iss` must be of the authorization URL's origin"
+        ),
+    )
 
     _check_url = field_validator("authorization_url")(_no_reserved_query)
     _check_params = field_validator("extra_authorization_params")(check_authorization_params)
@@ -52,6 +59,7 @@ class _GrantOut(BaseModel):
     grant_type: Literal["authorization_code"]
     authorization_url: str
     extra_authorization_params: ExtraAuthorizationParams = Field(default_factory=dict)
+    issuer: str | None = None
     redirect_uri: str = Field(
         description="The redirect URI to register at the provider: the service's callback"
     )

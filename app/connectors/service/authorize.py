@@ -10,6 +10,7 @@ of the service is ``_Service``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from app.connectors import schemas
 from app.connectors.follower import ChangeFollower
+from app.connectors.grants import GrantKeeper
 from app.connectors.kinds import kind_of
 from app.connectors.memory import ConnectorMemory, HeldConnector
 from app.connectors.models import Connector
@@ -26,6 +28,7 @@ from app.connectors.service.sealing import UNREADABLE, SecretSealer
 from app.core.db import Database
 from app.core.errors import (
     ConnectorNotFound,
+    ConsentRequired,
     CredentialsRejected,
     DatabaseUnavailable,
     DestinationNotAllowed,
@@ -43,6 +46,11 @@ __all__ = ["Authorizing"]
 
 log = logging.getLogger(__name__)
 
+CONSENT_DETAIL = (
+    "The connector's account is not connected (or the provider ended the grant): an admin must "
+    "connect it again (POST /connectors/{id}/consent, then the provider's consent page)"
+)
+
 
 class _Service(Protocol):
     """What authorize and the memory use of the service they are part of."""
@@ -51,6 +59,7 @@ class _Service(Protocol):
     sealer: SecretSealer
     tokens: Tokens
     memory: ConnectorMemory
+    grants: GrantKeeper
     follower: ChangeFollower
     background: Background
     max_staleness: float
@@ -102,6 +111,9 @@ class Authorizing:
             )
         if held.state == "rejected":
             raise CredentialsRejected(status=502)
+        if held.state == "consent_required":
+            # No grant to renew: only an admin's consent mends it, so nothing is sent.
+            raise ConsentRequired(CONSENT_DETAIL)
         key = (connector_id, held.version)
         stale = self.tokens.peek(key) if request.force_refresh else None
         try:
@@ -171,7 +183,12 @@ class Authorizing:
         rejected.
         """
         secrets = self.sealer.open(held.organization_id, connector_id, held.sealed)
-        return kind_of(held.auth_type, held.grant_type).token_config(held.public, secrets)
+        kind = kind_of(held.auth_type, held.grant_type)
+        config = kind.token_config(held.public, secrets)
+        if kind.needs_consent:
+            # Renewals go through the grant an admin gave, kept beside the connector.
+            config = dataclasses.replace(config, grant=self.grants.stored(held.organization_id, connector_id))
+        return config
 
     def _changed_here(self: _Service, row: Connector) -> None:
         """A change committed here: hold the new copy at once and tell the other replicas."""
@@ -186,8 +203,12 @@ class Authorizing:
             return
         self.memory.changed(row.id)
         self.memory.offer(row.id, self._held_from(row), force=force)
-        if old is not None and (old.version != row.version or old.state == "rejected" != row.status_state):
-            # A new version needs new tokens; a rejection that was cleared is not sticky any more.
+        sticky = ("rejected", "consent_required")
+        if old is not None and (
+            old.version != row.version or (old.state in sticky and old.state != row.status_state)
+        ):
+            # A new version needs new tokens; a rejection (or a grant found gone) that was cleared
+            # is not sticky any more.
             self.tokens.forget(row.id)
 
     def _changed(self: _Service, keys: Sequence[tuple[str, uuid.UUID]]) -> Sequence[tuple[str, uuid.UUID]]:

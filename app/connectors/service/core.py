@@ -22,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Coroutine, Hashable, Mapping
+from collections.abc import Collection, Coroutine, Hashable, Mapping, Sequence
 from typing import Any, Protocol
 
 from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.connectors import schemas
 from app.connectors.events import EventRecorder, no_events
 from app.connectors.follower import ChangeFollower
+from app.connectors.grants import NO_GRANT, GrantFacts, GrantKeeper, GrantRepository
 from app.connectors.kinds import CheckTools, Kind, kind_of
 from app.connectors.memory import ConnectorMemory
 from app.connectors.models import Connector
@@ -37,6 +39,7 @@ from app.connectors.repository import ConnectorRepository, StatsRepository
 from app.connectors.service.audit import Auditing
 from app.connectors.service.authorize import Authorizing
 from app.connectors.service.background import Background, ChangeListener
+from app.connectors.service.consent import CodeExchanger, Consenting
 from app.connectors.service.sealing import SecretSealer
 from app.connectors.service.status import StatusRecorder
 from app.connectors.service.validation import Validating, Validation
@@ -45,13 +48,11 @@ from app.core import tracing
 from app.core.clock import Clock
 from app.core.crypto import KeyRing
 from app.core.db import Database
-from app.core.errors import (
-    ConnectorNotFound,
-    DatabaseUnavailable,
-)
+from app.core.errors import ConnectorNotFound, DatabaseUnavailable, UpstreamUnreachable
 from app.core.keychecks import KeyChecks
 from app.core.metrics import Metrics
-from app.tokens.types import CheckState, ConfigLoader, IssuedToken, TokenGrant
+from app.core.urls import origin_of
+from app.tokens.types import CheckState, CodeExchange, ConfigLoader, IssuedToken, OAuth2Config, TokenGrant
 
 log = logging.getLogger("app.connectors.service")
 
@@ -78,7 +79,7 @@ class Tokens(Protocol):
     def forget(self, connector_id: Hashable) -> None: ...
 
 
-class ConnectorService(Writing, Authorizing, Validating, Auditing):
+class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
     def __init__(
         self,
         *,
@@ -97,19 +98,31 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing):
         key_checks: KeyChecks | None = None,
         record_event: EventRecorder = no_events,
         status: StatusRecorder | None = None,
+        exchange_code: CodeExchanger | None = None,
+        callback_url: str = "http://127.0.0.1:8000/oauth/callback",
+        return_origins: Collection[str] = (),
     ) -> None:
         """``key_checks`` checks private keys in full off the event loop (one worker process
         made on first use when not given); ``record_event`` is told of every change.
 
         ``status`` is the recorder of token requests' outcomes that the token cache was given
         (``status_recorder`` builds it, with the memory this service then shares); without one,
-        the service makes its own (``record_outcome`` then reaches it)."""
+        the service makes its own (``record_outcome`` then reaches it).
+
+        Authorization code connectors: ``exchange_code`` exchanges a consent's code for tokens,
+        ``callback_url`` is the redirect URI the provider sends the browser back to, and
+        ``return_origins`` are the origins (besides the callback's own) a consent may send the
+        browser back to afterwards."""
         self.db = db
         self.key_checks = key_checks or KeyChecks()
         # Writes the event of each change in the change's transaction (app.connectors.events).
         self.record_event = record_event
         self.keyring = keyring
         self.sealer = SecretSealer(keyring)
+        self.grants = GrantKeeper(db, self.sealer, clock)
+        self.exchange_code = exchange_code or _no_exchange
+        self.callback_url = callback_url
+        self.return_origins = frozenset({origin_of(callback_url), *return_origins})
         self.tokens = tokens
         # What kinds' live checks use (app.tokens.check.LiveChecker).
         self.checker = checker
@@ -150,12 +163,15 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing):
     async def list(self, organization_id: str) -> schemas.ConnectorList:
         async with self.db.read() as session:
             rows = await ConnectorRepository(session).list(organization_id)
-        return schemas.ConnectorList(items=[self.to_out(row) for row in rows], limit=self.max_per_org)
+            facts = await self._grant_facts(session, organization_id, rows)
+        items = [self.to_out(row, facts.get(row.id)) for row in rows]
+        return schemas.ConnectorList(items=items, limit=self.max_per_org)
 
     async def get(self, organization_id: str, connector_id: uuid.UUID) -> schemas.Connector:
         async with self.db.read() as session:
             row = await self._require(ConnectorRepository(session), organization_id, connector_id)
-        return self.to_out(row)
+            facts = await self._grant_facts(session, organization_id, [row])
+        return self.to_out(row, facts.get(row.id))
 
     async def count_by_state(self) -> dict[str, int]:
         """Connectors of every organization per status state, for the operators' metrics."""
@@ -191,14 +207,25 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing):
 
     # Helpers -----------------------------------------------------------------------------------
 
-    def to_out(self, row: Connector) -> schemas.Connector:
+    def to_out(self, row: Connector, grant: GrantFacts | None = None) -> schemas.Connector:
+        """The connector as read; ``grant``: what reads show of its grant, for a kind that needs
+        consent (none given: it has none)."""
         kind = kind_of(row.auth_type, row.grant_type)
+        auth = kind.read_model(row.auth_config, row.secrets)
+        if kind.needs_consent:
+            grant = grant or NO_GRANT
+            auth.update(
+                redirect_uri=self.callback_url,
+                has_refresh_token=grant.has_refresh_token,
+                connected_at=grant.connected_at,
+                granted_scope=grant.granted_scope,
+            )
         return schemas.Connector.model_validate(
             {
                 "id": row.id,
                 "name": row.name,
                 "resource_domain_url": row.resource_domain_url,
-                "auth": kind.read_model(row.auth_config, row.secrets),
+                "auth": auth,
                 "status": {
                     "state": row.status_state,
                     "checked_at": row.status_checked_at,
@@ -209,6 +236,12 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing):
                 "updated_at": row.updated_at,
             }
         )
+
+    async def _grant_facts(
+        self, session: AsyncSession, organization_id: str, rows: Sequence[Connector]
+    ) -> dict[uuid.UUID, GrantFacts]:
+        ids = [row.id for row in rows if kind_of(row.auth_type, row.grant_type).needs_consent]
+        return await GrantRepository(session).facts(organization_id, ids)
 
     async def _require(
         self, repo: ConnectorRepository, organization_id: str, connector_id: uuid.UUID
@@ -241,6 +274,10 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing):
     async def record_outcome(self, key: Hashable, state: CheckState, detail: str | None) -> None:
         """A token request's outcome (``StatusRecorder.record_outcome``)."""
         await self.status.record_outcome(key, state, detail)
+
+
+async def _no_exchange(config: OAuth2Config, exchange: CodeExchange) -> TokenGrant:
+    raise UpstreamUnreachable("this service was built without a token client")
 
 
 def status_recorder(

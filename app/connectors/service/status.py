@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Hashable
 from datetime import datetime
 
+from app.audit.repository import AuditRepository
 from app.connectors.events import EventRecorder
 from app.connectors.memory import ConnectorMemory
 from app.connectors.repository import ConnectorRepository
@@ -137,6 +138,18 @@ class StatusRecorder:
                         **status_change(status.was, state, status.detail, at),
                     }
                     await self.record_event(session, organization_id, "connector.status_changed", data, at=at)
+                    if "consent_required" in (status.was, state):
+                        # The grant was found gone (or came back): an admin must know.
+                        await AuditRepository(session).record(
+                            organization_id,
+                            connector_id,
+                            action="status",
+                            actor=None,
+                            changed_fields=[],
+                            outcome=state,
+                            detail=status.detail,
+                            at=at,
+                        )
                     await repo.record_change(organization_id, connector_id, self.clock.now())
         except DatabaseUnavailable:
             # Held in memory; written when the follower next reaches the database.

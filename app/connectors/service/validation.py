@@ -61,6 +61,8 @@ class _Service(Protocol):
     _validations: dict[tuple[str, uuid.UUID, int], asyncio.Future[Validation | None]]
     _validations_ended: int
 
+    async def get(self, organization_id: str, connector_id: uuid.UUID) -> schemas.Connector: ...
+
     def to_out(self, row: Connector) -> schemas.Connector: ...
 
     async def _require(
@@ -133,7 +135,8 @@ class Validating:
             ended = self._validations_ended
             row = await self._read_for_validation(organization_id, connector_id)
             if not kind_of(row.auth_type, row.grant_type).checkable(row.auth_config):
-                return Validation(self.to_out(row))  # nothing to check against: stays as it is
+                # Nothing to check against: stays as it is.
+                return Validation(await self.get(organization_id, connector_id))
             key = (organization_id, connector_id, row.version)
             flight = self._validations.get(key)
             if flight is None:

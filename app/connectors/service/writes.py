@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.audit.schemas import SUCCEEDED, AuditAction
 from app.connectors import schemas
 from app.connectors.events import EventRecorder
+from app.connectors.grants import GrantFacts, GrantKeeper, GrantRepository
 from app.connectors.kinds import Kind, kind_for, kind_of
+from app.connectors.kinds.oauth2_authorization_code import CONSENT_FIELDS
 from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository
 from app.connectors.service.audit_fields import changed_fields, fields_set
@@ -67,7 +69,15 @@ class _Service(Protocol):
     check_destination: DestinationChecker
     max_per_org: int
 
-    def to_out(self, row: Connector) -> schemas.Connector: ...
+    grants: GrantKeeper
+
+    def to_out(self, row: Connector, grant: GrantFacts | None = None) -> schemas.Connector: ...
+
+    async def get(self, organization_id: str, connector_id: uuid.UUID) -> schemas.Connector: ...
+
+    async def _grant_facts(
+        self, session: AsyncSession, organization_id: str, rows: Sequence[Connector]
+    ) -> dict[uuid.UUID, GrantFacts]: ...
 
     async def _require(
         self, repo: ConnectorRepository, organization_id: str, connector_id: uuid.UUID
@@ -300,7 +310,7 @@ class Writing:
                     ],
                 )
         if not credentials_touched and name == row.name:
-            return self.to_out(row)
+            return await self.get(organization_id, connector_id) if kind.needs_consent else self.to_out(row)
 
         values: dict[str, Any] = {"name": name, "name_key": name_key, "version": row.version + 1}
         if not credentials_touched and row.validate_claimed_version == row.version:
@@ -323,6 +333,16 @@ class Writing:
                     organization_id, connector_id, base_url, kind, public, secrets, validate, self.clock.now()
                 )
             )
+        grant_ends = old_kind.needs_consent and (
+            kind is not old_kind or _consent_changed(row, public, secrets, self.sealer.open_row)
+        )
+        if kind.needs_consent and kind is old_kind and not grant_ends:
+            # What the grant was given to is the same: it holds, and so does the status.
+            values.update(
+                status_state=row.status_state,
+                status_checked_at=row.status_checked_at,
+                status_detail=row.status_detail,
+            )
         values["updated_at"] = self.clock.now()
         async with self.db.write() as session:
             repo = ConnectorRepository(session)
@@ -330,6 +350,8 @@ class Writing:
                 await self._require(repo, organization_id, connector_id)
                 raise VersionMismatch("the connector changed while this update was processed")
             updated = await self._require(repo, organization_id, connector_id)
+            if grant_ends:
+                await GrantRepository(session).drop(organization_id, connector_id)
             changed = changed_fields(row, name, base_url, kind, public, sent_secrets, secret_names)
             await self._audit(
                 session,
@@ -348,10 +370,13 @@ class Writing:
                 status = status_data(updated, row.status_state, updated.status_detail, at)
                 await self.record_event(session, organization_id, "connector.status_changed", status, at=at)
             await repo.record_change(organization_id, connector_id, at, row=updated)
+            facts = await self._grant_facts(session, organization_id, [updated])
+        if grant_ends:
+            self.grants.forget(connector_id)
         self._changed_here(updated)
         if grant is not None:
             await self.tokens.seed((connector_id, updated.version), grant, sent_at=sent_at)
-        return self.to_out(updated)
+        return self.to_out(updated, facts.get(connector_id))
 
     async def delete(
         self: _Service,
@@ -429,7 +454,28 @@ class Writing:
             "auth_config": public,
             "secrets": self.sealer.seal(organization_id, connector_id, secrets),
             "key_id": self.keyring.primary_key_id,
-            "status_state": "authorized" if validated else "unverified",
+            # A kind that needs consent has no grant until an admin gives one.
+            "status_state": (
+                "consent_required" if kind.needs_consent else "authorized" if validated else "unverified"
+            ),
             "status_checked_at": now if validated else None,
             "status_detail": None,
         }
+
+
+def _consent_changed(
+    row: Connector,
+    public: Mapping[str, Any],
+    secrets: Mapping[str, SecretStr] | None,
+    open_row: Callable[[Connector], dict[str, SecretStr]],
+) -> bool:
+    """Whether an update changes what a grant was given to: the client, the provider's
+    endpoints, the scope, the issuer or the client authentication (its secrets included)."""
+    if any(public.get(name) != row.auth_config.get(name) for name in CONSENT_FIELDS):
+        return True
+    if secrets is None:
+        return False
+    stored = open_row(row)
+    return set(secrets) != set(stored) or any(
+        value.get_secret_value() != stored[name].get_secret_value() for name, value in secrets.items()
+    )
