@@ -47,3 +47,15 @@ def password_grant(
     body = client_credentials(name, token_url, **auth)
     body["auth"].update(grant_type="password", username="svc-user", password=canary("pw"))
     return body
+
+
+def authorization_code(
+    name: str = "OAuth Consent",
+    token_url: str = "https://127.0.0.1:9/oauth/token",
+    authorization_url: str = "https://127.0.0.1:9/oauth/authorize",
+    **auth: Any,
+) -> dict[str, Any]:
+    body = client_credentials(name, token_url, **auth)
+    body["auth"].update(grant_type="authorization_code", authorization_url=authorization_url)
+    body["auth"].setdefault("scope", "read")
+    return body

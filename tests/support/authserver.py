@@ -11,6 +11,12 @@ by Authlib's RFC 7523 client authentication (``JWTBearerClientAssertion``): sign
 ``sub``, ``aud`` (the token URL unless ``AuthStore.assertion_audiences`` says otherwise), ``exp``
 and a ``jti`` never seen before. Every assertion received is kept (``AuthStore.assertions``).
 
+The authorization code grant (RFC 6749 §4.1) is served as a provider serves it to a browser: the
+authorization endpoint renders its own sign-in page, then a consent page (Allow / Deny), and
+redirects to the client's registered redirect URI with the code, PKCE (S256) required and the
+issuer in the response (RFC 9207). Codes are single use; ``AuthStore.end_grants`` revokes every
+token of a user, as an admin revoking the app at the provider does.
+
 One deliberate change from Authlib's defaults: a wrong resource-owner password answers
 ``invalid_grant``, as RFC 6749 §5.2 says and as common providers do; Authlib answers
 ``invalid_request``.
@@ -22,20 +28,24 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
-from authlib.oauth2.rfc6749 import ClientMixin, TokenMixin, grants
-from authlib.oauth2.rfc6749.errors import InvalidClientError, InvalidGrantError
+from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMixin, grants
+from authlib.oauth2.rfc6749.errors import InvalidClientError, InvalidGrantError, OAuth2Error
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
-from flask import Flask, Response
+from authlib.oauth2.rfc7636 import CodeChallenge
+from authlib.oauth2.rfc9207 import IssuerParameter
+from flask import Flask, Response, redirect, request, session
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import Key, import_key
+from markupsafe import escape
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 _CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
 # The algorithms a private_key_jwt client may sign with; a registered key's "alg" narrows them.
@@ -51,12 +61,14 @@ class RegisteredClient(ClientMixin):  # type: ignore[misc]
     scope: str = "read write"
     # private_key_jwt: the public key the client's assertions are verified with.
     public_jwk: dict[str, Any] | None = None
+    # The authorization code grant: the redirect URIs registered, matched exactly.
+    redirect_uris: tuple[str, ...] = ()
 
     def get_client_id(self) -> str:
         return self.client_id
 
     def get_default_redirect_uri(self) -> str | None:
-        return None
+        return self.redirect_uris[0] if self.redirect_uris else None
 
     def get_allowed_scope(self, scope: str | None) -> str:
         if not scope:
@@ -65,7 +77,7 @@ class RegisteredClient(ClientMixin):  # type: ignore[misc]
         return " ".join(s for s in scope.split() if s in allowed)
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
-        return False
+        return redirect_uri in self.redirect_uris
 
     def check_client_secret(self, client_secret: str) -> bool:
         if not self.client_secret:
@@ -76,7 +88,7 @@ class RegisteredClient(ClientMixin):  # type: ignore[misc]
         return endpoint != "token" or method == self.auth_method
 
     def check_response_type(self, response_type: str) -> bool:
-        return False
+        return response_type == "code" and "authorization_code" in self.grant_types
 
     def check_grant_type(self, grant_type: str) -> bool:
         return grant_type in self.grant_types
@@ -110,6 +122,27 @@ class IssuedTokenRecord(TokenMixin):  # type: ignore[misc]
 
 
 @dataclass
+class AuthorizationCodeRecord(AuthorizationCodeMixin):  # type: ignore[misc]
+    code: str
+    client_id: str
+    redirect_uri: str
+    scope: str
+    user: str
+    code_challenge: str | None
+    code_challenge_method: str | None
+    issued_at: float = field(default_factory=time.time)
+
+    def get_redirect_uri(self) -> str:
+        return self.redirect_uri
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def is_expired(self) -> bool:
+        return time.time() > self.issued_at + 60
+
+
+@dataclass
 class AuthStore:
     """In-memory clients, resource owners and issued tokens, shared with the server thread."""
 
@@ -121,7 +154,22 @@ class AuthStore:
     assertion_audiences: list[str] = field(default_factory=list)
     seen_jtis: set[tuple[str, str]] = field(default_factory=set)
     assertions: list[str] = field(default_factory=list)
+    # The authorization code grant: codes issued and not yet used, every code exchange seen
+    # (its form fields), whether the token response carries a refresh token, and the issuer the
+    # authorization response names (None: the server's own).
+    codes: dict[str, AuthorizationCodeRecord] = field(default_factory=dict)
+    code_exchanges: list[dict[str, str]] = field(default_factory=list)
+    issue_refresh_tokens: bool = True
+    response_issuer: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def end_grants(self, user: str) -> int:
+        """Revoke every token issued to ``user`` (an admin removing the app at the provider)."""
+        with self.lock:
+            ended = [token for token in self.tokens if token.user == user and not token.revoked]
+            for token in ended:
+                token.revoked = True
+            return len(ended)
 
     def add_client(self, client: RegisteredClient) -> RegisteredClient:
         with self.lock:
@@ -234,11 +282,84 @@ class _RefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
             refresh_token.revoked = True
 
 
+class _AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
+    TOKEN_ENDPOINT_AUTH_METHODS = _CLIENT_AUTH_METHODS
+    store: AuthStore
+
+    def save_authorization_code(self, code: str, request: Any) -> None:
+        record = AuthorizationCodeRecord(
+            code=code,
+            client_id=request.client.client_id,
+            redirect_uri=request.payload.redirect_uri,
+            scope=request.payload.scope or "",
+            user=request.user,
+            code_challenge=request.payload.data.get("code_challenge"),
+            code_challenge_method=request.payload.data.get("code_challenge_method"),
+        )
+        with self.store.lock:
+            self.store.codes[code] = record
+
+    def query_authorization_code(self, code: str, client: RegisteredClient) -> AuthorizationCodeRecord | None:
+        with self.store.lock:
+            record = self.store.codes.get(code)
+            self.store.code_exchanges.append(dict(self.request.form))
+        if record is not None and record.client_id == client.client_id and not record.is_expired():
+            return record
+        return None
+
+    def delete_authorization_code(self, authorization_code: AuthorizationCodeRecord) -> None:
+        with self.store.lock:
+            self.store.codes.pop(authorization_code.code, None)
+
+    def authenticate_user(self, authorization_code: AuthorizationCodeRecord) -> str:
+        return authorization_code.user
+
+
+class _Issuer(IssuerParameter):  # type: ignore[misc]
+    def __init__(self, store: AuthStore, default: Callable[[], str]) -> None:
+        self.store = store
+        self.default = default
+
+    def get_issuer(self) -> str:
+        with self.store.lock:
+            return self.store.response_issuer or self.default()
+
+
+_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>
+<body><main><h1>{title}</h1>{body}</main></body></html>"""
+
+
+def _login_page(error: str = "") -> str:
+    body = (
+        (f'<p role="alert">{escape(error)}</p>' if error else "")
+        + '<form method="post" action="/login">'
+        + f'<input type="hidden" name="next" value="{escape(request.full_path)}">'
+        + '<label>Username <input name="username" autocomplete="username"></label>'
+        + '<label>Password <input name="password" type="password" autocomplete="current-password"></label>'
+        + '<button type="submit">Sign in</button></form>'
+    )
+    return _PAGE.format(title="Sign in to Example IdP", body=body)
+
+
+def _consent_page(client_id: str, scope: str, user: str) -> str:
+    body = (
+        f"<p>Signed in as {escape(user)}.</p>"
+        f"<p>The application <strong>{escape(client_id)}</strong> asks for:"
+        f" {escape(scope or 'no scope')}.</p>"
+        f'<form method="post" action="{escape(request.full_path)}">'
+        '<button type="submit" name="decision" value="allow">Allow</button> '
+        '<button type="submit" name="decision" value="deny">Deny</button></form>'
+    )
+    return _PAGE.format(title="Allow access?", body=body)
+
+
 def create_app(store: AuthStore, *, access_token_lifetime: int = 3600) -> Flask:
     """A Flask app with the token endpoint at ``/oauth/token``."""
     app = Flask(__name__)
     app.config["OAUTH2_REFRESH_TOKEN_GENERATOR"] = True
+    app.secret_key = secrets.token_bytes(32)
     app.config["OAUTH2_TOKEN_EXPIRES_IN"] = {
+        "authorization_code": access_token_lifetime,
         "client_credentials": access_token_lifetime,
         "password": access_token_lifetime,
         "refresh_token": access_token_lifetime,
@@ -249,6 +370,8 @@ def create_app(store: AuthStore, *, access_token_lifetime: int = 3600) -> Flask:
             return store.clients.get(client_id)
 
     def save_token(token: dict[str, Any], request: Any) -> None:
+        if request.payload.grant_type == "authorization_code" and not store.issue_refresh_tokens:
+            token.pop("refresh_token", None)
         record = IssuedTokenRecord(
             client_id=request.client.client_id,
             user=request.user,
@@ -265,6 +388,9 @@ def create_app(store: AuthStore, *, access_token_lifetime: int = 3600) -> Flask:
     # Authlib instantiates grants per request; the store reaches them as a class attribute.
     password_grant = type("PasswordGrant", (_PasswordGrant,), {"store": store})
     refresh_grant = type("RefreshTokenGrant", (_RefreshTokenGrant,), {"store": store})
+    code_grant = type("AuthorizationCodeGrant", (_AuthorizationCodeGrant,), {"store": store})
+    server.register_grant(code_grant, [CodeChallenge(required=True)])
+    server.register_extension(_Issuer(store, lambda: request.host_url.rstrip("/")))
     server.register_grant(_ClientCredentialsGrant)
     server.register_grant(password_grant)
     server.register_grant(refresh_grant)
@@ -273,6 +399,39 @@ def create_app(store: AuthStore, *, access_token_lifetime: int = 3600) -> Flask:
     def issue_token() -> Response:
         response: Response = server.create_token_response()
         return response
+
+    @app.get("/oauth/authorize")
+    def authorize_page() -> Response | str:
+        user = session.get("user")
+        if user is None:
+            return _login_page()
+        try:
+            grant = server.get_consent_grant(end_user=user)
+        except OAuth2Error as error:
+            return Response(_PAGE.format(title="Error", body=escape(error.error)), status=400)
+        return _consent_page(grant.client.client_id, grant.request.payload.scope or "", user)
+
+    @app.post("/oauth/authorize")
+    def authorize_decision() -> Response:
+        user = session.get("user")
+        granted = user if user is not None and request.form.get("decision") == "allow" else None
+        try:
+            grant = server.get_consent_grant(end_user=user)
+        except OAuth2Error as error:
+            return Response(_PAGE.format(title="Error", body=escape(error.error)), status=400)
+        response: Response = server.create_authorization_response(grant_user=granted, grant=grant)
+        return response
+
+    @app.post("/login")
+    def login() -> WerkzeugResponse | str:
+        username, password = request.form.get("username", ""), request.form.get("password", "")
+        with store.lock:
+            expected = store.users.get(username)
+        if expected is None or not secrets.compare_digest(expected.encode(), password.encode()):
+            return _login_page("Wrong username or password")
+        session["user"] = username
+        target = request.form.get("next", "/")
+        return redirect(target if target.startswith("/oauth/authorize") else "/")
 
     return app
 
@@ -304,6 +463,10 @@ class AuthorizationServerThread:
     @property
     def token_url(self) -> str:
         return f"https://127.0.0.1:{self._server.server_port}/oauth/token"
+
+    @property
+    def authorization_url(self) -> str:
+        return f"https://127.0.0.1:{self._server.server_port}/oauth/authorize"
 
     @property
     def issuer(self) -> str:

@@ -267,22 +267,19 @@ class Consenting:
         try:
             async with self.db.write() as session:
                 repo = ConnectorRepository(session)
-                current = await repo.get(organization_id, connector_id)
-                if current is None or current.version != request.connector_version:
-                    # Changed while the code was exchanged: the grant is for what it was.
-                    failure: str | None = "connector_changed"
-                else:
-                    failure = None
+                # Only the version the consent was started for: a change since then, made while
+                # the code was exchanged or before, means the grant is for what the connector was.
+                applied = await repo.set_status(
+                    organization_id,
+                    connector_id,
+                    request.connector_version,
+                    state="authorized",
+                    detail=None,
+                    checked_at=now,
+                )
+                failure: str | None = None if applied else "connector_changed"
+                if applied:
                     await GrantRepository(session).replace(grant)
-                    was = current.status_state
-                    await repo.set_status(
-                        organization_id,
-                        connector_id,
-                        current.version,
-                        state="authorized",
-                        detail=None,
-                        checked_at=now,
-                    )
                     updated = await self._require(repo, organization_id, connector_id)
                     await self._audit(
                         session,
@@ -294,8 +291,8 @@ class Consenting:
                         SUCCEEDED,
                         at=now,
                     )
-                    if was != "authorized":
-                        status = status_data(updated, was, None, now)
+                    if row.status_state != "authorized":
+                        status = status_data(updated, row.status_state, None, now)
                         await self.record_event(
                             session, organization_id, "connector.status_changed", status, at=now
                         )
