@@ -117,6 +117,22 @@ OPERATIONS: dict[str, tuple[str, str, str | None, set[str]]] = {
             "secret_unreadable",
         },
     ),
+    "startConsent": (
+        "post",
+        "/connectors/{connector_id}/consent",
+        "connectors:write",
+        {
+            "unauthenticated",
+            "forbidden",
+            "database_unavailable",
+            "connector_not_found",
+            "wrong_grant_type",
+            "payload_too_large",
+            "invalid_request",
+        },
+    ),
+    # A browser's page, not an API call: its refusals are pages too (see its own test).
+    "consentCallback": ("get", "/oauth/callback", None, set()),
     "getConnectorHistory": (
         "get",
         "/connectors/{connector_id}/history",
@@ -136,6 +152,7 @@ OPERATIONS: dict[str, tuple[str, str, str | None, set[str]]] = {
             "invalid_request",
             "path_outside_resource_domain",
             "secret_unreadable",
+            "consent_required",
             "credentials_rejected",
             "destination_not_allowed",
             "token_endpoint_error",
@@ -307,6 +324,9 @@ def test_every_error_is_a_problem_listing_the_operations_codes(operation_id: str
     found = operation(operation_id)
     errors = {status: response for status, response in found["responses"].items() if int(status) >= 400}
     assert {code for code in codes if code in ERROR_CLASSES} == codes
+    if operation_id == "consentCallback":
+        assert set(errors) == {"400"} and list(errors["400"]["content"]) == ["text/html"]
+        return
     if not codes:
         assert errors == {}
         return

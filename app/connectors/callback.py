@@ -68,7 +68,7 @@ def _param(name: str, description: str) -> dict[str, object]:
         },
     },
     openapi_extra={
-        "security": [],
+        # No caller token: the state is the credential.
         "parameters": [
             _param("state", "The consent's state, as sent to the provider"),
             _param("code", "The authorization code"),

@@ -469,7 +469,9 @@ async def validate_connector(
                 }
             },
         },
-        **problems("startConsent", *_CALLER, ConnectorNotFound, WrongGrantType, InvalidRequest),
+        **problems(
+            "startConsent", *_CALLER, ConnectorNotFound, WrongGrantType, PayloadTooLarge, InvalidRequest
+        ),
     },
     openapi_extra=secured(SCOPE_WRITE),
 )

@@ -27,13 +27,18 @@ from connectors_client import (
     ApiKeyAuthOut,
     AsyncConnectorsClient,
     AuthPatch,
+    Conflict,
     Connector,
     ConnectorAuth,
     ConnectorCreate,
     ConnectorPatch,
     ConnectorsClient,
+    ConsentRequired,
+    ConsentStart,
     CredentialsRejected,
     DestinationRefused,
+    OAuth2AuthorizationCodeIn,
+    OAuth2AuthorizationCodeOut,
     OAuth2ClientCredentialsPrivateKeyJWTIn,
     OAuth2ClientCredentialsPrivateKeyJWTOut,
     OAuth2ClientCredentialsTlsClientAuthIn,
@@ -568,3 +573,39 @@ async def test_through_an_https_proxy_keys_go_and_redirects_are_still_judged(
     # The redirect's tunnel to the other origin may open (it carries no credentials): no request
     # went through it.
     assert other_origin.count == 0
+
+
+async def test_authorization_code_reads_round_trip_and_consent_starts(
+    flavour: Flavour, live: LiveService, scripted_server: ScriptedServer
+) -> None:
+    api = flavour.connectors
+    secret = canary("ac")
+    body = ConnectorCreate(
+        name="Calendar",
+        resource_domain_url=scripted_server.url("/api"),
+        auth=OAuth2AuthorizationCodeIn(
+            client_id="ac-client",
+            client_secret=secret,
+            token_url=scripted_server.url("/oauth/token"),
+            authorization_url=scripted_server.url("/oauth/authorize"),
+            scope="calendar.read",
+            extra_authorization_params={"prompt": "consent"},
+        ),
+    )
+    created = await run(api.create(body))
+    assert created.status.state == "consent_required"
+    auth = created.auth
+    assert isinstance(auth, OAuth2AuthorizationCodeOut)
+    assert auth.redirect_uri.endswith("/oauth/callback")
+    assert (auth.has_refresh_token, auth.connected_at, auth.granted_scope) == (False, None, None)
+    await assert_round_trip(live, created, [secret])
+    with pytest.raises(ConsentRequired) as refused:
+        await run(api.authorize(created.id))
+    assert isinstance(refused.value, Conflict)
+    started = await run(api.consent(created.id))
+    assert isinstance(started, ConsentStart)
+    query = parse_qs(urlsplit(started.authorization_url).query)
+    assert query["client_id"] == ["ac-client"] and query["prompt"] == ["consent"]
+    assert "state" not in repr(started)
+    # Nothing was sent anywhere: the consent happens in the admin's browser.
+    assert scripted_server.count == 0

@@ -23,6 +23,7 @@ from connectors_client.models import (
     ConnectorCreate,
     ConnectorList,
     ConnectorPatch,
+    ConsentStart,
     ValidationResult,
     wire,
 )
@@ -118,6 +119,15 @@ def validate(connector_id: ConnectorId) -> Call[ValidationResult]:
         return ValidationResult(_connector(response), retry_after(response))
 
     return Call("POST", _path(connector_id, "/validate"), read)
+
+
+def consent(connector_id: ConnectorId, *, return_url: str | None) -> Call[ConsentStart]:
+    return Call(
+        "POST",
+        _path(connector_id, "/consent"),
+        lambda response: _parse(ConsentStart, response),
+        json={} if return_url is None else {"return_url": return_url},
+    )
 
 
 def history(connector_id: ConnectorId, *, limit: int | None) -> Call[AuditEventList]:

@@ -26,6 +26,7 @@ from connectors_client.models import (
     ConnectorCreate,
     ConnectorList,
     ConnectorPatch,
+    ConsentStart,
     ValidationResult,
 )
 
@@ -116,6 +117,11 @@ class ConnectorsClient:
         """Check the stored credentials live; the outcome is in ``connector.status``."""
         return self._run(_calls.validate(connector_id))
 
+    def consent(self, connector_id: str | UUID, *, return_url: str | None = None) -> ConsentStart:
+        """Start connecting an authorization code connector's account: open the answer's
+        ``authorization_url`` in the admin's browser (``return_url``: where it goes afterwards)."""
+        return self._run(_calls.consent(connector_id, return_url=return_url))
+
     def history(self, connector_id: str | UUID, *, limit: int | None = None) -> AuditEventList:
         """The connector's audit events, newest first."""
         return self._run(_calls.history(connector_id, limit=limit))
@@ -199,6 +205,11 @@ class AsyncConnectorsClient:
     async def validate(self, connector_id: str | UUID) -> ValidationResult:
         """Check the stored credentials live; the outcome is in ``connector.status``."""
         return await self._run(_calls.validate(connector_id))
+
+    async def consent(self, connector_id: str | UUID, *, return_url: str | None = None) -> ConsentStart:
+        """Start connecting an authorization code connector's account: open the answer's
+        ``authorization_url`` in the admin's browser (``return_url``: where it goes afterwards)."""
+        return await self._run(_calls.consent(connector_id, return_url=return_url))
 
     async def history(self, connector_id: str | UUID, *, limit: int | None = None) -> AuditEventList:
         """The connector's audit events, newest first."""

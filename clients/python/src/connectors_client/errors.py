@@ -159,6 +159,17 @@ class ConnectorLimitReached(Conflict):
     code_name: ClassVar[str] = "connector_limit_reached"
 
 
+class ConsentRequired(Conflict):
+    """An authorization code connector has no usable grant: an admin must connect its account
+    (again) with ``consent``; ``authorize`` fails at once, without calling the provider."""
+
+    code_name: ClassVar[str] = "consent_required"
+
+
+class WrongGrantType(Conflict):
+    code_name: ClassVar[str] = "wrong_grant_type"
+
+
 class VersionMismatch(PreconditionFailed):
     """``If-Match`` named a version that is no longer current: read the connector again."""
 
@@ -229,6 +240,8 @@ _BY_CODE: dict[str, type[ProblemError]] = {
         ConnectorNotFound,
         NameTaken,
         ConnectorLimitReached,
+        ConsentRequired,
+        WrongGrantType,
         VersionMismatch,
         InvalidRequest,
         SecretRequired,

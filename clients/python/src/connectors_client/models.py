@@ -13,18 +13,21 @@ know, so a newer service does not break them.
 * ``basic``: ``BasicAuthIn`` / ``BasicAuthOut``.
 * ``api_key``: ``ApiKeyAuthIn`` / ``ApiKeyAuthOut``; the key goes in a header or, with
   ``in_="query"`` (``"in": "query"`` on the wire), in a query parameter.
-* ``oauth2``: then on ``grant_type`` (``client_credentials``, the default, | ``password``),
-  then on ``client_auth_method``, one model per group of methods taking the same fields:
+* ``oauth2``: then on ``grant_type`` (``client_credentials``, the default, | ``password`` |
+  ``authorization_code``), then on ``client_auth_method``, one model per group of methods
+  taking the same fields:
 
   ==========================================  ================================================
   ``client_auth_method``                      models (``...In`` / ``...Out``)
   ==========================================  ================================================
-  ``client_secret_basic`` (the default),      ``OAuth2ClientCredentials``, ``OAuth2Password``
-  ``client_secret_post``
+  ``client_secret_basic`` (the default),      ``OAuth2ClientCredentials``, ``OAuth2Password``,
+  ``client_secret_post``                      ``OAuth2AuthorizationCode``
   ``private_key_jwt``                         ``OAuth2ClientCredentialsPrivateKeyJWT``,
-                                              ``OAuth2PasswordPrivateKeyJWT``
+                                              ``OAuth2PasswordPrivateKeyJWT``,
+                                              ``OAuth2AuthorizationCodePrivateKeyJWT``
   ``tls_client_auth``                         ``OAuth2ClientCredentialsTlsClientAuth``,
-                                              ``OAuth2PasswordTlsClientAuth``
+                                              ``OAuth2PasswordTlsClientAuth``,
+                                              ``OAuth2AuthorizationCodeTlsClientAuth``
   ==========================================  ================================================
 """
 
@@ -41,8 +44,9 @@ ClientSecretMethod = Literal["client_secret_basic", "client_secret_post"]
 ClientAuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth"]
 SigningAlg = Literal["RS256", "PS256", "ES256"]
 ApiKeyLocation = Literal["header", "query"]
-StatusState = Literal["unverified", "authorized", "rejected", "unreachable"]
-AuditAction = Literal["create", "update", "delete", "validate", "rotate_keys"]
+StatusState = Literal["unverified", "authorized", "rejected", "unreachable", "consent_required"]
+AuditAction = Literal["create", "update", "delete", "validate", "rotate_keys", "consent", "connect", "status"]
+GrantType = Literal["client_credentials", "password", "authorization_code"]
 
 if TYPE_CHECKING:
     # What a caller may pass; validation always stores a SecretStr.
@@ -152,6 +156,16 @@ class _PasswordGrantIn(_Input):
     password: Secret
 
 
+class _AuthorizationCodeGrantIn(_Input):
+    """An admin connects the account at the provider (``Client.consent``); the connector starts
+    ``consent_required``."""
+
+    grant_type: Literal["authorization_code"] = "authorization_code"
+    authorization_url: str
+    extra_authorization_params: dict[str, str] | None = None
+    issuer: str | None = None
+
+
 class OAuth2ClientCredentialsIn(_ClientCredentialsGrantIn, _ClientSecretIn):
     """OAuth 2.0 client credentials grant (the default grant), the client authenticated with its
     ``client_secret`` (``client_secret_basic``, the default, or ``client_secret_post``)."""
@@ -178,6 +192,18 @@ class OAuth2PasswordTlsClientAuthIn(_PasswordGrantIn, _TlsClientAuthIn):
     """OAuth 2.0 resource-owner password grant, the client authenticated with ``tls_client_auth``."""
 
 
+class OAuth2AuthorizationCodeIn(_AuthorizationCodeGrantIn, _ClientSecretIn):
+    """OAuth 2.0 authorization code grant, the client authenticated with its ``client_secret``."""
+
+
+class OAuth2AuthorizationCodePrivateKeyJWTIn(_AuthorizationCodeGrantIn, _PrivateKeyJWTIn):
+    """OAuth 2.0 authorization code grant, the client authenticated with ``private_key_jwt``."""
+
+
+class OAuth2AuthorizationCodeTlsClientAuthIn(_AuthorizationCodeGrantIn, _TlsClientAuthIn):
+    """OAuth 2.0 authorization code grant, the client authenticated with ``tls_client_auth``."""
+
+
 # The tag of each ``client_auth_method``: the methods that take the same fields share a model.
 _METHOD_GROUPS = {
     "client_secret_basic": "client_secret",
@@ -199,10 +225,18 @@ OAuth2PasswordAuthIn = Annotated[
     | Annotated[OAuth2PasswordTlsClientAuthIn, Tag("tls_client_auth")],
     _input_method,
 ]
+OAuth2AuthorizationCodeAuthIn = Annotated[
+    Annotated[OAuth2AuthorizationCodeIn, Tag("client_secret")]
+    | Annotated[OAuth2AuthorizationCodePrivateKeyJWTIn, Tag("private_key_jwt")]
+    | Annotated[OAuth2AuthorizationCodeTlsClientAuthIn, Tag("tls_client_auth")],
+    _input_method,
+]
+_GRANTS = ("client_credentials", "password", "authorization_code")
 OAuth2AuthIn = Annotated[
     Annotated[OAuth2ClientCredentialsAuthIn, Tag("client_credentials")]
-    | Annotated[OAuth2PasswordAuthIn, Tag("password")],
-    _tags("grant_type", "client_credentials", {grant: grant for grant in ("client_credentials", "password")}),
+    | Annotated[OAuth2PasswordAuthIn, Tag("password")]
+    | Annotated[OAuth2AuthorizationCodeAuthIn, Tag("authorization_code")],
+    _tags("grant_type", "client_credentials", {grant: grant for grant in _GRANTS}),
 ]
 AuthIn = Annotated[BasicAuthIn | ApiKeyAuthIn | OAuth2AuthIn, Field(discriminator="type")]
 
@@ -223,7 +257,7 @@ class AuthPatch(_Input):
     """
 
     type: Literal["basic", "oauth2", "api_key"] | None = None
-    grant_type: Literal["client_credentials", "password"] | None = None
+    grant_type: GrantType | None = None
     client_auth_method: ClientAuthMethod | None = None
     username: str | None = None
     password: Secret | None = None
@@ -235,6 +269,9 @@ class AuthPatch(_Input):
     audience: str | None = None
     extra_token_params: dict[str, str] | None = None
     token_lifetime_seconds: int | None = None
+    authorization_url: str | None = None
+    extra_authorization_params: dict[str, str] | None = None
+    issuer: str | None = None
     private_key: Secret | None = None
     private_key_id: str | None = None
     signing_alg: SigningAlg | None = None
@@ -320,6 +357,19 @@ class _PasswordGrantOut(_Read):
     has_password: bool
 
 
+class _AuthorizationCodeGrantOut(_Read):
+    grant_type: Literal["authorization_code"]
+    authorization_url: str
+    extra_authorization_params: dict[str, str] = Field(default_factory=dict)
+    issuer: str | None = None
+    # The redirect URI to register at the provider: the service's callback.
+    redirect_uri: str
+    # What the service holds of the grant an admin gave; never a token.
+    has_refresh_token: bool
+    connected_at: datetime | None = None
+    granted_scope: str | None = None
+
+
 class OAuth2ClientCredentialsOut(_ClientCredentialsGrantOut, _ClientSecretOut):
     pass
 
@@ -344,6 +394,18 @@ class OAuth2PasswordTlsClientAuthOut(_PasswordGrantOut, _TlsClientAuthOut):
     pass
 
 
+class OAuth2AuthorizationCodeOut(_AuthorizationCodeGrantOut, _ClientSecretOut):
+    pass
+
+
+class OAuth2AuthorizationCodePrivateKeyJWTOut(_AuthorizationCodeGrantOut, _PrivateKeyJWTOut):
+    pass
+
+
+class OAuth2AuthorizationCodeTlsClientAuthOut(_AuthorizationCodeGrantOut, _TlsClientAuthOut):
+    pass
+
+
 OAuth2ClientCredentialsAuthOut = Annotated[
     OAuth2ClientCredentialsOut
     | OAuth2ClientCredentialsPrivateKeyJWTOut
@@ -354,8 +416,15 @@ OAuth2PasswordAuthOut = Annotated[
     OAuth2PasswordOut | OAuth2PasswordPrivateKeyJWTOut | OAuth2PasswordTlsClientAuthOut,
     Field(discriminator="client_auth_method"),
 ]
+OAuth2AuthorizationCodeAuthOut = Annotated[
+    OAuth2AuthorizationCodeOut
+    | OAuth2AuthorizationCodePrivateKeyJWTOut
+    | OAuth2AuthorizationCodeTlsClientAuthOut,
+    Field(discriminator="client_auth_method"),
+]
 OAuth2AuthOut = Annotated[
-    OAuth2ClientCredentialsAuthOut | OAuth2PasswordAuthOut, Field(discriminator="grant_type")
+    OAuth2ClientCredentialsAuthOut | OAuth2PasswordAuthOut | OAuth2AuthorizationCodeAuthOut,
+    Field(discriminator="grant_type"),
 ]
 AuthOut = Annotated[BasicAuthOut | ApiKeyAuthOut | OAuth2AuthOut, Field(discriminator="type")]
 
@@ -423,6 +492,15 @@ class AuditEvent(_Read):
 class AuditEventList(_Read):
     # Newest first.
     items: list[AuditEvent]
+
+
+class ConsentStart(_Read):
+    """Open ``authorization_url`` in the admin's browser before ``expires_at``; the provider
+    sends it back to the service, which keeps the grant (``Client.consent``)."""
+
+    # Left out of repr: it holds the consent's state, which finishes the consent.
+    authorization_url: str = Field(repr=False)
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
