@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from app.audit.repository import AuditRepository
 from app.audit.schemas import SUCCEEDED
+from app.connectors.grants import rotate_grant_keys
 from app.connectors.repository import ConnectorRepository, RotationRepository
 from app.core.clock import Clock, SystemClock
 from app.core.config import Settings
@@ -92,15 +93,18 @@ async def rotate(
 
 
 async def rotate_keys(settings: Settings, *, batch_size: int = 100) -> RotationReport:
-    """Connectors' secrets, then webhooks' signing secrets; one report for both."""
+    """Connectors' secrets, their grants and open consents, then webhooks' signing secrets; one
+    report for all."""
     db = Database(build_engine(settings.effective_database_url))
     keyring = KeyRing.from_settings(settings)
     try:
         report = await rotate(db, keyring, batch_size=batch_size)
+        grants = await rotate_grant_keys(db, keyring, batch_size=batch_size)
         webhooks = await rotate_webhook_secrets(db, keyring, batch_size=batch_size)
     finally:
         await db.dispose()
-    report.rotated += webhooks.rotated
-    report.skipped += webhooks.skipped
-    report.failed += webhooks.failed
+    for part in (grants, webhooks):
+        report.rotated += part.rotated
+        report.skipped += part.skipped
+        report.failed += part.failed
     return report

@@ -10,14 +10,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from app.connectors.grants import rotate_grant_keys
+from app.connectors.models import ConnectorGrant, ConsentRequest
 from app.core.config import Settings
+from app.core.crypto import KeyRing, secret_aad
+from app.core.db import Database, build_engine
 from app.main import Overrides
 from tests.connectors import payloads
 from tests.connectors.test_authorize import authorize, recorded_status, unhurried
@@ -352,3 +358,34 @@ async def test_concurrent_callbacks_with_one_state_connect_once(
     answers = await asyncio.gather(*(callback(app, location) for _ in range(5)))
     assert sorted(answer.status_code for answer in answers) == [200, 400, 400, 400, 400]
     assert len(provider.store.code_exchanges) == 1
+
+
+async def test_rotate_keys_reseals_grants_and_open_consents(
+    app: Any,
+    settings: Settings,
+    client: httpx.AsyncClient,
+    provider: AuthorizationServerThread,
+    browser: ProviderBrowser,
+) -> None:
+    created = (await client.post("/connectors", json=body_for(provider))).json()
+    assert (await connect(app, client, browser, created["id"])).status_code == 200
+    await start(client, created["id"])  # left open
+    old = KeyRing.from_settings(settings)
+    ring = KeyRing([("k2", secrets.token_bytes(32)), *settings.key_ring()])
+    db = Database(build_engine(settings.database_url))
+    try:
+        async with db.read() as session:
+            before = (await session.execute(select(ConnectorGrant))).scalar_one()
+        report = await rotate_grant_keys(db, ring)
+        assert (report.rotated, report.failed) == (2, 0)
+        async with db.read() as session:
+            grant = (await session.execute(select(ConnectorGrant))).scalar_one()
+            consent = (await session.execute(select(ConsentRequest))).scalar_one()
+    finally:
+        await db.dispose()
+    assert (grant.key_id, consent.key_id) == ("k2", "k2")
+    assert grant.generation == before.generation
+    aad = secret_aad(grant.organization_id, grant.connector_id, "refresh_token")
+    assert ring.decrypt(grant.refresh_token or "", aad=aad) == old.decrypt(
+        before.refresh_token or "", aad=aad
+    )
