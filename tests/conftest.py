@@ -134,16 +134,20 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     from tests.support.redis import reachable
 
     redis_url = os.environ.get("CONNECTORS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    from tests.support.browser import chromium_path
+
     found = {
         "PostgreSQL": _postgres_reachable(),
         "Redis": reachable(redis_url),
+        "Chromium": chromium_path() is not None,
     }
     missing = [name for name, ok in found.items() if not ok]
     if not missing:
-        return ["services: PostgreSQL and Redis reachable; every test runs"]
+        return ["services: PostgreSQL, Redis and Chromium reachable; every test runs"]
     return [
         f"services: {' and '.join(missing)} not reachable: the tests needing them are skipped"
-        " (set CONNECTORS_TEST_POSTGRES_URL / CONNECTORS_TEST_REDIS_URL; under CI=true they fail)"
+        " (set CONNECTORS_TEST_POSTGRES_URL / CONNECTORS_TEST_REDIS_URL / CONNECTORS_TEST_CHROMIUM;"
+        " under CI=true they fail)"
     ]
 
 

@@ -24,6 +24,7 @@ One deliberate change from Authlib's defaults: a wrong resource-owner password a
 
 from __future__ import annotations
 
+import json
 import secrets
 import ssl
 import threading
@@ -400,6 +401,15 @@ def create_app(store: AuthStore, *, access_token_lifetime: int = 3600) -> Flask:
         response: Response = server.create_token_response()
         return response
 
+    @app.get("/api/me")
+    def resource() -> Response:
+        """A resource of the provider's: the bearer token must be one it issued and still honours."""
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        record = store.find_access_token(token) if token else None
+        if record is None or record.is_revoked() or record.is_expired():
+            return Response('{"error": "invalid_token"}', status=401, mimetype="application/json")
+        return Response(json.dumps({"user": record.user, "scope": record.scope}), mimetype="application/json")
+
     @app.get("/oauth/authorize")
     def authorize_page() -> Response | str:
         user = session.get("user")
@@ -444,10 +454,16 @@ class _QuietHandler(WSGIRequestHandler):
 class AuthorizationServerThread:
     """Serves ``create_app(store)`` over HTTPS on 127.0.0.1 at an ephemeral port."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, store: AuthStore | None = None) -> None:
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        store: AuthStore | None = None,
+        *,
+        access_token_lifetime: int = 3600,
+    ) -> None:
         self.store = store or AuthStore()
         self.request_count = 0
-        app = create_app(self.store)
+        app = create_app(self.store, access_token_lifetime=access_token_lifetime)
 
         @app.before_request
         def _count() -> None:
