@@ -250,12 +250,16 @@ class GrantKeeper:
             now = self._clock.now()
             async with self._db.write() as session:
                 repo = GrantRepository(session)
-                grant = await repo.get(organization_id, connector_id)
-                if grant is None:
-                    raise ConsentRequired()
+                # The lease first, then the row: read after the UPDATE that took the lease, it is
+                # the one the last holder wrote (read before, it could be older than the lease).
                 if await repo.take_lease(connector_id, owner, now, now + timedelta(seconds=self._lease)):
+                    grant = await repo.get(organization_id, connector_id)
+                    if grant is None:
+                        raise ConsentRequired()
                     session.expunge(grant)
                     return grant
+                if await repo.get(organization_id, connector_id) is None:
+                    raise ConsentRequired()
             if self._clock.monotonic() >= deadline:
                 raise UpstreamUnreachable("another renewal of the connector's grant did not finish")
             await self._sleep(self._poll)
