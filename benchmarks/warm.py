@@ -1,8 +1,10 @@
 """Warm mode: authorize of held connectors against ``/healthz`` of the same server.
 
 SQLite, as ``make run``. Connectors are created through the API: one OAuth 2.0 connector whose
-token server (local HTTPS, answering after ``TOKEN_DELAY``) was asked once at creation, and five
-Basic connectors of another organization, called with one caller token: the baseline of the scale
+token server (local HTTPS, answering after ``TOKEN_DELAY``) was asked once at creation, one
+authorization code connector connected through the service's consent callback (the provider's
+pages are not what is measured: its redirect is delivered as a browser would), and five Basic
+connectors of another organization, called with one caller token: the baseline of the scale
 mode. Then the token requests made for 200 concurrent callers of a cold connector, and the calls
 that waited on the identity provider during a steady stream over three token lifetimes.
 """
@@ -15,6 +17,7 @@ import json
 import secrets
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -50,17 +53,20 @@ TARGETS = {"rps": 0.9, "p99": 1.2}
 REDIS_TARGETS = {"rps": 0.5, "p99": 2.0}
 
 
-def token_responder(lifetime: int, delay: float = TOKEN_DELAY) -> Callable[[object], Reply]:
+def token_responder(
+    lifetime: int, delay: float = TOKEN_DELAY, *, refresh_tokens: bool = False
+) -> Callable[[object], Reply]:
     counter = iter(range(1, 1_000_000_000))
 
     def respond(_request: object) -> Reply:
-        body = json.dumps(
-            {
-                "access_token": f"bench-{next(counter)}-{secrets.token_hex(16)}",
-                "token_type": "Bearer",
-                "expires_in": lifetime,
-            }
-        ).encode()
+        answer: dict[str, Any] = {
+            "access_token": f"bench-{next(counter)}-{secrets.token_hex(16)}",
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+        }
+        if refresh_tokens:
+            answer["refresh_token"] = secrets.token_urlsafe(32)
+        body = json.dumps(answer).encode()
         return Reply(status=200, headers={"Content-Type": "application/json"}, body=body, delay=delay)
 
     return respond
@@ -79,6 +85,38 @@ def create_oauth(server: Server, token: str, name: str, idp: ScriptedServer, *, 
         },
     }
     return _create(server, token, body, validate)
+
+
+def connect_authorization_code(server: Server, token: str, name: str, idp: ScriptedServer) -> str:
+    """An authorization code connector, connected: consent started through the API, the
+    provider's redirect (a code for the consent's state) delivered to the callback."""
+    body = {
+        "name": name,
+        "resource_domain_url": "https://api.example.com",
+        "auth": {
+            "type": "oauth2",
+            "grant_type": "authorization_code",
+            "client_id": "bench",
+            "client_secret": secrets.token_urlsafe(16),
+            "authorization_url": idp.url("/oauth/authorize"),
+            "token_url": idp.url("/oauth/token"),
+            "scope": "read offline_access",
+        },
+    }
+    connector_id = _create(server, token, body, validate=False)
+    started = httpx.post(
+        f"{server.base_url}/connectors/{connector_id}/consent",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    started.raise_for_status()
+    state = parse_qs(urlsplit(started.json()["authorization_url"]).query)["state"][0]
+    page = httpx.get(
+        f"{server.base_url}/oauth/callback", params={"state": state, "code": "bench-code"}, timeout=30
+    )
+    if page.status_code != 200:
+        raise RuntimeError(f"the consent did not connect: HTTP {page.status_code}")
+    return connector_id
 
 
 def create_basic(server: Server, token: str, name: str) -> str:
@@ -159,11 +197,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warm_idp = bench.enter_context(ScriptedServer(ca.server_context()))
         cold_idp = bench.enter_context(ScriptedServer(ca.server_context()))
         steady_idp = bench.enter_context(ScriptedServer(ca.server_context()))
+        consent_idp = bench.enter_context(ScriptedServer(ca.server_context()))
         warm_idp.set_default(token_responder(3600))
+        consent_idp.set_default(token_responder(3600, refresh_tokens=True))
         cold_idp.set_default(token_responder(3600))
         steady_idp.set_default(token_responder(STEADY_LIFETIME))
 
         warm = create_oauth(server, oauth_token, "warm", warm_idp, validate=True)
+        consented = connect_authorization_code(server, oauth_token, "consented", consent_idp)
         basics = [create_basic(server, basic_token, f"basic-{i}") for i in range(5)]
         c = args.connections
 
@@ -173,26 +214,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def oauth(seconds: float) -> dict[str, Any]:
             return load_job(server, c, seconds=seconds, targets=[authorize_target(warm, oauth_token)])
 
+        def authcode(seconds: float) -> dict[str, Any]:
+            return load_job(server, c, seconds=seconds, targets=[authorize_target(consented, oauth_token)])
+
         def basic5(seconds: float) -> dict[str, Any]:
             targets = [authorize_target(b, basic_token) for b in basics]
             return load_job(server, c, seconds=seconds, targets=targets)
 
-        with step(f"measuring: {args.rounds} rounds of healthz, authorize oauth, authorize basic x5"):
+        with step(
+            f"measuring: {args.rounds} rounds of healthz, authorize oauth, authorization code, basic x5"
+        ):
             # Warm-up of every route, not measured.
-            for job in (healthz, oauth, basic5):
+            for job in (healthz, oauth, authcode, basic5):
                 load(job(1.0))
             measured = measure_rounds(
-                [Route("healthz", healthz), Route("oauth", oauth), Route("basic5", basic5)],
+                [
+                    Route("healthz", healthz),
+                    Route("oauth", oauth),
+                    Route("authcode", authcode),
+                    Route("basic5", basic5),
+                ],
                 args.rounds,
                 args.seconds,
                 server,
             )
         results.update(measured)
         h = measured["healthz"]
-        for name in ("oauth", "basic5"):
+        for name in ("oauth", "authcode", "basic5"):
             results[f"{name}_ratio_rps"] = round(measured[name]["rps"] / h["rps"], 4)
             results[f"{name}_ratio_p99"] = round(measured[name]["p99_ms"] / h["p99_ms"], 4)
         results["warm_token_requests"] = warm_idp.count
+        results["consent_token_requests"] = consent_idp.count
 
         with step("cold burst and steady stream"):
             cold = create_oauth(server, oauth_token, "cold", cold_idp, validate=False)
@@ -245,6 +297,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(header())
     print(row("healthz", h, h))
     print(row("authorize oauth (1 connector)", results["oauth"], h))
+    print(row("authorize authorization code (1)", results["authcode"], h))
     print(row("authorize basic (5 connectors)", results["basic5"], h))
     print(LEGEND)
     rps, p99 = results["oauth_ratio_rps"], results["oauth_ratio_p99"]
@@ -252,6 +305,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"authorize oauth / healthz: throughput {rps:.2f}x (target >= {targets['rps']:.2f}:"
         f" {verdict(rps >= targets['rps'])}), p99 {p99:.2f}x (target <= {targets['p99']:.2f}:"
         f" {verdict(p99 <= targets['p99'])})"
+    )
+    rps, p99 = results["authcode_ratio_rps"], results["authcode_ratio_p99"]
+    print(
+        f"authorize authorization code / healthz: throughput {rps:.2f}x (target >= {targets['rps']:.2f}:"
+        f" {verdict(rps >= targets['rps'])}), p99 {p99:.2f}x (target <= {targets['p99']:.2f}:"
+        f" {verdict(p99 <= targets['p99'])}); token requests: {results['consent_token_requests']}"
+        " (the code exchange)"
     )
     print(
         f"server CPU per request: healthz {h['server_cpu_us_per_request']:.0f} us, authorize oauth"

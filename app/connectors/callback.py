@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.connectors.service import ConnectorService
 from app.connectors.service.consent import OUTCOME_WORDS, ConsentOutcome
+from app.core.metrics import Metrics
 
 router = APIRouter(tags=["consent"])
 
@@ -90,6 +91,8 @@ async def consent_callback(request: Request) -> Response:
     outcome = await service.finish_consent(
         state=values["state"], code=values["code"], error=values["error"], issuer=values["iss"]
     )
+    metrics: Metrics = request.app.state.metrics
+    metrics.consents.labels(outcome.error or "connected").inc()
     if outcome.return_url is not None:
         return Response(status_code=303, headers={**PAGE_HEADERS, "Location": _back_to(outcome)})
     return Response(

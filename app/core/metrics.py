@@ -55,7 +55,7 @@ __all__ = [
 # point CONTENT_TYPE_LATEST at format 1.0.0; what ``render`` writes is 0.0.4.)
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
-CONNECTOR_STATES: Final = ("unverified", "authorized", "rejected", "unreachable")
+CONNECTOR_STATES: Final = ("unverified", "authorized", "rejected", "unreachable", "consent_required")
 # Results of webhook delivery attempts that got an answer; the others are named by error code.
 WEBHOOK_ANSWERED: Final = ("succeeded", "failed")
 UNKNOWN: Final = "unknown"
@@ -211,6 +211,13 @@ class Metrics:
             "Host name lookups for outbound requests, by result: resolved, shared (joined one in "
             "flight), timeout, not_found, cached_failure (a recent failure answered again) or "
             "over_limit (the organization had too many in flight).",
+            ["result"],
+            registry=registry,
+        )
+        self.consents = Counter(
+            "connectors_consents",
+            "Consent callbacks (authorization code connectors) by result: connected, or the error "
+            "the admin's browser was sent back with (access_denied, unknown_state, code_rejected, ...).",
             ["result"],
             registry=registry,
         )

@@ -31,6 +31,7 @@ from tests.connectors.test_crud import assert_problem
 from tests.support.authserver import AuthorizationServerThread, RegisteredClient
 from tests.support.consent import ProviderBrowser
 from tests.support.fakes import FakeTime
+from tests.support.metrics import scrape
 from tests.support.tls import LocalCA
 
 ClientFor = Callable[..., httpx.AsyncClient]
@@ -299,6 +300,10 @@ async def test_denied_replayed_foreign_and_tampered_callbacks_change_nothing(
     await unchanged()
     history = [event["outcome"] for event in (await client.get(f"{url}/history")).json()["items"]]
     assert {"access_denied", "code_rejected", "wrong_issuer", "connector_changed"} <= set(history)
+    scraped = await scrape(app)
+    for result in ("access_denied", "code_rejected", "wrong_issuer", "connector_changed"):
+        assert scraped.value("connectors_consents_total", result=result) == 1, result
+    assert scraped.value("connectors_consents_total", result="unknown_state") == 2
 
 
 async def test_an_expired_consent_changes_nothing(

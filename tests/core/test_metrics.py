@@ -72,6 +72,7 @@ def test_the_connectors_gauge_has_every_state_or_none() -> None:
         "authorized": 3,
         "rejected": 1,
         "unreachable": 0,
+        "consent_required": 0,
     }
     metrics.set_connector_states(None)
     assert scraped(metrics).total("connectors_stored") == 0

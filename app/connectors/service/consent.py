@@ -163,6 +163,8 @@ class Consenting:
             if not kind.needs_consent:
                 raise WrongGrantType("only authorization code connectors are connected by consent")
             consents = ConsentRepository(session)
+            # Consents nobody finished are dropped once expired (of every connector: they are few).
+            await consents.prune(now)
             if await consents.count_open(organization_id, connector_id, now) >= MAX_OPEN_CONSENTS:
                 raise InvalidRequest(
                     f"at most {MAX_OPEN_CONSENTS} consents of a connector may be open at once"
