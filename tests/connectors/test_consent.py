@@ -394,3 +394,48 @@ async def test_rotate_keys_reseals_grants_and_open_consents(
     assert ring.decrypt(grant.refresh_token or "", aad=aad) == old.decrypt(
         before.refresh_token or "", aad=aad
     )
+
+
+async def test_without_a_refresh_token_the_grant_ends_with_its_access_token(
+    timed_app: Any,
+    client_for: ClientFor,
+    provider: AuthorizationServerThread,
+    browser: ProviderBrowser,
+    fake_time: FakeTime,
+) -> None:
+    provider.store.issue_refresh_tokens = False
+    client = client_for(app=timed_app)
+    created = (await client.post("/connectors", json=body_for(provider))).json()
+    url = f"/connectors/{created['id']}"
+    assert (await connect(timed_app, client, browser, created["id"])).status_code == 200
+    read = (await client.get(url)).json()
+    assert read["status"]["state"] == "authorized"
+    assert read["auth"]["has_refresh_token"] is False
+    token = (await authorize(client, created["id"])).json()["headers"]["Authorization"]
+    fake_time.advance(1800)
+    assert (await authorize(client, created["id"])).json()["headers"]["Authorization"] == token
+    exchanged = provider.request_count
+    # Past its access token's life there is nothing to renew with: consent again.
+    fake_time.advance(3600)
+    assert_problem(await authorize(client, created["id"]), 409, "consent_required")
+    await recorded_status(client, url, "consent_required")
+    assert provider.request_count == exchanged
+
+
+async def test_a_reconnect_that_fails_keeps_the_grant_in_use(
+    app: Any, client: httpx.AsyncClient, provider: AuthorizationServerThread, browser: ProviderBrowser
+) -> None:
+    created = (await client.post("/connectors", json=body_for(provider))).json()
+    url = f"/connectors/{created['id']}"
+    assert (await connect(app, client, browser, created["id"])).status_code == 200
+    before = (await client.get(url)).json()
+    token = (await authorize(client, created["id"])).json()["headers"]["Authorization"]
+    started = await start(client, created["id"])
+    location = await browser.consent(
+        started["authorization_url"], username=USER, password=PASSWORD, decision="deny"
+    )
+    assert (await callback(app, location)).status_code == 400
+    after = (await client.get(url)).json()
+    assert after["status"] == before["status"]
+    assert after["auth"]["connected_at"] == before["auth"]["connected_at"]
+    assert (await authorize(client, created["id"])).json()["headers"]["Authorization"] == token
