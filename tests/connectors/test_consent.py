@@ -279,6 +279,13 @@ async def test_denied_replayed_foreign_and_tampered_callbacks_change_nothing(
     made_up = await callback(app, f"{CALLBACK}?state={state[:-2]}xx&code=abc")
     assert made_up.status_code == 400
     await unchanged()
+    # Org A's admin consents with org B's consent link (sent to them, or stolen): the grant goes
+    # to B's connector, the one the state was made for, and A's connector is untouched.
+    location = await browser.consent(started["authorization_url"], username=USER, password=PASSWORD)
+    assert (await callback(app, location)).status_code == 200
+    await unchanged()
+    assert (await other.get(f"/connectors/{theirs['id']}")).json()["status"]["state"] == "authorized"
+    assert (await client.get(f"/connectors/{theirs['id']}")).status_code == 404
 
     # A wrong issuer in the response (RFC 9207).
     provider.store.response_issuer = "https://other-idp.example"
