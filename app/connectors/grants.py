@@ -22,20 +22,21 @@ Secrets here are sealed as the connector's are (``SecretSealer``, fields ``refre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from pydantic import SecretStr
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.connectors.models import ConnectorGrant, ConsentRequest
-from app.connectors.service.sealing import SecretSealer
+from app.connectors.sealing import SecretSealer
 from app.core.clock import Clock
 from app.core.crypto import DecryptionError, KeyRing, secret_aad
 from app.core.db import Database
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 # A renewal holds the lease at most this long (far beyond the outbound deadline): a replica that
 # died holding it delays the others by this much.
 LEASE_SECONDS = 60.0
+# How long a stopping process still tries to write rotated refresh tokens.
+CLOSE_WRITES_SECONDS = 5.0
 # How often a renewal waiting for another's lease looks again.
 LEASE_POLL_SECONDS = 0.1
 
@@ -223,6 +226,9 @@ class GrantKeeper:
         self._owner = secrets.token_hex(8)
         # Rotated refresh tokens the database could not take: (generation, token), sent next.
         self._unsaved: dict[uuid.UUID, tuple[int, str]] = {}
+        # Renewals under way, and rotated refresh tokens still being written.
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.Task[None]] = set()
 
     def stored(self, organization_id: str, connector_id: uuid.UUID) -> _StoredGrant:
         return _StoredGrant(self, organization_id, connector_id)
@@ -234,15 +240,38 @@ class GrantKeeper:
     async def renew(self, organization_id: str, connector_id: uuid.UUID, send: RefreshSender) -> TokenGrant:
         owner = f"{self._owner}:{secrets.token_hex(4)}"
         grant = await self._lease_grant(organization_id, connector_id, owner)
+        # From the lease on, the renewal finishes even if its caller stops waiting (a shutdown, a
+        # change of the connector): a refresh token the provider rotated is written, not dropped.
+        task = asyncio.create_task(
+            self._renew_under_lease(grant, owner, send), name=f"grant renewal {connector_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        """Wait for renewals under way (each bounded by the outbound deadline), then for rotated
+        refresh tokens still being written, at most ``CLOSE_WRITES_SECONDS``; a token still
+        unwritten then is logged as lost."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._writers:
+            await asyncio.wait(list(self._writers), timeout=CLOSE_WRITES_SECONDS)
+        for task in list(self._writers):
+            task.cancel()
+        await asyncio.gather(*list(self._writers), return_exceptions=True)
+
+    async def _renew_under_lease(self, grant: ConnectorGrant, owner: str, send: RefreshSender) -> TokenGrant:
+        held = False
         try:
-            return await self._renew_leased(grant, owner, send)
+            answer, held = await self._renew_leased(grant, owner, send)
+            return answer
         finally:
-            # Freed by the write of the outcome; freed here when no outcome was written.
-            try:
-                async with self._db.write() as session:
-                    await GrantRepository(session).finish_lease(connector_id, owner)
-            except DatabaseUnavailable:
-                pass  # it expires by itself
+            if not held:
+                # Freed by the write of the outcome; freed here when no outcome was written.
+                with contextlib.suppress(DatabaseUnavailable):  # else it expires by itself
+                    async with self._db.write() as session:
+                        await GrantRepository(session).finish_lease(grant.connector_id, owner)
 
     async def _lease_grant(self, organization_id: str, connector_id: uuid.UUID, owner: str) -> ConnectorGrant:
         deadline = self._clock.monotonic() + self._lease
@@ -264,28 +293,36 @@ class GrantKeeper:
                 raise UpstreamUnreachable("another renewal of the connector's grant did not finish")
             await self._sleep(self._poll)
 
-    async def _renew_leased(self, grant: ConnectorGrant, owner: str, send: RefreshSender) -> TokenGrant:
+    async def _renew_leased(
+        self, grant: ConnectorGrant, owner: str, send: RefreshSender
+    ) -> tuple[TokenGrant, bool]:
+        """The renewal's answer, and whether the lease stays held (a rotated refresh token is
+        still being written: nobody else may send the stored one meanwhile)."""
         org, connector_id = grant.organization_id, grant.connector_id
         unsaved = self._unsaved.get(connector_id)
         if unsaved is not None and unsaved[0] == grant.generation:
             refresh_token: str | None = unsaved[1]
         else:
             self._unsaved.pop(connector_id, None)
+            unsaved = None
             refresh_token = self._open(org, connector_id, "refresh_token", grant.refresh_token)
         if refresh_token is None:
-            return self._kept_access_token(grant)
+            return self._kept_access_token(grant), False
         try:
             answer = await send(refresh_token)
         except RefreshTokenRejected:
             log.info("the provider refused the grant's refresh token", extra={"connector": str(connector_id)})
-            await self._end(grant, owner)
-            raise ConsentRequired() from None
+            if await self._end(grant, owner):
+                raise ConsentRequired() from None
+            # The grant was replaced meanwhile (an admin reconnected): the refusal was of the old.
+            raise UpstreamUnreachable("the connector's grant changed during its renewal") from None
         rotated = answer.refresh_token
+        held = False
         if rotated is not None and rotated != refresh_token:
-            await self._write_rotation(grant, owner, rotated)
+            held = not await self._write_rotation(grant, owner, rotated)
         elif unsaved is not None:
-            await self._write_rotation(grant, owner, refresh_token)
-        return dataclasses.replace(answer, refresh_token=None)
+            held = not await self._write_rotation(grant, owner, refresh_token)
+        return dataclasses.replace(answer, refresh_token=None), held
 
     def _kept_access_token(self, grant: ConnectorGrant) -> TokenGrant:
         """A grant without a refresh token: its access token, while it lasts."""
@@ -297,40 +334,82 @@ class GrantKeeper:
             raise ConsentRequired()
         return TokenGrant(access_token=access, expires_in=left)
 
-    async def _write_rotation(self, grant: ConnectorGrant, owner: str, refresh_token: str) -> None:
-        sealed = self._sealer.seal(
-            grant.organization_id, grant.connector_id, {"refresh_token": SecretStr(refresh_token)}
-        )["refresh_token"]
+    async def _write_rotation(self, grant: ConnectorGrant, owner: str, refresh_token: str) -> bool:
+        """Write a rotated refresh token and free the lease; False when the database did not
+        answer: then this process keeps the token, sends it next, and keeps trying to write it
+        (holding the lease, so no replica sends the stored one) until written or the lease ends."""
         try:
-            async with self._db.write() as session:
-                written = await GrantRepository(session).finish_lease(
-                    grant.connector_id,
-                    owner,
-                    refresh_token=sealed,
-                    key_id=self._sealer.keyring.primary_key_id,
-                    generation=grant.generation + 1,
-                )
+            await self._store_rotation(grant, owner, refresh_token)
         except DatabaseUnavailable:
-            # Sent next instead of the stored one, and written then.
             self._unsaved[grant.connector_id] = (grant.generation, refresh_token)
             log.warning(
                 "a rotated refresh token could not be written yet",
                 extra={"connector": str(grant.connector_id)},
             )
-            return
-        self._unsaved.pop(grant.connector_id, None)
+            task = asyncio.create_task(self._keep_writing(grant, owner, refresh_token))
+            self._writers.add(task)
+            task.add_done_callback(self._writers.discard)
+            return False
+        return True
+
+    async def _store_rotation(self, grant: ConnectorGrant, owner: str, refresh_token: str) -> None:
+        sealed = self._sealer.seal(
+            grant.organization_id, grant.connector_id, {"refresh_token": SecretStr(refresh_token)}
+        )["refresh_token"]
+        async with self._db.write() as session:
+            written = await GrantRepository(session).finish_lease(
+                grant.connector_id,
+                owner,
+                refresh_token=sealed,
+                key_id=self._sealer.keyring.primary_key_id,
+                generation=grant.generation + 1,
+            )
+        if self._unsaved.get(grant.connector_id) == (grant.generation, refresh_token):
+            del self._unsaved[grant.connector_id]
         if not written:
             log.warning(
                 "a rotated refresh token was not written: the grant changed meanwhile",
                 extra={"connector": str(grant.connector_id)},
             )
 
-    async def _end(self, grant: ConnectorGrant, owner: str) -> None:
-        """The provider refused the grant: drop its tokens (not the facts reads show)."""
+    async def _keep_writing(self, grant: ConnectorGrant, owner: str, refresh_token: str) -> None:
+        until = self._clock.monotonic() + self._lease
+        try:
+            await self._write_until(grant, owner, refresh_token, until)
+        except asyncio.CancelledError:
+            log.error(
+                "a rotated refresh token was not written before the process stopped",
+                extra={"connector": str(grant.connector_id)},
+            )
+            raise
+
+    async def _write_until(self, grant: ConnectorGrant, owner: str, refresh_token: str, until: float) -> None:
+        # Once a second, and at most as many times as the lease has seconds.
+        for _ in range(max(1, int(self._lease))):
+            if self._clock.monotonic() >= until:
+                break
+            await self._sleep(1.0)
+            if self._unsaved.get(grant.connector_id) != (grant.generation, refresh_token):
+                return  # sent (and written) by a later renewal here, or the grant was replaced
+            try:
+                await self._store_rotation(grant, owner, refresh_token)
+            except DatabaseUnavailable:
+                continue
+            log.info("a rotated refresh token was written", extra={"connector": str(grant.connector_id)})
+            return
+        log.error(
+            "a rotated refresh token could not be written within its lease: another replica may"
+            " send the one stored, and the provider may then end the grant",
+            extra={"connector": str(grant.connector_id)},
+        )
+
+    async def _end(self, grant: ConnectorGrant, owner: str) -> bool:
+        """The provider refused the grant: drop its tokens (not the facts reads show). False when
+        the grant is no longer the one leased (replaced by a reconnect)."""
         self._unsaved.pop(grant.connector_id, None)
         try:
             async with self._db.write() as session:
-                await GrantRepository(session).finish_lease(
+                return await GrantRepository(session).finish_lease(
                     grant.connector_id,
                     owner,
                     refresh_token=None,
@@ -340,6 +419,7 @@ class GrantKeeper:
                 )
         except DatabaseUnavailable:
             log.warning("an ended grant could not be written", extra={"connector": str(grant.connector_id)})
+            return True
 
     def _open(
         self, organization_id: str, connector_id: uuid.UUID, field: str, sealed: str | None

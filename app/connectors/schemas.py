@@ -407,7 +407,15 @@ LOCATIONS = LocationRules(tags=_location_tags(), free_keys={"extra_token_params"
 
 
 def _return_url(value: str) -> str:
-    parts = urlsplit(value)
+    # Visible ASCII only: it becomes a Location header (a URL with other characters is sent
+    # percent-encoded, as a browser would send it).
+    if not value.isascii() or not value.isprintable() or " " in value:
+        raise ValueError("must be visible ASCII (percent-encode other characters)")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        raise ValueError("must be an absolute http(s) URL") from None
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment or parts.username:
         raise ValueError("must be an absolute http(s) URL without credentials or fragment")
     return value

@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from app.core.urls import is_loopback_host, web_origin
 from app.core.validation import error_message
 
 DEFAULT_DATA_DIR = Path("data")
@@ -203,9 +204,9 @@ class Settings(BaseSettings):
                 raise ValueError(
                     'each origin is "https://host" or "https://host:port", with nothing after it'
                 )
-            if parts.scheme == "http" and not _loopback(parts.hostname):
+            if parts.scheme == "http" and not is_loopback_host(parts.hostname):
                 raise ValueError("an http:// origin must be a loopback host")
-        return tuple(_origin(origin) for origin in origins)
+        return tuple(web_origin(origin) for origin in origins)
 
     @property
     def callback_url(self) -> str:
@@ -294,26 +295,6 @@ class Settings(BaseSettings):
         return _parse_key_ring(self.encryption_keys.get_secret_value())
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _origin(url: str) -> str:
-    """``scheme://host[:port]`` in lower case, the default port left out."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if ":" in host:
-        host = f"[{host}]"
-    default = {"https": 443, "http": 80}[parts.scheme]
-    port = "" if parts.port in (None, default) else f":{parts.port}"
-    return f"{parts.scheme}://{host}{port}"
-
-
 def _public_url_problem(value: str) -> str | None:
     try:
         parts = urlsplit(value)
@@ -324,7 +305,7 @@ def _public_url_problem(value: str) -> str | None:
         return "must be an absolute http(s) URL"
     if parts.query or parts.fragment or parts.username or parts.password:
         return "may not have a query, a fragment or credentials"
-    if parts.scheme == "http" and not _loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         return "must be https:// unless its host is a loopback address"
     return None
 

@@ -147,6 +147,32 @@ def origin_of(url: str) -> str:
     return f"https://{parts.netloc}"
 
 
+def web_origin(url: str) -> str:
+    """The origin of any ``http(s)`` URL as browsers compare them: ``scheme://host[:port]``, the
+    scheme and host in lower case, the scheme's default port left out. ValueError for a URL
+    without one."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    shown = "" if port is None or port == {"https": 443, "http": 80}[scheme] else f":{port}"
+    return f"{scheme}://{host}{shown}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (``127.0.0.0/8``, ``::1``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _percent_decode(text: str) -> str:
     """One round of percent-decoding, as a lenient server does it: UTF-8, and ``%uXXXX`` too."""
     return _ESCAPE_RUN.sub(_decode_escape, text) if "%" in text else text

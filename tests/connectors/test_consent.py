@@ -446,3 +446,62 @@ async def test_a_reconnect_that_fails_keeps_the_grant_in_use(
     assert after["status"] == before["status"]
     assert after["auth"]["connected_at"] == before["auth"]["connected_at"]
     assert (await authorize(client, created["id"])).json()["headers"]["Authorization"] == token
+
+
+async def test_return_urls_are_judged_by_origin_as_browsers_compare_them(
+    app_factory: Callable[..., Awaitable[Any]],
+    settings: Settings,
+    client_for: ClientFor,
+    provider: AuthorizationServerThread,
+) -> None:
+    allowed = settings.model_copy(
+        update={"consent_return_origins": ("https://console.example.com", "http://localhost:3000")}
+    )
+    client = client_for(app=await app_factory(allowed))
+    created = (await client.post("/connectors", json=body_for(provider))).json()
+    consent = f"/connectors/{created['id']}/consent"
+    for url in (
+        "https://console.example.com/done",
+        "https://CONSOLE.example.com:443/done?x=1",
+        "http://localhost:3000/cb",
+        "http://127.0.0.1:8000/after",  # the service's own origin
+    ):
+        assert (await client.post(consent, json={"return_url": url})).status_code == 201, url
+    for url in (
+        "http://console.example.com/done",  # another scheme is another origin
+        "https://console.example.com:8443/done",
+        "https://localhost:3000/cb",
+        "https://console.example.com.evil.example/done",
+        "https://console.example.com/caf\u00e9",
+        "https://console.example.com/a\x00b",
+        "https://console.example.com/a b",
+        "javascript:alert(1)",
+    ):
+        refused = await client.post(consent, json={"return_url": url})
+        assert_problem(refused, 422, "invalid_request")
+        assert refused.json()["errors"][0]["field"] == "return_url", url
+
+
+async def test_a_configured_issuer_must_be_named_in_the_answer(
+    app: Any, client: httpx.AsyncClient, provider: AuthorizationServerThread, browser: ProviderBrowser
+) -> None:
+    created = (await client.post("/connectors", json=body_for(provider, issuer=provider.issuer))).json()
+    started = await start(client, created["id"])
+    location = await browser.consent(started["authorization_url"], username=USER, password=PASSWORD)
+    without_iss = "&".join(part for part in location.split("&") if not part.startswith("iss="))
+    refused = await callback(app, without_iss)
+    assert refused.status_code == 400 and "another authorization server" in refused.text
+
+
+async def test_connecting_makes_a_new_version(
+    app: Any, client: httpx.AsyncClient, provider: AuthorizationServerThread, browser: ProviderBrowser
+) -> None:
+    created = (await client.post("/connectors", json=body_for(provider))).json()
+    assert (await connect(app, client, browser, created["id"])).status_code == 200
+    read = await client.get(f"/connectors/{created['id']}")
+    assert read.json()["version"] == created["version"] + 1
+    assert read.headers["etag"] == f'"{created["version"] + 1}"'
+    stale = await client.patch(
+        f"/connectors/{created['id']}", json={"name": "Late"}, headers={"If-Match": f'"{created["version"]}"'}
+    )
+    assert_problem(stale, 412, "version_mismatch")

@@ -1,9 +1,10 @@
-"""Connector rules (``core.ConnectorService``), with one module per concern: sealing secrets
-(``sealing``), merging a PATCH of ``auth`` (``patching``), naming fields in audit events
-(``audit_fields``), what events say (``payloads``), writing the statuses token requests learn
-(``status``), ``POST /authorize`` and the memory it answers from (``authorize``), the throttled
-live check of ``POST /validate`` (``validation``), the work done after answering
-(``background``), creates, updates and deletes (``writes``), and the audit trail (``audit``).
+"""Connector rules (``core.ConnectorService``), with one module per concern: merging a PATCH of
+``auth`` (``patching``), naming fields in audit events (``audit_fields``), what events say
+(``payloads``), writing the statuses token requests learn (``status``), ``POST /authorize`` and
+the memory it answers from (``authorize``), the throttled live check of ``POST /validate``
+(``validation``), the work done after answering (``background``), creates, updates and deletes
+(``writes``), the audit trail (``audit``) and connecting accounts by consent (``consent``).
+Secrets are sealed by ``app.connectors.sealing``, grants kept by ``app.connectors.grants``.
 ``core`` keeps the reads and what the parts share, and builds the whole. What authorize holds in
 memory is ``app.connectors.memory``."""
 

@@ -23,8 +23,8 @@ from app.connectors.kinds import kind_of
 from app.connectors.memory import ConnectorMemory, HeldConnector
 from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository
+from app.connectors.sealing import UNREADABLE, SecretSealer
 from app.connectors.service.background import Background
-from app.connectors.service.sealing import UNREADABLE, SecretSealer
 from app.core.db import Database
 from app.core.errors import (
     ConnectorNotFound,

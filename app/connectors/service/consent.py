@@ -30,12 +30,12 @@ from app.connectors.grants import ConsentRepository, GrantKeeper, GrantRepositor
 from app.connectors.kinds import kind_of
 from app.connectors.models import Connector, ConsentRequest
 from app.connectors.repository import ConnectorRepository
+from app.connectors.sealing import SecretSealer
 from app.connectors.service.payloads import status_data
-from app.connectors.service.sealing import SecretSealer
 from app.core.clock import Clock
 from app.core.db import Database
 from app.core.errors import AppError, CredentialsRejected, InvalidRequest, WrongGrantType
-from app.core.urls import URLRuleError, normalise_endpoint_url, origin_of
+from app.core.urls import URLRuleError, normalise_endpoint_url, origin_of, web_origin
 from app.tokens.consent import Pkce, authorization_request_url, new_state, state_digest
 from app.tokens.types import CodeExchange, OAuth2Config, TokenGrant
 
@@ -201,7 +201,7 @@ class Consenting:
 
     def _return_url_allowed(self: _Service, url: str) -> bool:
         try:
-            origin = origin_of(url)
+            origin = web_origin(url)
         except ValueError:
             return False
         return origin in self.return_origins
@@ -271,13 +271,20 @@ class Consenting:
                 repo = ConnectorRepository(session)
                 # Only the version the consent was started for: a change since then, made while
                 # the code was exchanged or before, means the grant is for what the connector was.
-                applied = await repo.set_status(
+                # A new grant is a new version: every replica's tokens of the old one go (their
+                # cache is keyed by version), a renewal of the old grant can report nothing about
+                # the new one, and a write prepared against the old version is refused.
+                applied = await repo.update(
                     organization_id,
                     connector_id,
                     request.connector_version,
-                    state="authorized",
-                    detail=None,
-                    checked_at=now,
+                    {
+                        "version": request.connector_version + 1,
+                        "status_state": "authorized",
+                        "status_detail": None,
+                        "status_checked_at": now,
+                        "updated_at": now,
+                    },
                 )
                 failure: str | None = None if applied else "connector_changed"
                 if applied:
@@ -352,7 +359,9 @@ def _failure(
         return "expired_state"
     if row is None or row.version != request.connector_version:
         return "connector_changed"
-    if issuer is not None and not _issuer_matches(issuer, row.auth_config):
+    expected = row.auth_config.get("issuer")
+    if (issuer is None and expected) or (issuer is not None and not _issuer_matches(issuer, row.auth_config)):
+        # RFC 9207 §2.4: a client that knows the server's issuer refuses an answer without it.
         return "wrong_issuer"
     if error is not None:
         return error if error == "access_denied" else "provider_error"

@@ -36,11 +36,11 @@ from app.connectors.kinds import CheckTools, Kind, kind_of
 from app.connectors.memory import ConnectorMemory
 from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository, StatsRepository
+from app.connectors.sealing import SecretSealer
 from app.connectors.service.audit import Auditing
 from app.connectors.service.authorize import Authorizing
 from app.connectors.service.background import Background, ChangeListener
 from app.connectors.service.consent import CodeExchanger, Consenting
-from app.connectors.service.sealing import SecretSealer
 from app.connectors.service.status import StatusRecorder
 from app.connectors.service.validation import Validating, Validation
 from app.connectors.service.writes import Writing
@@ -51,7 +51,7 @@ from app.core.db import Database
 from app.core.errors import ConnectorNotFound, DatabaseUnavailable, UpstreamUnreachable
 from app.core.keychecks import KeyChecks
 from app.core.metrics import Metrics
-from app.core.urls import origin_of
+from app.core.urls import web_origin
 from app.tokens.types import CheckState, CodeExchange, ConfigLoader, IssuedToken, OAuth2Config, TokenGrant
 
 log = logging.getLogger("app.connectors.service")
@@ -122,7 +122,7 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         self.grants = GrantKeeper(db, self.sealer, clock)
         self.exchange_code = exchange_code or _no_exchange
         self.callback_url = callback_url
-        self.return_origins = frozenset({origin_of(callback_url), *return_origins})
+        self.return_origins = frozenset({web_origin(callback_url), *return_origins})
         self.tokens = tokens
         # What kinds' live checks use (app.tokens.check.LiveChecker).
         self.checker = checker
@@ -268,6 +268,7 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
     async def aclose(self) -> None:
         """Stop loads; wait for status writes and change notices still under way."""
         await self.memory.aclose()
+        await self.grants.aclose()
         await self.background.drain()
         self.key_checks.close()
 

@@ -24,10 +24,10 @@ from app.connectors.events import EventRecorder
 from app.connectors.kinds import Kind, kind_of
 from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository
+from app.connectors.sealing import SecretSealer
 from app.connectors.service.audit_fields import detail_of
 from app.connectors.service.background import Background
 from app.connectors.service.payloads import status_data
-from app.connectors.service.sealing import SecretSealer
 from app.core.clock import Clock
 from app.core.db import Database
 from app.core.errors import AppError, CredentialsRejected, VersionMismatch

@@ -28,11 +28,11 @@ from app.connectors.kinds import Kind, kind_for, kind_of
 from app.connectors.kinds.oauth2_authorization_code import CONSENT_FIELDS
 from app.connectors.models import Connector
 from app.connectors.repository import ConnectorRepository
+from app.connectors.sealing import SecretSealer
 from app.connectors.service.audit_fields import changed_fields, fields_set
 from app.connectors.service.background import Background
 from app.connectors.service.patching import merge_auth
 from app.connectors.service.payloads import event_data, status_data
-from app.connectors.service.sealing import SecretSealer
 from app.core.clock import Clock
 from app.core.crypto import KeyRing
 from app.core.db import Database
@@ -337,12 +337,10 @@ class Writing:
             kind is not old_kind or _consent_changed(row, public, secrets, self.sealer.open_row)
         )
         if kind.needs_consent and kind is old_kind and not grant_ends:
-            # What the grant was given to is the same: it holds, and so does the status.
-            values.update(
-                status_state=row.status_state,
-                status_checked_at=row.status_checked_at,
-                status_detail=row.status_detail,
-            )
+            # What the grant was given to is the same: it holds, and so does the status (left as
+            # stored, never written back from this read).
+            for column in ("status_state", "status_checked_at", "status_detail"):
+                values.pop(column, None)
         values["updated_at"] = self.clock.now()
         async with self.db.write() as session:
             repo = ConnectorRepository(session)
