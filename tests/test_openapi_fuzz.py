@@ -80,9 +80,10 @@ _CREATED_LINKS: dict[str, dict[str, Any]] = {
 
 # Bounds of the stateful phase: scenarios, and calls in each. With 25 scenarios the connectors'
 # run reached every link alone, but not after other tests had run in the same process (the
-# scenarios drawn then differ); 40 reach them either way. `make test` runs this module in a
-# process of its own: in a pytest-xdist worker, what ran before differs from run to run.
-STATEFUL_SCENARIOS = 40
+# scenarios drawn then differ); 40 reached them either way until the consent link came: 50 do.
+# `make test` runs this module in a process of its own: in a pytest-xdist worker, what ran before
+# differs from run to run.
+STATEFUL_SCENARIOS = 50
 STATEFUL_STEPS = 5
 
 CONFIG = schemathesis.Config.from_dict(
@@ -170,6 +171,14 @@ _API_KEY_MERGE = {
 }
 
 
+_RETURN_URL = {
+    "its origin is not among the allowed return origins",
+    "must be visible ASCII (percent-encode other characters)",
+    "must be an absolute http(s) URL",
+    "must be an absolute http(s) URL without credentials or fragment",
+}
+
+
 def _key_material(body: dict[str, Any]) -> bool:
     errors = body.get("errors") or []
     return (
@@ -203,6 +212,11 @@ INTENDED_REFUSALS: dict[str, Callable[[int, dict[str, Any]], bool]] = {
     "deleteWebhook": lambda status, body: status == 412,
     # What the path becomes once decoded or normalised (README, "Paths given to /authorize").
     "authorizeConnector": lambda status, body: body.get("code") == "path_outside_resource_domain",
+    # A return URL's origin against the configured ones, and its characters (README, "Connecting
+    # an account").
+    "startConsent": lambda status, body: _only(body, "invalid_request", _RETURN_URL),
+    # A callback without a consent the service knows answers a page saying so (README, ibid.).
+    "consentCallback": lambda status, body: status == 400,
 }
 
 
