@@ -1,6 +1,7 @@
 """The command line: ``python -m app`` (also installed as ``connectors``).
 
-Commands: ``serve``, ``migrate``, ``token`` (mint a development caller token), ``rotate-keys`` and
+Commands: ``serve``, ``migrate``, ``token`` (mint a development caller token), ``console-link``
+(a development sign-in link to the admin console), ``rotate-keys`` and
 ``check`` (one verdict per part ``serve`` needs); ``--help`` on each shows its options with their
 defaults, ``--version`` the version. A missing or malformed setting, or an address ``serve`` cannot
 listen on, ends the command with one line on stderr and exit status 2. Every command first warns of
@@ -168,6 +169,31 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console_link(args: argparse.Namespace) -> int:
+    from app.console.router import sign_in_url
+    from app.console.sessions import SessionStore
+    from app.core.clock import SystemClock
+    from app.core.db import Database, build_engine
+
+    settings = _settings()
+    if not settings.dev_keys:
+        raise ConfigError(
+            "console-link signs in without an identity provider: it needs CONNECTORS_DEV_KEYS=true"
+        )
+
+    async def create() -> str:
+        db = Database(build_engine(settings.effective_database_url))
+        try:
+            return await SessionStore(db, SystemClock()).create_link(
+                args.org, args.subject, read_only=args.read_only
+            )
+        finally:
+            await db.dispose()
+
+    print(sign_in_url(settings.effective_public_url, asyncio.run(create())))
+    return 0
+
+
 def _rotate_keys(args: argparse.Namespace) -> int:
     from app.rotation import rotate_keys
 
@@ -297,6 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.add_argument("--subject", default="dev", help="the token's sub claim")
     token.set_defaults(func=_token)
+    link = command(
+        "console-link",
+        "print a single-use sign-in link to the admin console (development)",
+        "Print a link that signs in to the admin console at CONNECTORS_PUBLIC_URL/console/ as an"
+        " admin of the organization, once, within 5 minutes. Development only: it needs"
+        " CONNECTORS_DEV_KEYS=true (as `make run` sets); production signs in with OpenID Connect.",
+    )
+    link.add_argument(
+        "--org", required=True, default=argparse.SUPPRESS, help="the organization to sign in to (required)"
+    )
+    link.add_argument("--subject", default="dev-admin", help="the admin's name in the audit trail")
+    link.add_argument("--read-only", action="store_true", help="see everything, change nothing")
+    link.set_defaults(func=_console_link)
     rotate = command(
         "rotate-keys",
         "re-encrypt every stored secret under the newest key",

@@ -21,6 +21,7 @@ from app.connectors import schemas
 from app.connectors.callback import router as consent_router
 from app.connectors.router import hot_routes
 from app.connectors.router import router as connectors_router
+from app.console.router import router as console_router
 from app.core.clock import SystemClock
 from app.core.config import Settings
 from app.core.docs import install_docs
@@ -69,6 +70,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         app.state.webhooks = services.webhooks
         app.state.webhook_deliveries = services.deliveries
         app.state.broadcast = services.broadcast
+        app.state.console_sessions = services.console_sessions
         try:
             yield
         finally:
@@ -91,12 +93,15 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     )
     app.state.metrics = metrics
     app.state.tracing = tracing
+    app.state.settings = settings
     install_error_handlers(app)
     app.state.validation_rules = schemas.LOCATIONS
     app.router.routes.extend(hot_routes)
     app.include_router(connectors_router)
     app.include_router(consent_router)
     app.include_router(webhooks_router)
+    if settings.console:
+        app.include_router(console_router)
     install_docs(app)
     install_openapi(app, models=[schemas.AuthorizeRequest])
 

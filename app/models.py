@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from app.audit.models import AuditEvent
 from app.connectors.models import Connector, ConnectorGrant, ConsentRequest, Organization
+from app.console.models import ConsoleLink, ConsoleSession
 from app.core.orm import Base
 from app.webhooks.models import WebhookDelivery, WebhookEvent, WebhookSubscription
 
@@ -12,6 +13,8 @@ __all__ = [
     "Connector",
     "ConnectorGrant",
     "ConsentRequest",
+    "ConsoleLink",
+    "ConsoleSession",
     "Organization",
     "WebhookDelivery",
     "WebhookEvent",

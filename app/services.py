@@ -19,6 +19,7 @@ from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
 from app.connectors.service import ConnectorService, status_recorder
+from app.console.sessions import SessionStore
 from app.core.auth import TokenVerifier
 from app.core.broadcast import Broadcast
 from app.core.clock import Clock
@@ -62,6 +63,8 @@ class Services:
     webhooks: WebhookService
     deliveries: DeliveryWorker
     broadcast: Broadcast | None
+    # The admin console's sign-in links and sessions.
+    console_sessions: SessionStore
     # Closed in this order by ``aclose``, after the background work has stopped.
     _closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list, repr=False)
     _background: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -224,5 +227,6 @@ def build_services(
         webhooks=webhooks,
         deliveries=deliveries,
         broadcast=broadcast,
+        console_sessions=SessionStore(db, clock),
         _closers=closers,
     )

@@ -192,7 +192,8 @@ async def _truncate_postgres(url: str) -> None:
             await connection.execute(
                 text(
                     "TRUNCATE connectors, organizations, audit_events, connector_changes,"
-                    " webhook_deliveries, webhook_events, webhook_subscriptions CASCADE"
+                    " webhook_deliveries, webhook_events, webhook_subscriptions, console_links,"
+                    " console_sessions CASCADE"
                 )
             )
     finally:

@@ -363,11 +363,12 @@ def _options(help_text: str) -> dict[str, str]:
         (
             [],
             [
-                "serve      serve the HTTP API",
-                "migrate    bring the database schema to the newest revision",
-                "token      print a caller JWT signed with the HS256 secret",
+                "serve the HTTP API",
+                "bring the database schema to the newest revision",
+                "print a caller JWT signed with the HS256 secret",
+                "print a single-use sign-in link to the admin console (development)",
                 "re-encrypt every stored secret under the newest key",
-                "check      check settings, database, keys, Redis and caller tokens",
+                "check settings, database, keys, Redis and caller tokens",
                 "--version",
                 "CONNECTORS_* environment variables (README.md",
             ],
@@ -390,6 +391,7 @@ def _options(help_text: str) -> dict[str, str]:
             ],
         ),
         (["rotate-keys"], ["connectors re-encrypted per transaction (default: 100)"]),
+        (["console-link"], ["(required)", "(default: dev-admin)", "CONNECTORS_DEV_KEYS=true"]),
         (["check"], ["(default: 5.0)", "(default: False)", "0 when every check passed, 1 when one failed"]),
     ],
 )

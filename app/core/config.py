@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     # Delivered and abandoned events are kept this long for GET /webhooks/{id}/deliveries.
     webhook_retention_seconds: float = Field(default=7 * 86_400.0, ge=3600, le=90 * 86_400)
 
+    # The admin console at /console/ (app.console).
+    console: bool = True
+
     # Authorization code connectors. The URL users' browsers reach the service at (a proxy's, when
     # one is in front): the consent callback is {public_url}/oauth/callback. Empty: the address
     # the service listens at. Plain http only for a loopback host.

@@ -1,0 +1,155 @@
+"""The admin console in Chromium, against ``python -m app serve``: a sign-in link from
+``console-link``, then an admin's path from an empty organization to its limit, a refused save,
+an edit that keeps a secret, a delete, a read-only admin, a form without its CSRF token, and
+signing out."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import Page, expect
+
+from tests.support.browser import chromium
+from tests.support.servers import Reply, ScriptedServer
+from tests.support.service import ServiceProcess, caller_token, migrate, running_service, service_env
+from tests.support.tls import LocalCA
+
+LIMIT = 2
+
+
+@pytest.fixture
+def service(tmp_path: Path, local_ca: LocalCA) -> Iterator[ServiceProcess]:
+    env = service_env(
+        f"sqlite+aiosqlite:///{tmp_path / 'connectors.db'}",
+        tmp_path,
+        ca_bundle=str(local_ca.ca_bundle),
+        max_connectors_per_org=str(LIMIT),
+        dev_keys="true",
+    )
+    migrate(env)
+    with running_service(env, tmp_path / "service.log") as running:
+        yield running
+
+
+def sign_in_link(service: ServiceProcess, org: str, *extra: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "console-link", "--org", org, *extra],
+        env=service.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    link = result.stdout.strip()
+    assert link.startswith(f"{service.base_url}/console/sign-in?token="), link
+    return link
+
+
+async def fill_basic(page: Page, name: str, resource: str, validation_url: str, password: str) -> None:
+    await page.get_by_label("Name", exact=True).fill(name)
+    await page.get_by_label("Authentication type", exact=True).select_option("basic")
+    await page.get_by_label("Resource domain URL", exact=True).fill(resource)
+    await page.get_by_label("Username", exact=True).fill("svc-user")
+    await page.get_by_label("Password", exact=True).fill(password)
+    await page.get_by_label("Validation URL", exact=True).fill(validation_url)
+
+
+async def test_an_admin_sets_up_connectors_in_the_console(
+    service: ServiceProcess, scripted_server: ScriptedServer
+) -> None:
+    scripted_server.set_default(Reply(status=204))
+    check_url = scripted_server.url("/auth/check")
+    async with chromium() as browser:
+        page = await browser.new_page()
+        await page.goto(sign_in_link(service, "acme"))
+        await expect(page.get_by_role("heading", name="Connectors", exact=True)).to_be_visible()
+        assert "no-store" in (await page.request.get(page.url)).headers["cache-control"]
+
+        # Set up: a refused save shows the message beside its field, keeps what was typed but
+        # the secret, and saves nothing.
+        await page.get_by_role("link", name="Set up").click()
+        await fill_basic(page, "CRM", "http://crm.example.com", check_url, "CANARY-first-pw")
+        await page.get_by_role("button", name="Done").click()
+        await expect(page.get_by_role("alert")).to_contain_text("Nothing was saved")
+        url_field = page.get_by_label("Resource domain URL", exact=True)
+        assert await url_field.get_attribute("aria-invalid") == "true"
+        await expect(page.locator("#resource_domain_url-error")).to_be_visible()
+        assert await page.get_by_label("Name", exact=True).input_value() == "CRM"
+        assert await page.get_by_label("Password", exact=True).input_value() == ""
+        assert scripted_server.count == 0
+
+        # Fixed: saved with the live check against the validation server.
+        await url_field.fill("https://crm.example.com")
+        await page.get_by_label("Password", exact=True).fill("CANARY-first-pw")
+        await page.get_by_role("button", name="Done").click()
+        await expect(page.get_by_role("heading", name="CRM")).to_be_visible()
+        await expect(page.get_by_text("Working")).to_be_visible()
+        assert scripted_server.count == 1
+        expected = "Basic " + base64.b64encode(b"svc-user:CANARY-first-pw").decode()
+        assert scripted_server.requests[0].headers["authorization"] == expected
+
+        # Add more, up to the limit: then Add more is disabled, with the reason.
+        await page.get_by_role("link", name="Back to the connectors").click()
+        await page.get_by_role("link", name="Add more").click()
+        await fill_basic(page, "Tickets", "https://tickets.example.com", check_url, "CANARY-second-pw")
+        await page.get_by_role("button", name="Done").click()
+        await expect(page.get_by_role("heading", name="Tickets")).to_be_visible()
+        await page.goto(f"{service.base_url}/console/")
+        await expect(page.get_by_role("button", name="Add more")).to_be_disabled()
+        await expect(page.get_by_text(f"Your organization has {LIMIT} connectors")).to_be_visible()
+
+        # An edit that leaves the password blank keeps it.
+        await page.get_by_role("link", name="CRM").click()
+        await page.get_by_role("link", name="Edit").click()
+        await page.get_by_label("Name", exact=True).fill("CRM (EU)")
+        await page.get_by_role("button", name="Done").click()
+        await expect(page.get_by_role("heading", name="CRM (EU)")).to_be_visible()
+        with httpx.Client(base_url=service.base_url, timeout=10) as api:
+            token = caller_token(service.env, "acme")
+            listed = api.get("/connectors", headers={"Authorization": f"Bearer {token}"}).json()["items"]
+            crm = next(item for item in listed if item["name"] == "CRM (EU)")
+            given = api.post(
+                f"/connectors/{crm['id']}/authorize", json={}, headers={"Authorization": f"Bearer {token}"}
+            ).json()
+        assert given["headers"]["Authorization"] == expected
+
+        # A form posted without its CSRF token changes nothing.
+        refused = await page.request.post(
+            f"{service.base_url}/console/connectors/{crm['id']}/delete", form={"version": str(crm["version"])}
+        )
+        assert refused.status == 403
+
+        # Delete, after a confirmation that names it.
+        await page.get_by_role("link", name="Delete").click()
+        await page.get_by_role("button", name="Delete “CRM (EU)”").click()
+        await expect(page.get_by_text("The connector was deleted.")).to_be_visible()
+        await expect(page.get_by_role("link", name="Add more")).to_be_visible()
+
+        # Signing out ends the session: its cookie no longer opens a page.
+        await page.get_by_role("button", name="Sign out").click()
+        await expect(page.get_by_role("heading", name="Signed out")).to_be_visible()
+        await page.goto(f"{service.base_url}/console/")
+        await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+        # A read-only admin sees the connectors and cannot change them, even by posting.
+        reader = await browser.new_page()
+        await reader.goto(sign_in_link(service, "acme", "--read-only"))
+        await expect(reader.get_by_role("link", name="Tickets")).to_be_visible()
+        assert await reader.get_by_role("link", name="Add more").count() == 0
+        assert (await reader.request.get(f"{service.base_url}/console/connectors/new")).status == 403
+        posted = await reader.request.post(f"{service.base_url}/console/connectors", form={"name": "x"})
+        assert posted.status == 403
+        # A used link opens nothing.
+        used = sign_in_link(service, "acme")
+        await reader.goto(used)
+        again = await reader.request.get(used)
+        assert again.status == 400
+    log = service.stderr()
+    assert "CANARY" not in log and "token=" not in log
