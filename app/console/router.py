@@ -258,7 +258,7 @@ async def connectors_page(request: Request) -> Response:
     if session is None:
         return _signed_out()
     listed = await _service(request).list(session.organization_id)
-    items = [item.model_dump(mode="python") for item in listed.items]
+    items = [item.model_dump(mode="python", by_alias=True) for item in listed.items]
     return _page(
         "connectors.html",
         session=session,
@@ -353,7 +353,7 @@ async def connector_page(request: Request, connector_id: str) -> Response:
         return _page(
             "message.html", 404, session=session, title="Not found", message="There is no such connector."
         )
-    data = connector.model_dump(mode="python")
+    data = connector.model_dump(mode="python", by_alias=True)
     auth = data["auth"]
     targets = ""
     if auth.get("grant_type") == "authorization_code":
@@ -371,7 +371,7 @@ async def connector_page(request: Request, connector_id: str) -> Response:
         form_targets=targets,
         title=data["name"],
         connector=data,
-        history=[event.model_dump(mode="python") for event in history.items],
+        history=[event.model_dump(mode="python", by_alias=True) for event in history.items],
         notice=_notice(request) or outcome,
     )
 
@@ -389,7 +389,7 @@ async def edit_connector(request: Request, connector_id: str) -> Response:
         return _page(
             "message.html", 404, session=session, title="Not found", message="There is no such connector."
         )
-    data = connector.model_dump(mode="python")
+    data = connector.model_dump(mode="python", by_alias=True)
     return _form_page(request, session, forms.ConnectorForm.of_connector(data), data)
 
 
@@ -458,7 +458,7 @@ async def confirm_delete(request: Request, connector_id: str) -> Response:
         "delete.html",
         session=session,
         title="Delete connector",
-        connector=connector.model_dump(mode="python"),
+        connector=connector.model_dump(mode="python", by_alias=True),
     )
 
 
