@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.async_api import Page, expect
 
-from tests.support.browser import chromium
+from tests.support.browser import assert_accessible, chromium
 from tests.support.servers import Reply, ScriptedServer
 from tests.support.service import ServiceProcess, caller_token, migrate, running_service, service_env
 from tests.support.tls import LocalCA
@@ -70,17 +70,20 @@ async def test_an_admin_sets_up_connectors_in_the_console(
         page = await browser.new_page()
         await page.goto(sign_in_link(service, "acme"))
         await expect(page.get_by_role("heading", name="Connectors", exact=True)).to_be_visible()
+        await assert_accessible(page)
         assert "no-store" in (await page.request.get(page.url)).headers["cache-control"]
 
         # Set up: a refused save shows the message beside its field, keeps what was typed but
         # the secret, and saves nothing.
         await page.get_by_role("link", name="Set up").click()
+        await assert_accessible(page)
         await fill_basic(page, "CRM", "http://crm.example.com", check_url, "CANARY-first-pw")
         await page.get_by_role("button", name="Done").click()
         await expect(page.get_by_role("alert")).to_contain_text("Nothing was saved")
         url_field = page.get_by_label("Resource domain URL", exact=True)
         assert await url_field.get_attribute("aria-invalid") == "true"
         await expect(page.locator("#resource_domain_url-error")).to_be_visible()
+        await assert_accessible(page)
         assert await page.get_by_label("Name", exact=True).input_value() == "CRM"
         assert await page.get_by_label("Password", exact=True).input_value() == ""
         assert scripted_server.count == 0
@@ -91,6 +94,7 @@ async def test_an_admin_sets_up_connectors_in_the_console(
         await page.get_by_role("button", name="Done").click()
         await expect(page.get_by_role("heading", name="CRM")).to_be_visible()
         await expect(page.get_by_text("Working")).to_be_visible()
+        await assert_accessible(page)
         assert scripted_server.count == 1
         expected = "Basic " + base64.b64encode(b"svc-user:CANARY-first-pw").decode()
         assert scripted_server.requests[0].headers["authorization"] == expected
@@ -104,6 +108,7 @@ async def test_an_admin_sets_up_connectors_in_the_console(
         await page.goto(f"{service.base_url}/console/")
         await expect(page.get_by_role("button", name="Add more")).to_be_disabled()
         await expect(page.get_by_text(f"Your organization has {LIMIT} connectors")).to_be_visible()
+        await assert_accessible(page)
 
         # An edit that leaves the password blank keeps it.
         await page.get_by_role("link", name="CRM").click()
@@ -128,6 +133,7 @@ async def test_an_admin_sets_up_connectors_in_the_console(
 
         # Delete, after a confirmation that names it.
         await page.get_by_role("link", name="Delete").click()
+        await assert_accessible(page)
         await page.get_by_role("button", name="Delete “CRM (EU)”").click()
         await expect(page.get_by_text("The connector was deleted.")).to_be_visible()
         await expect(page.get_by_role("link", name="Add more")).to_be_visible()
@@ -135,8 +141,10 @@ async def test_an_admin_sets_up_connectors_in_the_console(
         # Signing out ends the session: its cookie no longer opens a page.
         await page.get_by_role("button", name="Sign out").click()
         await expect(page.get_by_role("heading", name="Signed out")).to_be_visible()
+        await assert_accessible(page)
         await page.goto(f"{service.base_url}/console/")
         await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        await assert_accessible(page)
 
         # A read-only admin sees the connectors and cannot change them, even by posting.
         reader = await browser.new_page()

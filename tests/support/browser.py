@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Final
 
 import pytest
-from playwright.async_api import Browser, async_playwright
+from axe_playwright_python.async_playwright import Axe
+from playwright.async_api import Browser, Page, async_playwright
 
 # Chromium's own background traffic off, so that nothing leaves loopback.
 FLAGS: Final = (
@@ -46,3 +47,13 @@ async def chromium() -> AsyncIterator[Browser]:
             yield browser
         finally:
             await browser.close()
+
+
+async def assert_accessible(page: Page) -> None:
+    """axe-core (WCAG 2.x A and AA rules, and its best practices) finds no violation on the page."""
+    results = await Axe().run(page)
+    violations = results.response["violations"]
+    assert not violations, [
+        (violation["id"], violation["help"], [node["target"] for node in violation["nodes"]])
+        for violation in violations
+    ]
