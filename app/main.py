@@ -71,6 +71,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         app.state.webhook_deliveries = services.deliveries
         app.state.broadcast = services.broadcast
         app.state.console_sessions = services.console_sessions
+        app.state.console_oidc = services.console_oidc
         try:
             yield
         finally:

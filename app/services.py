@@ -19,6 +19,7 @@ from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
 from app.connectors.service import ConnectorService, status_recorder
+from app.console.oidc import OidcClient
 from app.console.sessions import SessionStore
 from app.core.auth import TokenVerifier
 from app.core.broadcast import Broadcast
@@ -63,8 +64,9 @@ class Services:
     webhooks: WebhookService
     deliveries: DeliveryWorker
     broadcast: Broadcast | None
-    # The admin console's sign-in links and sessions.
+    # The admin console's sign-in links and sessions, and its OpenID Connect client (when set).
     console_sessions: SessionStore
+    console_oidc: OidcClient | None
     # Closed in this order by ``aclose``, after the background work has stopped.
     _closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list, repr=False)
     _background: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -228,5 +230,10 @@ def build_services(
         deliveries=deliveries,
         broadcast=broadcast,
         console_sessions=SessionStore(db, clock),
+        console_oidc=(
+            OidcClient(settings, outbound, keyring, clock)
+            if settings.console and settings.console_oidc_issuer
+            else None
+        ),
         _closers=closers,
     )

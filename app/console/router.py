@@ -31,6 +31,8 @@ from app.connectors import schemas
 from app.connectors.service import ConnectorService
 from app.connectors.service.consent import OUTCOME_WORDS
 from app.console import forms
+from app.console.oidc import COOKIE as OIDC_COOKIE
+from app.console.oidc import LOGIN_TTL, OidcClient, SignInRefused
 from app.console.sessions import Session, SessionStore
 from app.core.errors import AppError, ConnectorNotFound, InvalidRequest, VersionMismatch
 from app.core.outbound import outbound_tenant
@@ -162,8 +164,8 @@ _ENV.filters["when"] = _when
 _ENV.globals["kind_words"] = lambda auth: KIND_WORDS.get((auth["type"], auth.get("grant_type")), auth["type"])
 
 
-def _signed_out() -> Response:
-    return _page("signin.html", 401, title="Sign in")
+def _signed_out(request: Request) -> Response:
+    return _page("signin.html", 401, title="Sign in", oidc=request.app.state.console_oidc is not None)
 
 
 def _forbidden(session: Session) -> Response:
@@ -220,16 +222,64 @@ async def sign_in(request: Request) -> Response:
     return response
 
 
+def _secure(request: Request) -> bool:
+    # Secure unless the service is reached over plain http (which the settings allow on loopback only).
+    public: str = request.app.state.settings.effective_public_url
+    return public.startswith("https://")
+
+
 def _set_cookie(request: Request, response: Response, session_id: str) -> None:
-    public = request.app.state.settings.effective_public_url
     response.set_cookie(
-        COOKIE,
-        session_id,
+        COOKIE, session_id, httponly=True, samesite="lax", secure=_secure(request), path="/console"
+    )
+
+
+@router.get("/sign-in/oidc")
+async def sign_in_with_provider(request: Request) -> Response:
+    oidc: OidcClient | None = request.app.state.console_oidc
+    if oidc is None:
+        return _page("message.html", 404, title="Not found", message="No identity provider is set up.")
+    try:
+        url, login = await oidc.start()
+    except SignInRefused as refused:
+        return _page("message.html", 502, title="Not signed in", message=str(refused))
+    response = _see_other(url)
+    response.set_cookie(
+        OIDC_COOKIE,
+        login,
+        max_age=LOGIN_TTL,
         httponly=True,
         samesite="lax",
-        secure=public.startswith("https://"),
+        secure=_secure(request),
         path="/console",
     )
+    return response
+
+
+@router.get("/oidc/callback")
+async def provider_callback(request: Request) -> Response:
+    oidc: OidcClient | None = request.app.state.console_oidc
+    if oidc is None:
+        return _page("message.html", 404, title="Not found", message="No identity provider is set up.")
+    query = request.query_params
+    try:
+        identity = await oidc.finish(
+            code=query.get("code"),
+            state=query.get("state"),
+            error=query.get("error"),
+            cookie=request.cookies.get(OIDC_COOKIE),
+        )
+    except SignInRefused as refused:
+        response = _page("message.html", 400, title="Not signed in", message=str(refused))
+        response.delete_cookie(OIDC_COOKIE, path="/console")
+        return response
+    session_id, _ = await _sessions(request).open(
+        identity.organization_id, identity.subject, read_only=identity.read_only
+    )
+    response = _see_other("/console/")
+    _set_cookie(request, response, session_id)
+    response.delete_cookie(OIDC_COOKIE, path="/console")
+    return response
 
 
 @router.post("/sign-out")
@@ -237,7 +287,7 @@ async def sign_out(request: Request) -> Response:
     session = await _session(request)
     data = await _form(request)
     if session is None:
-        return _signed_out()
+        return _signed_out(request)
     if not _csrf_ok(session, data):
         return _page("message.html", 403, session=session, title="Not done", message=_CSRF_WORDS)
     await _sessions(request).end(request.cookies[COOKIE])
@@ -256,7 +306,7 @@ _CSRF_WORDS = "The form was sent without its security token (or an old one). Rel
 async def connectors_page(request: Request) -> Response:
     session = await _session(request)
     if session is None:
-        return _signed_out()
+        return _signed_out(request)
     listed = await _service(request).list(session.organization_id)
     items = [item.model_dump(mode="python", by_alias=True) for item in listed.items]
     return _page(
@@ -284,7 +334,7 @@ def _notice(request: Request) -> str | None:
 async def new_connector(request: Request) -> Response:
     session = await _session(request)
     if session is None:
-        return _signed_out()
+        return _signed_out(request)
     if not session.can_write:
         return _forbidden(session)
     return _form_page(request, session, forms.ConnectorForm(values={"type": "basic"}), None)
@@ -313,7 +363,7 @@ async def create_connector(request: Request) -> Response:
     session = await _session(request)
     data = await _form(request)
     if session is None:
-        return _signed_out()
+        return _signed_out(request)
     if not session.can_write:
         return _forbidden(session)
     if not _csrf_ok(session, data):
@@ -345,7 +395,7 @@ def _refused(form: forms.ConnectorForm, error: AppError) -> None:
 async def connector_page(request: Request, connector_id: str) -> Response:
     session = await _session(request)
     if session is None:
-        return _signed_out()
+        return _signed_out(request)
     try:
         connector = await _service(request).get(session.organization_id, _connector_id(connector_id))
         history = await _service(request).history(session.organization_id, connector.id, limit=20)
@@ -380,7 +430,7 @@ async def connector_page(request: Request, connector_id: str) -> Response:
 async def edit_connector(request: Request, connector_id: str) -> Response:
     session = await _session(request)
     if session is None:
-        return _signed_out()
+        return _signed_out(request)
     if not session.can_write:
         return _forbidden(session)
     try:
@@ -398,7 +448,7 @@ async def update_connector(request: Request, connector_id: str) -> Response:
     session = await _session(request)
     data = await _form(request)
     if session is None:
-        return _signed_out()
+        return _signed_out(request)
     if not session.can_write:
         return _forbidden(session)
     if not _csrf_ok(session, data):
@@ -445,7 +495,7 @@ async def update_connector(request: Request, connector_id: str) -> Response:
 async def confirm_delete(request: Request, connector_id: str) -> Response:
     session = await _session(request)
     if session is None:
-        return _signed_out()
+        return _signed_out(request)
     if not session.can_write:
         return _forbidden(session)
     try:
@@ -467,7 +517,7 @@ async def connector_action(request: Request, connector_id: str, action: str) -> 
     session = await _session(request)
     data = await _form(request)
     if session is None:
-        return _signed_out()
+        return _signed_out(request)
     if action not in ("delete", "validate", "connect"):
         return _page(
             "message.html", 404, session=session, title="Not found", message="There is no such page."

@@ -174,8 +174,12 @@ class Settings(BaseSettings):
     # Delivered and abandoned events are kept this long for GET /webhooks/{id}/deliveries.
     webhook_retention_seconds: float = Field(default=7 * 86_400.0, ge=3600, le=90 * 86_400)
 
-    # The admin console at /console/ (app.console).
+    # The admin console at /console/ (app.console), and the OpenID Connect provider its admins
+    # sign in with (its issuer URL, and the console's client there).
     console: bool = True
+    console_oidc_issuer: str = ""
+    console_oidc_client_id: str = ""
+    console_oidc_client_secret: SecretStr | None = None
 
     # Authorization code connectors. The URL users' browsers reach the service at (a proxy's, when
     # one is in front): the consent callback is {public_url}/oauth/callback. Empty: the address

@@ -35,15 +35,18 @@ from types import TracebackType
 from typing import Any, Self
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
-from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, TokenMixin, grants
+from authlib.oauth2.rfc6749 import ClientMixin, TokenMixin, grants
 from authlib.oauth2.rfc6749.errors import InvalidClientError, InvalidGrantError, OAuth2Error
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc9207 import IssuerParameter
+from authlib.oidc.core import AuthorizationCodeMixin as OIDCAuthorizationCodeMixin
+from authlib.oidc.core import UserInfo
+from authlib.oidc.core.grants import OpenIDCode
 from flask import Flask, Response, redirect, request, session
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import Key, import_key
+from joserfc.jwk import Key, RSAKey, import_key
 from markupsafe import escape
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Response as WerkzeugResponse
@@ -123,7 +126,7 @@ class IssuedTokenRecord(TokenMixin):  # type: ignore[misc]
 
 
 @dataclass
-class AuthorizationCodeRecord(AuthorizationCodeMixin):  # type: ignore[misc]
+class AuthorizationCodeRecord(OIDCAuthorizationCodeMixin):  # type: ignore[misc]
     code: str
     client_id: str
     redirect_uri: str
@@ -131,7 +134,20 @@ class AuthorizationCodeRecord(AuthorizationCodeMixin):  # type: ignore[misc]
     user: str
     code_challenge: str | None
     code_challenge_method: str | None
+    nonce: str | None = None
     issued_at: float = field(default_factory=time.time)
+
+    def get_nonce(self) -> str | None:
+        return self.nonce
+
+    def get_auth_time(self) -> int:
+        return int(self.issued_at)
+
+    def get_acr(self) -> None:
+        return None
+
+    def get_amr(self) -> None:
+        return None
 
     def get_redirect_uri(self) -> str:
         return self.redirect_uri
@@ -162,6 +178,10 @@ class AuthStore:
     code_exchanges: list[dict[str, str]] = field(default_factory=list)
     issue_refresh_tokens: bool = True
     response_issuer: str | None = None
+    # OpenID Connect: ID tokens are signed with this key; each user's organization and scopes
+    # are claims of theirs (org_id, scope).
+    signing_key: RSAKey = field(default_factory=lambda: RSAKey.generate_key(2048, private=True))
+    user_claims: dict[str, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def end_grants(self, user: str) -> int:
@@ -296,6 +316,7 @@ class _AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mi
             user=request.user,
             code_challenge=request.payload.data.get("code_challenge"),
             code_challenge_method=request.payload.data.get("code_challenge_method"),
+            nonce=request.payload.data.get("nonce"),
         )
         with self.store.lock:
             self.store.codes[code] = record
@@ -314,6 +335,32 @@ class _AuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[mi
 
     def authenticate_user(self, authorization_code: AuthorizationCodeRecord) -> str:
         return authorization_code.user
+
+
+class _OpenIDCode(OpenIDCode):  # type: ignore[misc]
+    """ID tokens for the authorization code grant (OpenID Connect Core §3.1), signed RS256."""
+
+    def __init__(self, store: AuthStore, issuer: Callable[[], str]) -> None:
+        super().__init__(require_nonce=True)
+        self.store = store
+        self.issuer = issuer
+
+    def exists_nonce(self, nonce: str, request: Any) -> bool:
+        with self.store.lock:
+            return any(record.nonce == nonce for record in self.store.codes.values())
+
+    def resolve_client_private_key(self, client: RegisteredClient) -> RSAKey:
+        return self.store.signing_key
+
+    def get_client_algorithm(self, client: RegisteredClient) -> str:
+        return "RS256"
+
+    def get_client_claims(self, client: RegisteredClient) -> dict[str, Any]:
+        return {"iss": self.issuer(), "aud": [client.client_id]}
+
+    def generate_user_info(self, user: str, scope: str) -> UserInfo:
+        with self.store.lock:
+            return UserInfo(sub=user, **self.store.user_claims.get(user, {}))
 
 
 class _Issuer(IssuerParameter):  # type: ignore[misc]
@@ -390,8 +437,9 @@ def create_app(store: AuthStore, *, access_token_lifetime: int = 3600) -> Flask:
     password_grant = type("PasswordGrant", (_PasswordGrant,), {"store": store})
     refresh_grant = type("RefreshTokenGrant", (_RefreshTokenGrant,), {"store": store})
     code_grant = type("AuthorizationCodeGrant", (_AuthorizationCodeGrant,), {"store": store})
-    server.register_grant(code_grant, [CodeChallenge(required=True)])
-    server.register_extension(_Issuer(store, lambda: request.host_url.rstrip("/")))
+    issuer = lambda: request.host_url.rstrip("/")  # noqa: E731
+    server.register_grant(code_grant, [CodeChallenge(required=True), _OpenIDCode(store, issuer)])
+    server.register_extension(_Issuer(store, issuer))
     server.register_grant(_ClientCredentialsGrant)
     server.register_grant(password_grant)
     server.register_grant(refresh_grant)
@@ -400,6 +448,27 @@ def create_app(store: AuthStore, *, access_token_lifetime: int = 3600) -> Flask:
     def issue_token() -> Response:
         response: Response = server.create_token_response()
         return response
+
+    @app.get("/.well-known/openid-configuration")
+    def discovery() -> Response:
+        base = request.host_url.rstrip("/")
+        document = {
+            "issuer": base,
+            "authorization_endpoint": f"{base}/oauth/authorize",
+            "token_endpoint": f"{base}/oauth/token",
+            "jwks_uri": f"{base}/jwks",
+            "response_types_supported": ["code"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "code_challenge_methods_supported": ["S256"],
+        }
+        return Response(json.dumps(document), mimetype="application/json")
+
+    @app.get("/jwks")
+    def jwks() -> Response:
+        public = store.signing_key.as_dict(private=False)
+        return Response(
+            json.dumps({"keys": [{**public, "use": "sig", "alg": "RS256"}]}), mimetype="application/json"
+        )
 
     @app.get("/api/me")
     def resource() -> Response:
