@@ -44,6 +44,7 @@ def upgrade() -> None:
         sa.Column("key_id", sa.String(32), nullable=False),
         sa.Column("return_url", sa.String(2048), nullable=True),
         sa.Column("actor", sa.String(255), nullable=True),
+        sa.Column("binding_hash", sa.String(64), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["connector_id"], ["connectors.id"], ondelete="CASCADE"),

@@ -31,6 +31,9 @@ PAGE_HEADERS: Final = {
     ),
     "X-Content-Type-Options": "nosniff",
 }
+# A consent started from the console binds itself to the admin's browser with this cookie
+# (``Consenting.start_consent``'s ``binding``); sent to the callback only.
+BINDING_COOKIE: Final = "connectors_consent"
 # Longer values are not a provider's: the callback refuses them unread.
 _MAX_VALUE: Final = 4096
 _QUERY: Final = ("state", "code", "error", "iss")
@@ -89,18 +92,26 @@ async def consent_callback(request: Request) -> Response:
     if any(len(request.query_params.getlist(name)) > 1 for name in _QUERY):
         values["state"] = None
     outcome = await service.finish_consent(
-        state=values["state"], code=values["code"], error=values["error"], issuer=values["iss"]
+        state=values["state"],
+        code=values["code"],
+        error=values["error"],
+        issuer=values["iss"],
+        binding=request.cookies.get(BINDING_COOKIE),
     )
     metrics: Metrics = request.app.state.metrics
     metrics.consents.labels(outcome.error or "connected").inc()
     if outcome.return_url is not None:
-        return Response(status_code=303, headers={**PAGE_HEADERS, "Location": _back_to(outcome)})
-    return Response(
-        _page(outcome),
-        status_code=200 if outcome.error is None else 400,
-        media_type="text/html; charset=utf-8",
-        headers=PAGE_HEADERS,
-    )
+        response = Response(status_code=303, headers={**PAGE_HEADERS, "Location": _back_to(outcome)})
+    else:
+        response = Response(
+            _page(outcome),
+            status_code=200 if outcome.error is None else 400,
+            media_type="text/html; charset=utf-8",
+            headers=PAGE_HEADERS,
+        )
+    if BINDING_COOKIE in request.cookies:
+        response.delete_cookie(BINDING_COOKIE, path="/oauth/callback")
+    return response
 
 
 def _back_to(outcome: ConsentOutcome) -> str:

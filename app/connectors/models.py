@@ -130,5 +130,8 @@ class ConsentRequest(Base):
     return_url: Mapped[str | None] = mapped_column(String(2048))
     # Who started it: the audit event of its outcome names them.
     actor: Mapped[str | None] = mapped_column(String(255))
+    # The SHA-256 of a value the starting browser holds in a cookie (a consent started from the
+    # console): the callback must come with it, so nobody else's browser can finish it.
+    binding_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column()
     expires_at: Mapped[datetime] = mapped_column()

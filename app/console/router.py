@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -28,8 +29,9 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
 
 from app.connectors import schemas
+from app.connectors.callback import BINDING_COOKIE
 from app.connectors.service import ConnectorService
-from app.connectors.service.consent import OUTCOME_WORDS
+from app.connectors.service.consent import CONSENT_TTL, OUTCOME_WORDS
 from app.console import forms
 from app.console.oidc import COOKIE as OIDC_COOKIE
 from app.console.oidc import LOGIN_TTL, OidcClient, SignInRefused
@@ -542,10 +544,22 @@ async def connector_action(request: Request, connector_id: str, action: str) -> 
             await service.validate(session.organization_id, target, actor=session.subject)
             return _see_other(f"/console/connectors/{target}?done=validated")
         page = f"{request.app.state.settings.effective_public_url}/console/connectors/{target}"
+        binding = secrets.token_urlsafe(32)
         started = await service.start_consent(
-            session.organization_id, target, return_url=page, actor=session.subject
+            session.organization_id, target, return_url=page, actor=session.subject, binding=binding
         )
-        return _see_other(started.authorization_url)
+        response = _see_other(started.authorization_url)
+        # Only this browser can finish the consent: the callback must bring the cookie back.
+        response.set_cookie(
+            BINDING_COOKIE,
+            binding,
+            max_age=int(CONSENT_TTL.total_seconds()),
+            httponly=True,
+            samesite="lax",
+            secure=_secure(request),
+            path="/oauth/callback",
+        )
+        return response
     except ConnectorNotFound:
         return _page(
             "message.html", 404, session=session, title="Not found", message="There is no such connector."

@@ -16,7 +16,10 @@ from app.console.sessions import SessionStore
 from app.core.config import Settings
 from app.main import Overrides
 from tests.connectors import payloads
+from tests.support.authserver import AuthorizationServerThread, RegisteredClient
+from tests.support.consent import ProviderBrowser
 from tests.support.fakes import FakeTime
+from tests.support.tls import LocalCA
 
 BASE = "http://127.0.0.1:8000"
 
@@ -232,3 +235,60 @@ async def test_connect_sends_the_admin_to_the_providers_consent_page(
     assert location.startswith("https://127.0.0.1:9/oauth/authorize?")
     query = parse_qs(urlsplit(location).query)
     assert query["redirect_uri"] == [f"{BASE}/oauth/callback"]
+
+
+async def test_a_consent_started_in_the_console_finishes_only_in_that_browser(
+    browser_for: Callable[..., Awaitable[httpx.AsyncClient]],
+    client: httpx.AsyncClient,
+    auth_server: AuthorizationServerThread,
+    local_ca: LocalCA,
+) -> None:
+    auth_server.add_clients(
+        [
+            RegisteredClient(
+                "ac-client",
+                "CANARY-ac-secret",
+                grant_types=("authorization_code", "refresh_token"),
+                scope="read offline_access",
+                redirect_uris=(f"{BASE}/oauth/callback",),
+            )
+        ]
+    )
+    auth_server.store.add_user("admin", "CANARY-admin-pw")
+    body = payloads.authorization_code(
+        token_url=auth_server.token_url,
+        authorization_url=auth_server.authorization_url,
+        client_id="ac-client",
+        client_secret="CANARY-ac-secret",
+    )
+    connector_id = (await client.post("/connectors", json=body)).json()["id"]
+    console = await browser_for("org-a")
+    provider = ProviderBrowser(local_ca.ca_bundle)
+
+    async def consent_location() -> str:
+        page = await console.get(f"/console/connectors/{connector_id}")
+        started = await console.post(
+            f"/console/connectors/{connector_id}/connect", data={"csrf": csrf_of(page)}
+        )
+        assert "Path=/oauth/callback" in started.headers["set-cookie"]
+        return await provider.consent(
+            started.headers["location"], username="admin", password="CANARY-admin-pw"
+        )
+
+    try:
+        # Another browser (no binding cookie) cannot finish it: nothing is connected.
+        location = await consent_location()
+        async with httpx.AsyncClient(transport=console._transport, base_url=BASE) as stranger:
+            refused = await stranger.get(location.removeprefix(BASE))
+        assert refused.status_code == 303 and "error=other_browser" in refused.headers["location"]
+        assert "Needs an admin" in (await console.get(f"/console/connectors/{connector_id}")).text
+        # The admin's own browser can.
+        location = await consent_location()
+        back = await console.get(location.removeprefix(BASE))
+        assert back.status_code == 303
+        assert back.headers["location"].startswith(f"{BASE}/console/connectors/{connector_id}?")
+        assert "result=connected" in back.headers["location"]
+        page = await console.get(back.headers["location"].removeprefix(BASE))
+        assert "The account is connected." in page.text and "Working" in page.text
+    finally:
+        await provider.aclose()

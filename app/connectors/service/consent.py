@@ -15,6 +15,7 @@ A part of ``ConnectorService`` (``Consenting``): what it needs of the rest of th
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -58,6 +59,9 @@ MAX_OPEN_CONSENTS: Final = 20
 # the browser is sent back with.
 OUTCOME_WORDS: Final = {
     "invalid_request": "The provider's answer was incomplete. Start connecting again.",
+    "other_browser": (
+        "This consent was started in another browser. Start connecting again from the connector's page."
+    ),
     "unknown_state": (
         "This sign-in link is unknown or was already used. Start connecting again from the connector."
     ),
@@ -148,7 +152,9 @@ class Consenting:
         *,
         return_url: str | None,
         actor: str | None = None,
+        binding: str | None = None,
     ) -> ConsentStart:
+        """``binding``: a value the starting browser keeps (a cookie) and the callback must bring."""
         if return_url is not None and not self._return_url_allowed(return_url):
             raise InvalidRequest(
                 errors=[
@@ -183,6 +189,7 @@ class Consenting:
                     key_id=self.sealer.keyring.primary_key_id,
                     return_url=return_url,
                     actor=actor,
+                    binding_hash=state_digest(binding) if binding is not None else None,
                     created_at=now,
                     expires_at=expires_at,
                 )
@@ -207,7 +214,13 @@ class Consenting:
         return origin in self.return_origins
 
     async def finish_consent(
-        self: _Service, *, state: str | None, code: str | None, error: str | None, issuer: str | None
+        self: _Service,
+        *,
+        state: str | None,
+        code: str | None,
+        error: str | None,
+        issuer: str | None,
+        binding: str | None = None,
     ) -> ConsentOutcome:
         """The callback's answer; never raises for what the browser brought."""
         if not state:
@@ -226,6 +239,14 @@ class Consenting:
         if request is None:
             return ConsentOutcome("unknown_state")
         failure = _failure(request, row, now, code=code, error=error, issuer=issuer)
+        if (
+            failure is None
+            and request.binding_hash is not None
+            and (binding is None or not hmac.compare_digest(state_digest(binding), request.binding_hash))
+        ):
+            # Started in one browser, finished in another: a consent link sent to (or stolen
+            # from) someone else connects nothing.
+            failure = "other_browser"
         if failure is not None:
             await self._record_outcome(request, failure)
             return ConsentOutcome(failure, request.connector_id, request.return_url)
