@@ -22,6 +22,7 @@ from app.connectors.callback import router as consent_router
 from app.connectors.router import hot_routes
 from app.connectors.router import router as connectors_router
 from app.console.router import router as console_router
+from app.console.webhooks import router as console_webhooks_router
 from app.core.clock import SystemClock
 from app.core.config import Settings
 from app.core.docs import install_docs
@@ -103,6 +104,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     app.include_router(webhooks_router)
     if settings.console:
         app.include_router(console_router)
+        app.include_router(console_webhooks_router)
     install_docs(app)
     install_openapi(app, models=[schemas.AuthorizeRequest])
 

@@ -138,6 +138,19 @@ async def test_an_admin_sets_up_connectors_in_the_console(
         await expect(page.get_by_text("The connector was deleted.")).to_be_visible()
         await expect(page.get_by_role("link", name="Add more")).to_be_visible()
 
+        # Webhooks: added (the signing secret shown once), then its page.
+        await page.get_by_role("link", name="Webhooks").click()
+        await assert_accessible(page)
+        await page.get_by_role("link", name="Add a webhook").click()
+        await assert_accessible(page)
+        await page.get_by_label("URL", exact=True).fill(scripted_server.url("/hooks"))
+        await page.get_by_label("connector.deleted").check()
+        await page.get_by_role("button", name="Done").click()
+        await expect(page.get_by_text("it is not shown again")).to_be_visible()
+        await assert_accessible(page)
+        await page.get_by_role("link", name="Continue to the webhook").click()
+        await assert_accessible(page)
+
         # Signing out ends the session: its cookie no longer opens a page.
         await page.get_by_role("button", name="Sign out").click()
         await expect(page.get_by_role("heading", name="Signed out")).to_be_visible()

@@ -292,3 +292,68 @@ async def test_a_consent_started_in_the_console_finishes_only_in_that_browser(
         assert "The account is connected." in page.text and "Working" in page.text
     finally:
         await provider.aclose()
+
+
+async def test_webhooks_are_added_edited_rotated_resent_and_deleted(
+    browser_for: Callable[..., Awaitable[httpx.AsyncClient]], client: httpx.AsyncClient
+) -> None:
+    console = await browser_for("org-a")
+    form = await console.get("/console/webhooks/new")
+    assert form.status_code == 200
+    refused = await console.post(
+        "/console/webhooks/",
+        data={"csrf": csrf_of(form), "url": "http://hooks.example.com/in", "enabled": "on"},
+    )
+    assert refused.status_code == 422 and 'id="url-error"' in refused.text
+    added = await console.post(
+        "/console/webhooks/",
+        data={
+            "csrf": csrf_of(form),
+            "url": "https://127.0.0.1:9/in",
+            "event_type": "connector.created",
+            "enabled": "on",
+        },
+    )
+    assert added.status_code == 200 and "not shown again" in added.text
+    secret = re.search(r'<code id="secret">(whsec_[^<]+)</code>', added.text)
+    assert secret is not None
+    webhook_id = re.search(r'href="/console/webhooks/([0-9a-f-]{36})"', added.text)
+    assert webhook_id is not None
+    page_url = f"/console/webhooks/{webhook_id.group(1)}"
+    page = await console.get(page_url)
+    assert secret.group(1) not in page.text and "connector.created" in page.text
+
+    # An event: a delivery to resend.
+    await client.post("/connectors", json=payloads.basic(), params={"validate": "false"})
+    page = await console.get(page_url)
+    delivery = re.search(r'name="delivery" value="([0-9a-f-]{36})"', page.text)
+    assert delivery is not None, page.text
+    resent = await console.post(
+        f"{page_url}/resend", data={"csrf": csrf_of(page), "delivery": delivery.group(1)}
+    )
+    assert resent.status_code == 303 and resent.headers["location"].endswith("?done=resent")
+
+    edit = await console.get(f"{page_url}/edit")
+    version = re.search(r'name="version" value="(\d+)"', edit.text)
+    assert version is not None
+    saved = await console.post(
+        f"{page_url}/edit",
+        data={"csrf": csrf_of(edit), "version": version.group(1), "url": "https://127.0.0.1:9/other"},
+    )
+    assert saved.status_code == 303
+    page = await console.get(page_url)
+    assert (
+        "https://127.0.0.1:9/other" in page.text and "All events" in page.text and "Turned off" in page.text
+    )
+
+    rotated = await console.post(f"{page_url}/rotate-secret", data={"csrf": csrf_of(page)})
+    new_secret = re.search(r'<code id="secret">(whsec_[^<]+)</code>', rotated.text)
+    assert new_secret is not None and new_secret.group(1) != secret.group(1)
+    assert "previous secret also signs" in rotated.text
+
+    page = await console.get(page_url)
+    version = re.search(r'name="version" value="(\d+)"', page.text)
+    assert version is not None
+    gone = await console.post(f"{page_url}/delete", data={"csrf": csrf_of(page), "version": version.group(1)})
+    assert gone.status_code == 303
+    assert "No webhooks yet" in (await console.get("/console/webhooks/")).text

@@ -14,6 +14,12 @@ document.addEventListener("DOMContentLoaded", () => {
       navigator.clipboard.writeText(text).then(() => { button.textContent = "Copied"; });
     });
   });
+  // Buttons that ask first (the form is sent only once confirmed).
+  document.querySelectorAll("button[data-confirm]").forEach((button) => {
+    button.addEventListener("click", (event) => {
+      if (!window.confirm(button.dataset.confirm)) { event.preventDefault(); }
+    });
+  });
   // A refused form: its message is where the keyboard goes.
   const problem = document.getElementById("problem");
   if (problem) { problem.focus(); }
