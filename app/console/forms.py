@@ -23,11 +23,16 @@ GRANT_TYPES: Final = (
 CLIENT_AUTH_METHODS: Final = (
     ("client_secret_basic", "Client secret, in a Basic header"),
     ("client_secret_post", "Client secret, in the request body"),
+    ("private_key_jwt", "Private key JWT (a signed assertion)"),
+    ("tls_client_auth", "TLS client certificate"),
 )
+SIGNING_ALGS: Final = (("RS256", "RS256"), ("PS256", "PS256"), ("ES256", "ES256"))
 API_KEY_PLACES: Final = (("header", "A header"), ("query", "A query parameter"))
 
 # Form field names of secrets: never echoed into a page.
-SECRET_FIELDS: Final = frozenset({"password", "client_secret", "oauth_password", "key"})
+SECRET_FIELDS: Final = frozenset(
+    {"password", "client_secret", "oauth_password", "key", "private_key", "tls_private_key"}
+)
 TEXT_FIELDS: Final = (
     "name",
     "type",
@@ -41,6 +46,10 @@ TEXT_FIELDS: Final = (
     "scope",
     "oauth_username",
     "authorization_url",
+    "signing_alg",
+    "private_key_id",
+    "assertion_audience",
+    "tls_certificate",
     "key_in",
     "key_name",
     "key_prefix",
@@ -84,6 +93,10 @@ class ConnectorForm:
                 scope=auth.get("scope") or "",
                 oauth_username=auth.get("username", ""),
                 authorization_url=auth.get("authorization_url", ""),
+                signing_alg=auth.get("signing_alg", ""),
+                private_key_id=auth.get("private_key_id") or "",
+                assertion_audience=auth.get("assertion_audience") or "",
+                tls_certificate=auth.get("tls_certificate", ""),
             )
         else:
             values.update(
@@ -139,8 +152,15 @@ class ConnectorForm:
             auth: dict[str, Any] = {
                 "type": "oauth2",
                 "grant_type": grant,
-                **pick("client_auth_method", "client_id", "client_secret", "token_url", "scope"),
+                **pick("client_auth_method", "client_id", "token_url", "scope"),
             }
+            method = v.get("client_auth_method") or "client_secret_basic"
+            if method == "private_key_jwt":
+                auth.update(pick("private_key", "signing_alg", "private_key_id", "assertion_audience"))
+            elif method == "tls_client_auth":
+                auth.update(pick("tls_certificate", "tls_private_key"))
+            else:
+                auth.update(pick("client_secret"))
             if grant == "password":
                 auth.update(pick("username=oauth_username", "password=oauth_password"))
             if grant == "authorization_code":

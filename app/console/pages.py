@@ -60,6 +60,7 @@ ENV.globals["auth_types"] = forms.AUTH_TYPES
 ENV.globals["grant_types"] = forms.GRANT_TYPES
 ENV.globals["client_auth_methods"] = forms.CLIENT_AUTH_METHODS
 ENV.globals["api_key_places"] = forms.API_KEY_PLACES
+ENV.globals["signing_algs"] = forms.SIGNING_ALGS
 
 STATE_WORDS: Final = {
     "unverified": "Not checked",

@@ -357,3 +357,30 @@ async def test_webhooks_are_added_edited_rotated_resent_and_deleted(
     gone = await console.post(f"{page_url}/delete", data={"csrf": csrf_of(page), "version": version.group(1)})
     assert gone.status_code == 303
     assert "No webhooks yet" in (await console.get("/console/webhooks/")).text
+
+
+async def test_the_form_takes_private_key_jwt_and_judges_the_key_beside_its_field(
+    browser_for: Callable[..., Awaitable[httpx.AsyncClient]],
+) -> None:
+    console = await browser_for()
+    form = await console.get("/console/connectors/new")
+    assert 'id="private_key"' in form.text and 'id="tls_certificate"' in form.text
+    answer = await console.post(
+        "/console/connectors",
+        data={
+            "csrf": csrf_of(form),
+            "name": "Signed",
+            "type": "oauth2",
+            "resource_domain_url": "https://api.example.com",
+            "grant_type": "client_credentials",
+            "client_auth_method": "private_key_jwt",
+            "client_id": "signed-client",
+            "token_url": "https://127.0.0.1:9/oauth/token",
+            "private_key": "-----BEGIN PRIVATE KEY-----\nCANARYnotakey\n-----END PRIVATE KEY-----\n",
+            "signing_alg": "RS256",
+        },
+    )
+    assert answer.status_code == 422
+    assert 'id="private_key-error"' in answer.text
+    assert "CANARY" not in answer.text
+    assert re.search(r'<option value="private_key_jwt" selected>', answer.text)
