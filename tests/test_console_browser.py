@@ -151,6 +151,14 @@ async def test_an_admin_sets_up_connectors_in_the_console(
         await page.get_by_role("link", name="Continue to the webhook").click()
         await assert_accessible(page)
 
+        # In Hungarian, with the switch on the page.
+        await page.get_by_role("link", name="Magyar").click()
+        await expect(page.get_by_role("heading", name="Webhook", exact=True)).to_be_visible()
+        await page.get_by_role("link", name="Csatlakozók").first.click()
+        await expect(page.get_by_role("heading", name="Csatlakozók", exact=True)).to_be_visible()
+        await assert_accessible(page)
+        await page.get_by_role("link", name="English").click()
+
         # Signing out ends the session: its cookie no longer opens a page.
         await page.get_by_role("button", name="Sign out").click()
         await expect(page.get_by_role("heading", name="Signed out")).to_be_visible()

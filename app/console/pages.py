@@ -20,7 +20,7 @@ from fastapi import Request, Response
 from fastapi.responses import RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from app.console import forms
+from app.console import forms, i18n
 from app.console.sessions import Session, SessionStore
 from app.core.outbound import outbound_tenant
 
@@ -92,9 +92,27 @@ def headers(form_targets: str = "") -> dict[str, str]:
 
 
 def page(template: str, status: int = 200, *, form_targets: str = "", **context: Any) -> Response:
-    html = ENV.get_template(template).render(**context)
-    return Response(
+    """A page in the request's language (``set_language``), remembered when it was switched."""
+    chosen = i18n.current()
+    html = ENV.get_template(template).render(
+        _=chosen.gettext, lang=chosen.code, languages=i18n.NAMES, **context
+    )
+    response = Response(
         html, status_code=status, media_type="text/html; charset=utf-8", headers=headers(form_targets)
+    )
+    if chosen.switched:
+        response.set_cookie(i18n.COOKIE, chosen.code, max_age=365 * 86_400, samesite="lax", path="/console")
+    return response
+
+
+def set_language(request: Request) -> None:
+    """Pick the language of this request's pages (``app.console.i18n.language``)."""
+    i18n.choose(
+        i18n.language(
+            request.query_params.get("lang"),
+            request.cookies.get(i18n.COOKIE),
+            request.headers.get("accept-language"),
+        )
     )
 
 
@@ -108,6 +126,7 @@ def sessions(request: Request) -> SessionStore:
 
 
 async def session_of(request: Request) -> Session | None:
+    set_language(request)
     session_id = request.cookies.get(COOKIE)
     if not session_id or len(session_id) > 100:
         return None
@@ -130,16 +149,20 @@ def valid_csrf(session: Session, data: Mapping[str, str]) -> bool:
 
 
 def _words(state: str) -> str:
-    return STATE_WORDS.get(state, state)
+    return i18n.current().gettext(STATE_WORDS.get(state, state))
 
 
 def _when(at: datetime | None) -> str:
-    return at.strftime("%Y-%m-%d %H:%M UTC") if at is not None else "never"
+    return i18n.current().when(at)
+
+
+def _kind(auth: Mapping[str, Any]) -> str:
+    return i18n.current().gettext(KIND_WORDS.get((auth["type"], auth.get("grant_type")), auth["type"]))
 
 
 ENV.filters["state_words"] = _words
 ENV.filters["when"] = _when
-ENV.globals["kind_words"] = lambda auth: KIND_WORDS.get((auth["type"], auth.get("grant_type")), auth["type"])
+ENV.globals["kind_words"] = _kind
 
 
 def signed_out(request: Request) -> Response:

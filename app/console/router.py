@@ -39,6 +39,7 @@ from app.console.pages import (
     see_other,
     session_of,
     sessions,
+    set_language,
     set_session_cookie,
     signed_out,
     valid_csrf,
@@ -86,6 +87,7 @@ async def static_file(name: str) -> Response:
 
 @router.get("/sign-in")
 async def sign_in(request: Request) -> Response:
+    set_language(request)
     token = request.query_params.get("token", "")
     redeemed = await sessions(request).redeem_link(token) if 0 < len(token) <= 100 else None
     if redeemed is None:
@@ -103,6 +105,7 @@ async def sign_in(request: Request) -> Response:
 
 @router.get("/sign-in/oidc")
 async def sign_in_with_provider(request: Request) -> Response:
+    set_language(request)
     oidc: OidcClient | None = request.app.state.console_oidc
     if oidc is None:
         return page("message.html", 404, title="Not found", message="No identity provider is set up.")
@@ -125,6 +128,7 @@ async def sign_in_with_provider(request: Request) -> Response:
 
 @router.get("/oidc/callback")
 async def provider_callback(request: Request) -> Response:
+    set_language(request)
     oidc: OidcClient | None = request.app.state.console_oidc
     if oidc is None:
         return page("message.html", 404, title="Not found", message="No identity provider is set up.")

@@ -5,16 +5,13 @@ authorization code connector. ``tests/test_console_browser.py`` walks an admin's
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
-import pytest
 
 from app.console.sessions import SessionStore
-from app.core.config import Settings
-from app.main import Overrides
 from tests.connectors import payloads
 from tests.support.authserver import AuthorizationServerThread, RegisteredClient
 from tests.support.consent import ProviderBrowser
@@ -22,34 +19,6 @@ from tests.support.fakes import FakeTime
 from tests.support.tls import LocalCA
 
 BASE = "http://127.0.0.1:8000"
-
-
-@pytest.fixture
-async def console_app(
-    app_factory: Callable[..., Awaitable[Any]], settings: Settings, fake_time: FakeTime
-) -> Any:
-    return await app_factory(settings, Overrides(clock=fake_time))
-
-
-@pytest.fixture
-async def browser_for(console_app: Any) -> AsyncIterator[Callable[..., Awaitable[httpx.AsyncClient]]]:
-    clients: list[httpx.AsyncClient] = []
-
-    async def signed_in(org: str = "acme", *, read_only: bool = False) -> httpx.AsyncClient:
-        store: SessionStore = console_app.state.console_sessions
-        token = await store.create_link(org, "admin-1", read_only=read_only)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=console_app), base_url=BASE)
-        clients.append(client)
-        answer = await client.get("/console/sign-in", params={"token": token})
-        assert answer.status_code == 303 and answer.headers["location"] == "/console/"
-        cookie = answer.headers["set-cookie"]
-        assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Path=/console" in cookie
-        assert "Secure" not in cookie  # http on loopback
-        return client
-
-    yield signed_in
-    for client in clients:
-        await client.aclose()
 
 
 def csrf_of(page: httpx.Response) -> str:
