@@ -102,9 +102,6 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
     app.include_router(connectors_router)
     app.include_router(consent_router)
     app.include_router(webhooks_router)
-    if settings.console:
-        app.include_router(console_router)
-        app.include_router(console_webhooks_router)
     install_docs(app)
     install_openapi(app, models=[schemas.AuthorizeRequest])
 
@@ -165,6 +162,11 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         service.observe(metrics)
         await services.deliveries.observe_backlog()
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    if settings.console:
+        # Last: the API's routes and the probes are matched before the console's.
+        app.include_router(console_router)
+        app.include_router(console_webhooks_router)
 
     app.add_middleware(UnexpectedErrorMiddleware)
     # The largest valid body (a connector with every field at its limit) is far smaller.
