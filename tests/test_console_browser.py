@@ -1,7 +1,8 @@
-"""The admin console in Chromium, against ``python -m app serve``: a sign-in link from
-``console-link``, then an admin's path from an empty organization to its limit, a refused save,
-an edit that keeps a secret, a delete, a read-only admin, a form without its CSRF token, and
-signing out."""
+"""The admin console in Chromium, against ``python -m app serve`` on SQLite and PostgreSQL: a
+sign-in link from ``console-link``, then an admin's path from an empty organization to its limit,
+a refused save, an edit that keeps a secret, a delete, webhooks, Hungarian, a read-only admin, a
+form without its CSRF token, signing out; the same path from the keyboard alone; axe-core on
+every page."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from playwright.async_api import Page, expect
 
+from tests.conftest import _truncate_postgres, run_sync
 from tests.support.browser import assert_accessible, chromium
 from tests.support.servers import Reply, ScriptedServer
 from tests.support.service import ServiceProcess, caller_token, migrate, running_service, service_env
@@ -23,10 +25,15 @@ from tests.support.tls import LocalCA
 LIMIT = 2
 
 
-@pytest.fixture
-def service(tmp_path: Path, local_ca: LocalCA) -> Iterator[ServiceProcess]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def service(request: pytest.FixtureRequest, tmp_path: Path, local_ca: LocalCA) -> Iterator[ServiceProcess]:
+    if request.param == "sqlite":
+        database_url = f"sqlite+aiosqlite:///{tmp_path / 'connectors.db'}"
+    else:
+        database_url = request.getfixturevalue("postgres_server")
+        run_sync(_truncate_postgres(database_url))
     env = service_env(
-        f"sqlite+aiosqlite:///{tmp_path / 'connectors.db'}",
+        database_url,
         tmp_path,
         ca_bundle=str(local_ca.ca_bundle),
         max_connectors_per_org=str(LIMIT),
@@ -182,3 +189,46 @@ async def test_an_admin_sets_up_connectors_in_the_console(
         assert again.status == 400
     log = service.stderr()
     assert "CANARY" not in log and "token=" not in log
+
+
+async def tab_to(page: Page, selector: str, limit: int = 60) -> None:
+    """Press Tab until the element ``selector`` has the focus (and shows it)."""
+    for _ in range(limit):
+        await page.keyboard.press("Tab")
+        if await page.evaluate("(s) => document.activeElement === document.querySelector(s)", selector):
+            outline = await page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
+            assert outline != "none", f"{selector} has the focus but shows none"
+            return
+    raise AssertionError(f"Tab never reached {selector}")
+
+
+async def test_the_whole_path_works_from_the_keyboard(
+    service: ServiceProcess, scripted_server: ScriptedServer
+) -> None:
+    scripted_server.set_default(Reply(status=204))
+    async with chromium() as browser:
+        page = await browser.new_page()
+        await page.goto(sign_in_link(service, "keys"))
+        await tab_to(page, "a.button[href='/console/connectors/new']")
+        await page.keyboard.press("Enter")
+        await expect(page.get_by_role("heading", name="New connector")).to_be_visible()
+        for selector, text in (
+            ("#name", "Keyboard CRM"),
+            ("#resource_domain_url", "https://crm.example.com"),
+            ("#username", "svc-user"),
+            ("#password", "CANARY-keyboard-pw"),
+            ("#validation_url", scripted_server.url("/auth/check")),
+        ):
+            await tab_to(page, selector)
+            await page.keyboard.type(text)
+        await tab_to(page, "button[type=submit]:not(header button)")
+        await page.keyboard.press("Enter")
+        await expect(page.get_by_role("heading", name="Keyboard CRM")).to_be_visible()
+        assert scripted_server.count == 1
+        # Delete, from the keyboard too.
+        await tab_to(page, "a.danger")
+        await page.keyboard.press("Enter")
+        await expect(page.get_by_role("heading", name="Delete “Keyboard CRM”?")).to_be_visible()
+        await tab_to(page, "main button.danger")
+        await page.keyboard.press("Enter")
+        await expect(page.get_by_text("The connector was deleted.")).to_be_visible()
