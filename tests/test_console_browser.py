@@ -17,12 +17,13 @@ import pytest
 from playwright.async_api import Page, expect
 
 from tests.conftest import _truncate_postgres, run_sync
+from tests.support.authserver import AuthorizationServerThread, RegisteredClient
 from tests.support.browser import assert_accessible, chromium
 from tests.support.servers import Reply, ScriptedServer
 from tests.support.service import ServiceProcess, caller_token, migrate, running_service, service_env
 from tests.support.tls import LocalCA
 
-LIMIT = 2
+LIMIT = 5
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -69,9 +70,10 @@ async def fill_basic(page: Page, name: str, resource: str, validation_url: str, 
 
 
 async def test_an_admin_sets_up_connectors_in_the_console(
-    service: ServiceProcess, scripted_server: ScriptedServer
+    service: ServiceProcess, scripted_server: ScriptedServer, auth_server: AuthorizationServerThread
 ) -> None:
     scripted_server.set_default(Reply(status=204))
+    auth_server.add_clients([RegisteredClient("console-cc", "CANARY-cc-secret", scope="read")])
     check_url = scripted_server.url("/auth/check")
     async with chromium() as browser:
         page = await browser.new_page()
@@ -112,6 +114,27 @@ async def test_an_admin_sets_up_connectors_in_the_console(
         await fill_basic(page, "Tickets", "https://tickets.example.com", check_url, "CANARY-second-pw")
         await page.get_by_role("button", name="Done").click()
         await expect(page.get_by_role("heading", name="Tickets")).to_be_visible()
+        # OAuth 2.0 client credentials, checked against a real token server.
+        await page.get_by_role("link", name="Back to the connectors").click()
+        await page.get_by_role("link", name="Add more").click()
+        await page.get_by_label("Name", exact=True).fill("Orders")
+        await page.get_by_label("Authentication type", exact=True).select_option("oauth2")
+        await page.get_by_label("Resource domain URL", exact=True).fill("https://orders.example.com")
+        await page.get_by_label("Grant type", exact=True).select_option("client_credentials")
+        await page.get_by_label("Client ID", exact=True).fill("console-cc")
+        await page.get_by_label("Client secret", exact=True).fill("CANARY-cc-secret")
+        await page.get_by_label("Token URL", exact=True).fill(auth_server.token_url)
+        await page.get_by_label("Scope", exact=True).fill("read")
+        await page.get_by_role("button", name="Done").click()
+        await expect(page.get_by_role("heading", name="Orders")).to_be_visible()
+        await expect(page.get_by_text("Working")).to_be_visible()
+        assert auth_server.request_count == 1
+        for name in ("Billing", "Survey"):
+            await page.get_by_role("link", name="Back to the connectors").click()
+            await page.get_by_role("link", name="Add more").click()
+            await fill_basic(page, name, f"https://{name.lower()}.example.com", check_url, "CANARY-more-pw")
+            await page.get_by_role("button", name="Done").click()
+            await expect(page.get_by_role("heading", name=name)).to_be_visible()
         await page.goto(f"{service.base_url}/console/")
         await expect(page.get_by_role("button", name="Add more")).to_be_disabled()
         await expect(page.get_by_text(f"Your organization has {LIMIT} connectors")).to_be_visible()
@@ -120,6 +143,7 @@ async def test_an_admin_sets_up_connectors_in_the_console(
         # An edit that leaves the password blank keeps it.
         await page.get_by_role("link", name="CRM").click()
         await page.get_by_role("link", name="Edit").click()
+        await assert_accessible(page)
         await page.get_by_label("Name", exact=True).fill("CRM (EU)")
         await page.get_by_role("button", name="Done").click()
         await expect(page.get_by_role("heading", name="CRM (EU)")).to_be_visible()
