@@ -6,7 +6,9 @@ read: a concurrent update wrote new secrets meanwhile (under the newest key, or 
 by a replica not yet given the new ring), and re-encrypting what was read would undo it. Such a
 row is read again in a later batch. So the command is safe to interrupt and to run again, and
 safe to run while the service serves. Each rewritten row gets a ``rotate_keys``
-audit event in the same transaction.
+audit event in the same transaction. The grants of authorization code connectors and the consents
+under way are re-encrypted the same way (``rotate_grant_keys``), without audit events: a grant is
+rewritten only at the generation read, so a renewal's rotation is never undone.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import cast
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.repository import AuditRepository
 from app.audit.schemas import SUCCEEDED
-from app.connectors.grants import rotate_grant_keys
+from app.connectors.models import ConnectorGrant, ConsentRequest
 from app.connectors.repository import ConnectorRepository, RotationRepository
 from app.core.clock import Clock, SystemClock
 from app.core.config import Settings
@@ -108,3 +114,82 @@ async def rotate_keys(settings: Settings, *, batch_size: int = 100) -> RotationR
         report.skipped += part.skipped
         report.failed += part.failed
     return report
+
+
+@dataclass(slots=True)
+class GrantRotation:
+    rotated: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+async def rotate_grant_keys(db: Database, keyring: KeyRing, *, batch_size: int = 100) -> GrantRotation:
+    """Re-encrypt grants and open consents under the newest key (``connectors rotate-keys``).
+
+    A grant is rewritten only if its generation and key id are still the ones read, so a renewal
+    that rotated its refresh token meanwhile is never undone; a consent is used once and gone in
+    minutes, and is rewritten only if it is still there.
+    """
+    report = GrantRotation()
+    primary = keyring.primary_key_id
+    tables: tuple[type[ConnectorGrant] | type[ConsentRequest], ...] = (ConnectorGrant, ConsentRequest)
+    for table in tables:
+        failed: set[object] = set()
+        while True:
+            async with db.write() as session:
+                result = await session.execute(
+                    select(table).where(table.key_id != primary).limit(batch_size + len(failed))
+                )
+                found = cast(list[ConnectorGrant | ConsentRequest], list(result.scalars().all()))
+                rows = [row for row in found if _row_key(row) not in failed][:batch_size]
+                if not rows:
+                    break
+                for row in rows:
+                    try:
+                        values = _resealed(keyring, row)
+                    except DecryptionError:
+                        log.error(
+                            "cannot decrypt a connector's grant", extra={"connector": str(row.connector_id)}
+                        )
+                        failed.add(_row_key(row))
+                        report.failed += 1
+                        continue
+                    if await _rewrite(session, row, {**values, "key_id": primary}):
+                        report.rotated += 1
+                    else:
+                        report.skipped += 1
+    return report
+
+
+def _row_key(row: ConnectorGrant | ConsentRequest) -> object:
+    return row.connector_id if isinstance(row, ConnectorGrant) else row.state_hash
+
+
+_SEALED_FIELDS = {ConnectorGrant: ("refresh_token", "access_token"), ConsentRequest: ("code_verifier",)}
+
+
+def _resealed(keyring: KeyRing, row: ConnectorGrant | ConsentRequest) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for field in _SEALED_FIELDS[type(row)]:
+        sealed = getattr(row, field)
+        if sealed is not None:
+            aad = secret_aad(row.organization_id, row.connector_id, field)
+            values[field] = keyring.encrypt(keyring.decrypt(sealed, aad=aad), aad=aad)
+    return values
+
+
+async def _rewrite(
+    session: AsyncSession, row: ConnectorGrant | ConsentRequest, values: dict[str, str]
+) -> bool:
+    if isinstance(row, ConnectorGrant):
+        statement = update(ConnectorGrant).where(
+            ConnectorGrant.connector_id == row.connector_id,
+            ConnectorGrant.generation == row.generation,
+            ConnectorGrant.key_id == row.key_id,
+        )
+    else:
+        statement = update(ConsentRequest).where(
+            ConsentRequest.state_hash == row.state_hash, ConsentRequest.key_id == row.key_id
+        )
+    result = await session.execute(statement.values(**values).execution_options(synchronize_session=False))
+    return bool(getattr(result, "rowcount", 0))

@@ -19,12 +19,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from app.connectors.grants import rotate_grant_keys
 from app.connectors.models import ConnectorGrant, ConsentRequest
 from app.core.config import Settings
 from app.core.crypto import KeyRing, secret_aad
 from app.core.db import Database, build_engine
 from app.main import Overrides
+from app.rotation import rotate_grant_keys
 from tests.connectors import payloads
 from tests.connectors.test_authorize import authorize, recorded_status, unhurried
 from tests.connectors.test_crud import assert_problem

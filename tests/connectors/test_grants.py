@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.connectors.grants import GrantKeeper, GrantRepository, seal_grant
+from app.connectors.grants import GrantRepository, seal_grant
+from app.connectors.renewals import GrantKeeper
 from app.connectors.sealing import SecretSealer
 from app.connectors.service import ConnectorService
 from app.core.db import Database

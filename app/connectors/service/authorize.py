@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from app.connectors import schemas
 from app.connectors.follower import ChangeFollower
-from app.connectors.grants import GrantKeeper
 from app.connectors.kinds import kind_of
 from app.connectors.memory import ConnectorMemory, HeldConnector
 from app.connectors.models import Connector
+from app.connectors.renewals import GrantKeeper
 from app.connectors.repository import ConnectorRepository
 from app.connectors.sealing import UNREADABLE, SecretSealer
 from app.connectors.service.background import Background

@@ -27,9 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.schemas import SUCCEEDED, AuditAction
 from app.connectors.events import EventRecorder
-from app.connectors.grants import ConsentRepository, GrantKeeper, GrantRepository, seal_grant
+from app.connectors.grants import ConsentRepository, GrantRepository, seal_grant
 from app.connectors.kinds import kind_of
 from app.connectors.models import Connector, ConsentRequest
+from app.connectors.renewals import GrantKeeper
 from app.connectors.repository import ConnectorRepository
 from app.connectors.sealing import SecretSealer
 from app.connectors.service.payloads import status_data

@@ -31,10 +31,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.connectors import schemas
 from app.connectors.events import EventRecorder, no_events
 from app.connectors.follower import ChangeFollower
-from app.connectors.grants import NO_GRANT, GrantFacts, GrantKeeper, GrantRepository
+from app.connectors.grants import NO_GRANT, GrantFacts, GrantRepository
 from app.connectors.kinds import CheckTools, Kind, kind_of
 from app.connectors.memory import ConnectorMemory
 from app.connectors.models import Connector
+from app.connectors.renewals import GrantKeeper
 from app.connectors.repository import ConnectorRepository, StatsRepository
 from app.connectors.sealing import SecretSealer
 from app.connectors.service.audit import Auditing

@@ -23,10 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.audit.schemas import SUCCEEDED, AuditAction
 from app.connectors import schemas
 from app.connectors.events import EventRecorder
-from app.connectors.grants import GrantFacts, GrantKeeper, GrantRepository
+from app.connectors.grants import GrantFacts, GrantRepository
 from app.connectors.kinds import Kind, kind_for, kind_of
 from app.connectors.kinds.oauth2_authorization_code import CONSENT_FIELDS
 from app.connectors.models import Connector
+from app.connectors.renewals import GrantKeeper
 from app.connectors.repository import ConnectorRepository
 from app.connectors.sealing import SecretSealer
 from app.connectors.service.audit_fields import changed_fields, fields_set
