@@ -184,3 +184,40 @@ async def test_one_organization_cannot_queue_key_checks_in_front_of_another(
     assert (await a_save).status_code == 201
     answers = sorted(response.status_code for response in await asyncio.gather(*waiting))
     assert answers == [201, 409]  # one fits B's limit of one connector
+
+
+def _spin(started: Any, seconds: float) -> None:
+    import time as clock
+
+    started.set()
+    until = clock.monotonic() + seconds
+    while clock.monotonic() < until:
+        pass
+
+
+async def test_a_check_starved_by_a_busy_machine_is_raised_and_ends() -> None:
+    """Every core busy at normal priority: an idle-class worker gets no CPU at all, so a check
+    still running after a second is raised to nice 10, and ends."""
+    import multiprocessing
+    import os
+
+    context = multiprocessing.get_context("spawn")
+    checks = KeyChecks()
+    pem = pem_of(rsa.generate_private_key(public_exponent=65537, key_size=4096))
+    # The worker first, idle (its first check starts it), then every core taken.
+    assert await checks.refusal("org-a", pem) is None
+    events = [context.Event() for _ in range(os.cpu_count() or 2)]
+    hogs = [context.Process(target=_spin, args=(event, 60.0)) for event in events]
+    for hog in hogs:
+        hog.start()
+    try:
+        for event in events:
+            assert await asyncio.to_thread(event.wait, 30)
+        refusal = await asyncio.wait_for(checks.refusal("org-a", pem), 45)
+        assert refusal is None
+        assert not checks._raised, "the workers went back to the idle class"
+    finally:
+        checks.close()
+        for hog in hogs:
+            hog.kill()
+            hog.join()
