@@ -206,6 +206,13 @@ async def test_an_admin_sets_up_connectors_in_the_console(
         assert (await reader.request.get(f"{service.base_url}/console/connectors/new")).status == 403
         posted = await reader.request.post(f"{service.base_url}/console/connectors", form={"name": "x"})
         assert posted.status == 403
+        # The pages that refuse are accessible too.
+        await reader.goto(f"{service.base_url}/console/connectors/new")
+        await expect(reader.get_by_role("heading", name="Not allowed")).to_be_visible()
+        await assert_accessible(reader)
+        await reader.goto(f"{service.base_url}/console/connectors/00000000-0000-0000-0000-000000000000")
+        await expect(reader.get_by_role("heading", name="Not found")).to_be_visible()
+        await assert_accessible(reader)
         # A used link opens nothing.
         used = sign_in_link(service, "acme")
         await reader.goto(used)
