@@ -148,6 +148,27 @@ def valid_csrf(session: Session, data: Mapping[str, str]) -> bool:
     return hmac.compare_digest(session.csrf_token.encode(), data.get("csrf", "").encode())
 
 
+# A status's detail (an error code, and the provider's own after a colon) in words.
+DETAIL_WORDS: Final = {
+    "credentials_rejected": "The provider refused the credentials",
+    "token_endpoint_error": "The token endpoint answered with an error",
+    "token_endpoint_timeout": "The token endpoint did not answer in time",
+    "upstream_unreachable": "The service could not be reached",
+    "upstream_timeout": "The service did not answer in time",
+    "name_not_resolved": "Its host name could not be resolved",
+    "destination_not_allowed": "Its address is not allowed (a private or local address)",
+    "secret_unreadable": "Its stored secret cannot be decrypted with the service's keys",
+    "database_unavailable": "The service's database was unavailable",
+    "unexpected_error": "An unexpected error",
+}
+
+
+def _detail(detail: str | None) -> str:
+    code, _, provider = (detail or "").partition(": ")
+    words = i18n.current().gettext(DETAIL_WORDS.get(code, code))
+    return f"{words} ({provider})" if provider else words
+
+
 def _words(state: str) -> str:
     return i18n.current().gettext(STATE_WORDS.get(state, state))
 
@@ -162,6 +183,7 @@ def _kind(auth: Mapping[str, Any]) -> str:
 
 ENV.filters["state_words"] = _words
 ENV.filters["when"] = _when
+ENV.filters["detail_words"] = _detail
 ENV.globals["kind_words"] = _kind
 
 

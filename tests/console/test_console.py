@@ -16,6 +16,7 @@ from tests.connectors import payloads
 from tests.support.authserver import AuthorizationServerThread, RegisteredClient
 from tests.support.consent import ProviderBrowser
 from tests.support.fakes import FakeTime
+from tests.support.servers import Reply, ScriptedServer
 from tests.support.tls import LocalCA
 
 BASE = "http://127.0.0.1:8000"
@@ -353,3 +354,20 @@ async def test_the_form_takes_private_key_jwt_and_judges_the_key_beside_its_fiel
     assert 'id="private_key-error"' in answer.text
     assert "CANARY" not in answer.text
     assert re.search(r'<option value="private_key_jwt" selected>', answer.text)
+
+
+async def test_a_status_error_reads_in_words(
+    browser_for: Callable[..., Awaitable[httpx.AsyncClient]],
+    client: httpx.AsyncClient,
+    scripted_server: ScriptedServer,
+) -> None:
+    scripted_server.set_default(Reply(status=401))
+    body = payloads.basic(validation_url=scripted_server.url("/auth/check"))
+    made = await client.post("/connectors", json=body, params={"validate": "false"})
+    checked = await client.post(f"/connectors/{made.json()['id']}/validate")
+    assert checked.json()["status"]["state"] == "rejected"
+    console = await browser_for("org-a")
+    listed = await console.get("/console/")
+    assert "Credentials refused: The provider refused the credentials" in listed.text
+    hungarian = await console.get("/console/", params={"lang": "hu"})
+    assert "A szolgáltató elutasította a hitelesítő adatokat" in hungarian.text

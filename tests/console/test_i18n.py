@@ -35,6 +35,7 @@ def _messages() -> set[str]:
         found.update(words for _, words in choices)
     found.update(pages.STATE_WORDS.values())
     found.update(pages.KIND_WORDS.values())
+    found.update(pages.DETAIL_WORDS.values())
     found.update(OUTCOME_WORDS.values())
     for source in SOURCES:
         text = source.read_text()
