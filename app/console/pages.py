@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl
 from fastapi import Request, Response
 from fastapi.responses import RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.datastructures import ImmutableMultiDict
 
 from app.console import forms, i18n
 from app.console.sessions import Session, SessionStore
@@ -137,11 +138,28 @@ async def session_of(request: Request) -> Session | None:
     return session
 
 
-async def form_data(request: Request) -> dict[str, str]:
+async def writer(
+    request: Request, *, posted: bool = True
+) -> tuple[Session, ImmutableMultiDict[str, str]] | Response:
+    """The signed-in admin who may change things, and the form they sent (its CSRF token checked);
+    or the page that refuses: signed out (401), read-only (403), no or another token (403)."""
+    session = await session_of(request)
+    data = await form_data(request) if posted else ImmutableMultiDict[str, str]()
+    if session is None:
+        return signed_out(request)
+    if not session.can_write:
+        return forbidden(session)
+    if posted and not valid_csrf(session, data):
+        return page("message.html", 403, session=session, title="Not done", message=CSRF_WORDS)
+    return session, data
+
+
+async def form_data(request: Request) -> ImmutableMultiDict[str, str]:
+    """The form posted (``application/x-www-form-urlencoded``); a field may repeat."""
     body = await request.body()
     if len(body) > _MAX_FORM_BYTES:
-        return {}
-    return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        return ImmutableMultiDict()
+    return ImmutableMultiDict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
 
 def valid_csrf(session: Session, data: Mapping[str, str]) -> bool:

@@ -32,7 +32,6 @@ from app.console.pages import (
     COOKIE,
     CSRF_WORDS,
     STATIC,
-    forbidden,
     form_data,
     is_secure,
     page,
@@ -43,6 +42,7 @@ from app.console.pages import (
     set_session_cookie,
     signed_out,
     valid_csrf,
+    writer,
 )
 from app.console.sessions import Session
 from app.core.errors import AppError, ConnectorNotFound, InvalidRequest, VersionMismatch
@@ -59,9 +59,8 @@ def _service(request: Request) -> ConnectorService:
 
 
 def _not_found(session: Session) -> Response:
-    return page(
-        "message.html", 404, session=session, title="Not found", message="There is no such connector."
-    )
+    message = "There is no such connector."
+    return page("message.html", 404, session=session, title="Not found", message=message)
 
 
 def _connector_id(text: str) -> uuid.UUID:
@@ -200,11 +199,10 @@ def _notice(request: Request) -> str | None:
 
 @router.get("/connectors/new")
 async def new_connector(request: Request) -> Response:
-    session = await session_of(request)
-    if session is None:
-        return signed_out(request)
-    if not session.can_write:
-        return forbidden(session)
+    allowed = await writer(request, posted=False)
+    if isinstance(allowed, Response):
+        return allowed
+    session, _ = allowed
     return _formpage(request, session, forms.ConnectorForm(values={"type": "basic"}), None)
 
 
@@ -228,14 +226,10 @@ def _formpage(
 
 @router.post("/connectors")
 async def create_connector(request: Request) -> Response:
-    session = await session_of(request)
-    data = await form_data(request)
-    if session is None:
-        return signed_out(request)
-    if not session.can_write:
-        return forbidden(session)
-    if not valid_csrf(session, data):
-        return page("message.html", 403, session=session, title="Not saved", message=CSRF_WORDS)
+    allowed = await writer(request)
+    if isinstance(allowed, Response):
+        return allowed
+    session, data = allowed
     form = forms.ConnectorForm.posted(data)
     try:
         body = schemas.ConnectorCreate.model_validate(form.create_body())
@@ -268,9 +262,7 @@ async def connectorpage(request: Request, connector_id: str) -> Response:
         connector = await _service(request).get(session.organization_id, _connector_id(connector_id))
         history = await _service(request).history(session.organization_id, connector.id, limit=20)
     except ConnectorNotFound:
-        return page(
-            "message.html", 404, session=session, title="Not found", message="There is no such connector."
-        )
+        return _not_found(session)
     data = connector.model_dump(mode="python", by_alias=True)
     auth = data["auth"]
     targets = ""
@@ -296,40 +288,31 @@ async def connectorpage(request: Request, connector_id: str) -> Response:
 
 @router.get("/connectors/{connector_id}/edit")
 async def edit_connector(request: Request, connector_id: str) -> Response:
-    session = await session_of(request)
-    if session is None:
-        return signed_out(request)
-    if not session.can_write:
-        return forbidden(session)
+    allowed = await writer(request, posted=False)
+    if isinstance(allowed, Response):
+        return allowed
+    session, _ = allowed
     try:
         connector = await _service(request).get(session.organization_id, _connector_id(connector_id))
     except ConnectorNotFound:
-        return page(
-            "message.html", 404, session=session, title="Not found", message="There is no such connector."
-        )
+        return _not_found(session)
     data = connector.model_dump(mode="python", by_alias=True)
     return _formpage(request, session, forms.ConnectorForm.of_connector(data), data)
 
 
 @router.post("/connectors/{connector_id}/edit")
 async def update_connector(request: Request, connector_id: str) -> Response:
-    session = await session_of(request)
-    data = await form_data(request)
-    if session is None:
-        return signed_out(request)
-    if not session.can_write:
-        return forbidden(session)
-    if not valid_csrf(session, data):
-        return page("message.html", 403, session=session, title="Not saved", message=CSRF_WORDS)
+    allowed = await writer(request)
+    if isinstance(allowed, Response):
+        return allowed
+    session, data = allowed
     service = _service(request)
     try:
         stored = (await service.get(session.organization_id, _connector_id(connector_id))).model_dump(
             mode="python"
         )
     except ConnectorNotFound:
-        return page(
-            "message.html", 404, session=session, title="Not found", message="There is no such connector."
-        )
+        return _not_found(session)
     form = forms.ConnectorForm.posted(data)
     version = data.get("version", "")
     try:
@@ -361,17 +344,14 @@ async def update_connector(request: Request, connector_id: str) -> Response:
 
 @router.get("/connectors/{connector_id}/delete")
 async def confirm_delete(request: Request, connector_id: str) -> Response:
-    session = await session_of(request)
-    if session is None:
-        return signed_out(request)
-    if not session.can_write:
-        return forbidden(session)
+    allowed = await writer(request, posted=False)
+    if isinstance(allowed, Response):
+        return allowed
+    session, _ = allowed
     try:
         connector = await _service(request).get(session.organization_id, _connector_id(connector_id))
     except ConnectorNotFound:
-        return page(
-            "message.html", 404, session=session, title="Not found", message="There is no such connector."
-        )
+        return _not_found(session)
     return page(
         "delete.html",
         session=session,
@@ -382,16 +362,12 @@ async def confirm_delete(request: Request, connector_id: str) -> Response:
 
 @router.post("/connectors/{connector_id}/{action}")
 async def connector_action(request: Request, connector_id: str, action: str) -> Response:
-    session = await session_of(request)
-    data = await form_data(request)
-    if session is None:
-        return signed_out(request)
+    allowed = await writer(request)
+    if isinstance(allowed, Response):
+        return allowed
+    session, data = allowed
     if action not in ("delete", "validate", "connect"):
         return page("message.html", 404, session=session, title="Not found", message="There is no such page.")
-    if not session.can_write:
-        return forbidden(session)
-    if not valid_csrf(session, data):
-        return page("message.html", 403, session=session, title="Not done", message=CSRF_WORDS)
     service = _service(request)
     try:
         target = _connector_id(connector_id)
@@ -425,9 +401,7 @@ async def connector_action(request: Request, connector_id: str, action: str) -> 
         )
         return response
     except ConnectorNotFound:
-        return page(
-            "message.html", 404, session=session, title="Not found", message="There is no such connector."
-        )
+        return _not_found(session)
     except VersionMismatch:
         return page(
             "message.html",

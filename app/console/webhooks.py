@@ -5,22 +5,19 @@ editing, rotating the secret, and the deliveries with resend. Same rules as the 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
+from starlette.datastructures import ImmutableMultiDict
 
 from app.connectors.events import EVENT_TYPES
 from app.console.pages import (
-    CSRF_WORDS,
-    forbidden,
     page,
     see_other,
     session_of,
     signed_out,
-    valid_csrf,
+    writer,
 )
 from app.core.errors import AppError, VersionMismatch, WebhookNotFound
 from app.core.resources import canonical_uuid
@@ -47,18 +44,13 @@ def _not_found(session: Any, what: str = "webhook") -> Response:
     return page("message.html", 404, session=session, title="Not found", message=f"There is no such {what}.")
 
 
-def _posted(data: Mapping[str, str], chosen: list[str]) -> dict[str, Any]:
-    return {"url": data.get("url", ""), "event_types": chosen, "enabled": data.get("enabled") == "on"}
-
-
-async def _chosen(request: Request) -> tuple[dict[str, str], list[str]]:
-    """The form's fields, and the event types ticked (a field that repeats)."""
-
-    body = await request.body()
-    pairs = (
-        parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True) if len(body) <= 64 * 1024 else []
-    )
-    return dict(pairs), [value for name, value in pairs if name == "event_type"]
+def _posted(data: ImmutableMultiDict[str, str]) -> dict[str, Any]:
+    """A subscription as the form gives it: the event types ticked are a repeated field."""
+    return {
+        "url": data.get("url", ""),
+        "event_types": data.getlist("event_type"),
+        "enabled": data.get("enabled") == "on",
+    }
 
 
 @router.get("/")
@@ -78,11 +70,10 @@ async def webhooks_page(request: Request) -> Response:
 
 @router.get("/new")
 async def new_webhook(request: Request) -> Response:
-    session = await session_of(request)
-    if session is None:
-        return signed_out(request)
-    if not session.can_write:
-        return forbidden(session)
+    allowed = await writer(request, posted=False)
+    if isinstance(allowed, Response):
+        return allowed
+    session, _ = allowed
     return _form(session, {"url": "", "event_types": [], "enabled": True}, {}, None)
 
 
@@ -117,15 +108,11 @@ def _errors(problem: list[dict[str, str]]) -> dict[str, list[str]]:
 
 @router.post("/")
 async def create_webhook(request: Request) -> Response:
-    session = await session_of(request)
-    data, chosen = await _chosen(request)
-    if session is None:
-        return signed_out(request)
-    if not session.can_write:
-        return forbidden(session)
-    if not valid_csrf(session, data):
-        return page("message.html", 403, session=session, title="Not saved", message=CSRF_WORDS)
-    values = _posted(data, chosen)
+    allowed = await writer(request)
+    if isinstance(allowed, Response):
+        return allowed
+    session, data = allowed
+    values = _posted(data)
     try:
         created = await _service(request).create(
             session.organization_id, schemas.WebhookCreate.model_validate(values)
@@ -171,11 +158,10 @@ async def webhook_page(request: Request, webhook_id: str) -> Response:
 
 @router.get("/{webhook_id}/edit")
 async def edit_webhook(request: Request, webhook_id: str) -> Response:
-    session = await session_of(request)
-    if session is None:
-        return signed_out(request)
-    if not session.can_write:
-        return forbidden(session)
+    allowed = await writer(request, posted=False)
+    if isinstance(allowed, Response):
+        return allowed
+    session, _ = allowed
     try:
         webhook = (await _service(request).get(session.organization_id, _id(webhook_id))).model_dump(
             mode="python"
@@ -189,16 +175,12 @@ async def edit_webhook(request: Request, webhook_id: str) -> Response:
 
 @router.post("/{webhook_id}/{action}")
 async def webhook_action(request: Request, webhook_id: str, action: str) -> Response:
-    session = await session_of(request)
-    data, chosen = await _chosen(request)
-    if session is None:
-        return signed_out(request)
+    allowed = await writer(request)
+    if isinstance(allowed, Response):
+        return allowed
+    session, data = allowed
     if action not in ("edit", "delete", "rotate-secret", "resend"):
         return _not_found(session, "page")
-    if not session.can_write:
-        return forbidden(session)
-    if not valid_csrf(session, data):
-        return page("message.html", 403, session=session, title="Not done", message=CSRF_WORDS)
     service = _service(request)
     version = data.get("version", "")
     if_match = [int(version)] if version.isdigit() else []
@@ -206,7 +188,7 @@ async def webhook_action(request: Request, webhook_id: str, action: str) -> Resp
         target = _id(webhook_id)
         if action == "edit":
             stored = (await service.get(session.organization_id, target)).model_dump(mode="python")
-            values = _posted(data, chosen)
+            values = _posted(data)
             try:
                 patch = schemas.WebhookPatch.model_validate(values)
             except ValidationError as error:
