@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import re
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -29,16 +30,55 @@ NAMES: Final = {"en": "English", "hu": "Magyar"}
 COOKIE: Final = "connectors_console_lang"
 
 
-def _load(code: str) -> NullTranslations:
+_PLACEHOLDER: Final = re.compile(r"%\((\w+)\)s")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Catalog:
+    """A language's translations, and its messages with placeholders as patterns: a refusal
+    written with a value in it (``the validation URL answered HTTP 401``) is translated by the
+    entry written with a placeholder (``... HTTP %(status)s``)."""
+
+    translations: NullTranslations
+    patterns: tuple[tuple[re.Pattern[str], str], ...] = ()
+
+    def gettext(self, message: str) -> str:
+        translated = self.translations.gettext(message)
+        if translated != message or not self.patterns:
+            return translated
+        for pattern, template in self.patterns:
+            found = pattern.fullmatch(message)
+            if found:
+                return template % found.groupdict()
+        return message
+
+
+def _pattern(message_id: str) -> re.Pattern[str]:
+    parts = _PLACEHOLDER.split(message_id)
+    # split() alternates literal text and placeholder names.
+    return re.compile(
+        "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>.+?)" for i, part in enumerate(parts))
+    )
+
+
+def _load(code: str) -> _Catalog:
     path = Path(__file__).parent / "locales" / f"{code}.po"
     if not path.exists():
-        return NullTranslations()
+        return _Catalog(NullTranslations())
     with path.open("rb") as source:
         catalog = read_po(source, locale=code)
     compiled = BytesIO()
     write_mo(compiled, catalog)
     compiled.seek(0)
-    return Translations(fp=compiled)
+    templates = [
+        (message.id, str(message.string))
+        for message in catalog
+        if isinstance(message.id, str) and message.string and _PLACEHOLDER.search(message.id)
+    ]
+    # The most specific first: "... HTTP %(status)s with error %(code)s" before "... HTTP %(status)s".
+    templates.sort(key=lambda entry: -len(_PLACEHOLDER.sub("", entry[0])))
+    patterns = tuple((_pattern(message_id), translated) for message_id, translated in templates)
+    return _Catalog(Translations(fp=compiled), patterns)
 
 
 _CATALOGS: Final = {code: _load(code) for code in LANGUAGES}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from html import unescape
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import httpx
 from app.connectors.service.consent import OUTCOME_WORDS
 from app.console import forms, i18n, oidc, pages
 from app.console.i18n import Language
+from tests.support.servers import Reply, ScriptedServer
 
 TEMPLATES = Path(pages.__file__).parent / "templates"
 SOURCES = [Path(pages.__file__).parent / name for name in ("router.py", "webhooks.py", "pages.py", "oidc.py")]
@@ -94,3 +96,76 @@ async def test_pages_in_hungarian_and_the_switch(
     assert '<html lang="en">' in (await client.get("/console/", headers={"Accept-Language": "hu"})).text
     form = await client.get("/console/connectors/new", params={"lang": "hu"})
     assert "Hitelesítés típusa" in form.text and "Erőforrás-tartomány URL-je" in form.text
+
+
+def test_a_refusal_written_with_a_value_is_translated_by_its_pattern() -> None:
+    hungarian = Language("hu")
+    said = hungarian.gettext("the validation URL answered HTTP 401")
+    assert said == "az ellenőrző URL HTTP 401 választ adott"
+    assert (
+        hungarian.gettext("the token endpoint answered HTTP 400 with error invalid_client")
+        == "a token-végpont HTTP 400 választ adott, invalid_client hibával"
+    )
+    said = hungarian.gettext("String should have at most 100 characters")
+    assert said == "legfeljebb 100 karakter hosszú lehet"
+    # Without a translation (or in English) a message stays as written.
+    assert hungarian.gettext("no such message 401") == "no such message 401"
+    english = "the validation URL answered HTTP 401"
+    assert Language("en").gettext(english) == english
+
+
+async def test_a_refused_save_in_hungarian_says_every_reason_in_hungarian(
+    browser_for: Callable[..., Awaitable[httpx.AsyncClient]], scripted_server: ScriptedServer
+) -> None:
+    """The refusals an admin meets when filling in each kind of connector wrongly, and a live check
+    that fails: each is shown in Hungarian, none in the words of the service's rules."""
+    scripted_server.set_default(Reply(status=401))
+    client = await browser_for()
+    form = await client.get("/console/connectors/new", params={"lang": "hu"})
+    csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    assert csrf is not None
+    wrong = [
+        {"type": "basic", "name": "", "resource_domain_url": "http://crm.example.com", "username": "a:b"},
+        {"type": "basic", "name": "x" * 101, "resource_domain_url": "https://crm.example.com"},
+        {
+            "type": "oauth2",
+            "grant_type": "authorization_code",
+            "name": "Orders",
+            "resource_domain_url": "https://orders.example.com",
+            "client_id": "c",
+            "client_secret": "s",
+            "token_url": "https://id.example.com/token",
+            "scope": "a\u00a0b",
+            "authorization_url": "https://id.example.com/authorize?state=1",
+        },
+        {
+            "type": "api_key",
+            "name": "Keys",
+            "resource_domain_url": "https://api.example.com",
+            "key": "has space",
+            "key_in": "header",
+            "key_name": "bad name",
+        },
+    ]
+    live = {
+        "type": "basic",
+        "name": "CRM",
+        "resource_domain_url": "https://crm.example.com",
+        "username": "svc",
+        "password": "CANARY-pw",
+        "validation_url": scripted_server.url("/check"),
+    }
+    shown: list[str] = []
+    for values in [*wrong, live]:
+        page = await client.post("/console/connectors", data={"csrf": csrf.group(1), **values})
+        assert page.status_code in (409, 422), page.text
+        assert "Semmi sem lett mentve." in page.text, page.text
+        beside = re.findall(r'<p class="error" id="[^"]*">([^<]*)</p>', page.text)
+        shown += [unescape(text) for text in beside]
+        problem = re.search(r'<div class="problem"[^>]*>\s*<p>([^<]*)</p>', page.text)
+        assert problem is not None
+        shown.append(unescape(problem.group(1)))
+    assert shown[-1] == "Semmi sem lett mentve. Az ellenőrző URL HTTP 401 választ adott"
+    english = re.compile(r"\b(must|may not|the|should|required|answered|field)\b", re.IGNORECASE)
+    assert len(shown) >= 10
+    assert [message for message in shown if english.search(message)] == []

@@ -11,7 +11,7 @@ document.addEventListener("DOMContentLoaded", () => {
     button.hidden = false;
     button.addEventListener("click", () => {
       const text = document.getElementById(button.dataset.copy).textContent;
-      navigator.clipboard.writeText(text).then(() => { button.textContent = "Copied"; });
+      navigator.clipboard.writeText(text).then(() => { button.textContent = button.dataset.copied; });
     });
   });
   // Buttons that ask first (the form is sent only once confirmed).
