@@ -15,6 +15,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import secrets
 import socket
 import sys
@@ -92,14 +93,18 @@ def _reason(error: OSError) -> str:
     return reason[:1].lower() + reason[1:]
 
 
-def _serve(_args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
-    from app.core.serving import guarded_protocol
+    from app.core.serving import ServeConfig
     from app.keycheck import require_readable_secrets
     from app.main import create_app
     from app.migrations import current_revision, head_revision
 
+    if args.workers is not None:
+        # Where the workers read it too; checked with every other setting.
+        os.environ["CONNECTORS_WORKERS"] = str(args.workers)
     settings = _settings()
     url = settings.effective_database_url
     current, head = asyncio.run(current_revision(url)), head_revision()
@@ -109,9 +114,12 @@ def _serve(_args: argparse.Namespace) -> int:
             " run `python -m app migrate` first"
         )
     asyncio.run(require_readable_secrets(settings))
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
+    workers = settings.workers
+    config = ServeConfig(
+        # One process serves the application made here; workers each make their own.
+        "app.main:from_environment" if workers > 1 else create_app(settings),
+        factory=workers > 1,
+        workers=workers,
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -123,14 +131,18 @@ def _serve(_args: argparse.Namespace) -> int:
         # Each request starts with empty context variables: a pipelined request's task is started
         # from the previous one's, and must not inherit its organization (outbound_tenant).
         reset_contextvars=True,
-        http=guarded_protocol(
-            header_timeout=settings.header_timeout_seconds, max_connections=settings.max_connections
-        ),
+        header_timeout=settings.header_timeout_seconds,
+        max_connections=settings.max_connections,
     )
     sockets = _listen(settings.host, settings.port, config.backlog)
-    log.info("serving", extra={"host": settings.host, "port": settings.port})
+    log.info("serving", extra={"host": settings.host, "port": settings.port, "workers": workers})
     try:
-        uvicorn.Server(config).run(sockets=sockets)
+        if workers > 1:
+            # Each worker accepts from the same sockets; a worker that dies is replaced, and a
+            # stop (SIGTERM, Ctrl-C) stops each gracefully before this process ends.
+            Multiprocess(config, sockets=sockets).run()
+        else:
+            uvicorn.Server(config).run(sockets=sockets)
     finally:
         for sock in sockets:
             sock.close()
@@ -293,14 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
         "the database at CONNECTORS_DATABASE_URL (default: SQLite at $CONNECTORS_DATA_DIR/connectors.db,"
         f" where CONNECTORS_DATA_DIR defaults to {_default('data_dir')})"
     )
-    command(
+    serve = command(
         "serve",
         "serve the HTTP API",
         "Serve the HTTP API on CONNECTORS_HOST:CONNECTORS_PORT"
         f" (default: {_default('host')}:{_default('port')}) with {database}. Refuses to start on a"
         " database not at the newest schema revision, or"
         " with a key ring that cannot open the stored secrets.",
-    ).set_defaults(func=_serve)
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes serving the port, each with its own memory (default: CONNECTORS_WORKERS, or 1)",
+    )
+    serve.set_defaults(func=_serve)
     command(
         "migrate",
         "bring the database schema to the newest revision",

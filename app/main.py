@@ -24,14 +24,15 @@ from app.connectors.router import router as connectors_router
 from app.console.router import router as console_router
 from app.console.webhooks import router as console_webhooks_router
 from app.core.clock import SystemClock
-from app.core.config import Settings
+from app.core.config import Settings, load_settings
 from app.core.docs import install_docs
 from app.core.errors import DatabaseUnavailable
 from app.core.http import BodyLimitMiddleware, UnexpectedErrorMiddleware, install_error_handlers, problem
-from app.core.logs import AccessLogMiddleware
+from app.core.logs import AccessLogMiddleware, configure_logging
 from app.core.metrics import CONTENT_TYPE, HTTPMetricsMiddleware, Metrics
 from app.core.openapi import install_openapi, liveness_responses, readiness_responses
 from app.core.requestid import RequestIdMiddleware
+from app.core.serving import end_with_parent
 from app.core.tracing import TracingMiddleware, setup_tracing
 from app.services import Overrides, Services, build_services
 from app.webhooks.router import router as webhooks_router
@@ -42,7 +43,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-__all__ = ["Overrides", "create_app"]
+__all__ = ["Overrides", "create_app", "from_environment"]
+
+
+def from_environment() -> FastAPI:
+    """The application built from the ``CONNECTORS_*`` environment, its logging configured: what
+    each worker of ``serve --workers N`` runs (an ASGI server's factory: ``app.main:from_environment``).
+
+    ``serve`` checks the database and the key ring before it starts any worker.
+    """
+    settings, _ = load_settings()
+    configure_logging(settings.log_level)
+    if settings.workers > 1:
+        end_with_parent()
+    return create_app(settings)
 
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAPI:

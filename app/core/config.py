@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     max_connections: int = Field(default=1024, ge=1, le=1_000_000)
     keep_alive_seconds: int = Field(default=5, ge=1, le=3600)
+    # Processes `serve` runs on its port (each with its own memory, caches and change follower).
+    workers: int = Field(default=1, ge=1, le=64)
 
     max_connectors_per_org: int = Field(default=5, ge=1, le=10_000)
 

@@ -36,6 +36,8 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            # Which process wrote it: the workers of `serve --workers N` share one stderr.
+            "pid": record.process,
         }
         # Read when the line is written, which for this handler is when it is logged: every line
         # written while a request is served names it, whichever logger wrote it.

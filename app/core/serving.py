@@ -12,6 +12,10 @@ the client likes, and each costs every other caller a share of the one event loo
   process is closed as soon as it is accepted, before it costs anything else.
 * **Idle keep-alive** is uvicorn's own ``timeout_keep_alive`` (``CONNECTORS_KEEP_ALIVE_SECONDS``).
 
+``ServeConfig`` is uvicorn's configuration with that protocol, built in the process that serves:
+with ``CONNECTORS_WORKERS`` above 1 the configuration travels to each worker process (pickled), and
+a class made at run time cannot, so each worker makes its own from the two limits.
+
 A proxy in front should still buffer requests (so slow clients are its problem, not ours), keep
 its own idle timeout towards the service below ``CONNECTORS_KEEP_ALIVE_SECONDS`` (so it never
 sends on a connection the service is closing), and limit connections per client.
@@ -20,12 +24,18 @@ sends on a connection the service is closing), and limit connections per client.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
-from typing import Final
+import multiprocessing
+import os
+import signal
+import sys
+from typing import Any, Final
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["guarded_protocol"]
+__all__ = ["ServeConfig", "end_with_parent", "guarded_protocol"]
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +130,38 @@ def guarded_protocol(*, header_timeout: float, max_connections: int) -> type[Htt
         (_GuardedProtocol,),
         {"header_timeout": header_timeout, "max_connections": max_connections},
     )
+
+
+class ServeConfig(uvicorn.Config):
+    """uvicorn's configuration with the guarded protocol, made from the limits where it loads."""
+
+    def __init__(self, app: Any, *, header_timeout: float, max_connections: int, **options: Any) -> None:
+        guarded_protocol(header_timeout=header_timeout, max_connections=max_connections)  # checks them
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        super().__init__(app, http="httptools", **options)
+
+    def load(self) -> None:
+        self.http = guarded_protocol(header_timeout=self.header_timeout, max_connections=self.max_connections)
+        super().load()
+
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def end_with_parent() -> None:
+    """Have the kernel stop this worker (SIGTERM, so gracefully) when the ``serve`` process that
+    started it ends, even killed: a worker never serves on alone, holding the port. Linux only;
+    elsewhere nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return
+    # The process that started this one, as multiprocessing recorded it: should it have ended
+    # already, getppid() names whichever process adopted this one instead.
+    starter = multiprocessing.parent_process()
+    parent = starter.pid if starter is not None and starter.pid is not None else os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot ask to end with the serve process", extra={"errno": ctypes.get_errno()})
+        return
+    if os.getppid() != parent:  # it ended before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

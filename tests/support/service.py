@@ -9,6 +9,7 @@ not a pipe: a chatty server must never block on a pipe nobody reads.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -94,8 +95,10 @@ class ServiceProcess:
             self.process.send_signal(signum)
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, exactly like a machine losing the process."""
-        self.signal(signal.SIGKILL)
+        """SIGKILL to the process and every process it started (workers, key checks): no
+        shutdown code runs, exactly like a machine losing them."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
 
     def wait(self, timeout: float) -> int:
@@ -146,14 +149,19 @@ def _wait_ready(service: ServiceProcess, timeout: float) -> None:
 def running_service(env: dict[str, str], log: Path) -> Iterator[ServiceProcess]:
     """``python -m app serve`` with ``env``, ready to answer; killed on exit if still running."""
     with log.open("ab") as sink:
+        # A session of its own: whatever it starts (workers, key checks) goes with it at the end.
         process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=sink
+            [sys.executable, "-m", "app", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            start_new_session=True,
         )
     service = ServiceProcess(process, f"http://127.0.0.1:{env['CONNECTORS_PORT']}", log, env)
     try:
         _wait_ready(service, START_TIMEOUT_SECONDS)
         yield service
     finally:
-        if process.poll() is None:
-            process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
