@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 # `make run` is the development setup: SQLite under ./data and keys generated there.
 export CONNECTORS_DEV_KEYS ?= true
 
-.PHONY: run test lint format install install-dev bench bench-scale bench-scale-postgresql bench-outage bench-memory bench-neighbours bench-all clean
+.PHONY: run test lint format install install-dev bench bench-scale bench-scale-postgresql bench-outage bench-memory bench-neighbours bench-servers bench-all clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench-outage: install-dev
 # What organization A sees while organization B attacks, one attack at a time (benchmarks/neighbours.py).
 bench-neighbours: install-dev
 	$(BIN)/python -m benchmarks.neighbours $(BENCH_ARGS)
+
+# uvicorn and granian side by side, then serve --workers 2 (benchmarks/servers.py).
+bench-servers: install-dev
+	$(BIN)/python -m benchmarks.servers $(BENCH_ARGS)
 
 # Bytes per entry of authorize's caches, measured in-process with tracemalloc (benchmarks/memory.py).
 bench-memory: install-dev

@@ -59,6 +59,25 @@ def pin(pid: int, cpu: int) -> None:
             os.sched_setaffinity(int(tid), {cpu})
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs, still running."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
 def pin_tree(pid: int, cpu: int) -> None:
     """Pin ``pid`` and its children (PostgreSQL: the postmaster and its helper processes)."""
     pin(pid, cpu)
@@ -140,8 +159,11 @@ class Bench(contextlib.ExitStack):
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def process(self, command: Sequence[str], *, cpu: int | None, log: Path | None = None, **kw: Any) -> Any:
-        """Start ``command`` (pinned to ``cpu`` with taskset); terminated, then killed, on exit."""
+    def process(
+        self, command: Sequence[str], *, cpu: int | str | None, log: Path | None = None, **kw: Any
+    ) -> Any:
+        """Start ``command`` (pinned to ``cpu``, a core or a taskset list); terminated, then killed,
+        on exit."""
         argv = [*(["taskset", "-c", str(cpu)] if cpu is not None else []), *command]
         sink = log.open("ab") if log is not None else subprocess.DEVNULL
         process = subprocess.Popen(
@@ -190,9 +212,17 @@ class Server:
         raise RuntimeError("no VmRSS line")
 
     def cpu_seconds(self) -> float:
-        """CPU time the server has used so far, every thread (utime + stime of /proc/<pid>/stat)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        """CPU time the server has used so far: every thread of it and of the processes it started
+        (workers), running or ended (utime + stime, and cutime + cstime, of /proc/<pid>/stat)."""
+        total = 0.0
+        for pid in [self.pid, *descendants(self.pid)]:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                used = int(fields[11]) + int(fields[12])
+                if pid == self.pid:
+                    used += int(fields[13]) + int(fields[14])  # its ended children
+                total += used / CLOCK_TICKS
+        return total
 
     def stop(self) -> None:
         stop_process(self.process)
@@ -239,10 +269,20 @@ def migrate(env: dict[str, str]) -> None:
         raise RuntimeError(f"migrate failed: {done.stderr.strip()[-2000:]}")
 
 
-def start_server(bench: Bench, env: dict[str, str], name: str = "server") -> Server:
-    """``python -m app serve`` pinned to core 0; returns once ``/healthz`` answers."""
+SERVE = (sys.executable, "-m", "app", "serve")
+
+
+def start_server(
+    bench: Bench,
+    env: dict[str, str],
+    name: str = "server",
+    command: Sequence[str] = SERVE,
+    cpus: str = str(SERVER_CPU),
+) -> Server:
+    """``python -m app serve`` (or ``command``) pinned to core 0 (or ``cpus``, a taskset list);
+    returns once ``/healthz`` answers."""
     log = bench.work / f"{name}.log"
-    process = bench.process([sys.executable, "-m", "app", "serve"], cpu=SERVER_CPU, log=log, env=env)
+    process = bench.process(command, cpu=cpus, log=log, env=env)
     server = Server(process, int(env["CONNECTORS_PORT"]), log, env)
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
