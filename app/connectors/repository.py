@@ -69,6 +69,13 @@ class ConnectorRepository:
         )
         return result.scalar_one_or_none()
 
+    async def by_ids(self, connector_ids: Sequence[uuid.UUID]) -> Sequence[Connector]:
+        """The rows of these connectors, whichever organization's; deleted ones are absent."""
+        if not connector_ids:
+            return []
+        result = await self.session.execute(select(Connector).where(Connector.id.in_(connector_ids)))
+        return result.scalars().all()
+
     async def name_taken(
         self, organization_id: str, name_key: str, *, except_id: uuid.UUID | None = None
     ) -> bool:

@@ -34,6 +34,7 @@ from app.connectors.follower import ChangeFollower
 from app.connectors.grants import NO_GRANT, GrantFacts, GrantRepository
 from app.connectors.kinds import CheckTools, Kind, kind_of
 from app.connectors.memory import ConnectorMemory
+from app.connectors.misses import Misses
 from app.connectors.models import Connector
 from app.connectors.renewals import GrantKeeper
 from app.connectors.repository import ConnectorRepository, StatsRepository
@@ -142,6 +143,7 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
             )
         self.status = status
         self.memory = status.memory
+        self.misses = Misses(self._rows)
         # Status writes, change notices (on_change: the other replicas) and checks under way.
         self.background = status.background
         self.follower = ChangeFollower(
@@ -269,6 +271,7 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
     async def aclose(self) -> None:
         """Stop loads; wait for status writes and change notices still under way."""
         await self.memory.aclose()
+        await self.misses.aclose()
         await self.grants.aclose()
         await self.background.drain()
         self.key_checks.close()

@@ -1,0 +1,123 @@
+"""Authorize's misses share queries (``app.connectors.misses``): a process that holds none of the
+connectors it is asked for loads those asked for meanwhile together, on SQLite and PostgreSQL,
+and still answers each caller only with its own organization's connector."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event
+
+from app.connectors.misses import Misses
+from app.connectors.models import Connector
+from app.core.config import Settings
+from tests.connectors import payloads
+
+ORGANIZATIONS = 6
+
+
+async def test_concurrent_misses_share_one_query_and_answer_only_their_own_organization(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+) -> None:
+    # Connectors written through one app; another app on the same database holds none of them.
+    writer = await app_factory(settings)
+    made: dict[str, list[str]] = {}
+    for number in range(ORGANIZATIONS):
+        org = f"org-{number}"
+        client = client_for(org, app=writer)
+        for index in range(3):
+            created = await client.post(
+                "/connectors", json=payloads.basic(f"C{index}"), params={"validate": "false"}
+            )
+            assert created.status_code == 201, created.text
+            made.setdefault(org, []).append(created.json()["id"])
+    gone = made["org-0"].pop()
+    assert (await client_for("org-0", app=writer).delete(f"/connectors/{gone}")).status_code == 204
+
+    fresh = await app_factory(settings)
+    # The statements that read connectors, as the database driver is given them.
+    reads: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM connectors" in statement:
+            reads.append(statement)
+
+    engine = fresh.state.connectors.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    calls = [
+        client_for(org, app=fresh).post(f"/connectors/{connector_id}/authorize", json={})
+        for org, ids in made.items()
+        for connector_id in ids
+    ]
+    # Another organization's connector, a deleted one and one that never was: all not found.
+    strangers = [
+        client_for("org-1", app=fresh).post(f"/connectors/{made['org-2'][0]}/authorize", json={}),
+        client_for("org-0", app=fresh).post(f"/connectors/{gone}/authorize", json={}),
+        client_for("org-0", app=fresh).post(f"/connectors/{uuid.uuid4()}/authorize", json={}),
+    ]
+    answers = await asyncio.gather(*calls, *strangers)
+    assert [answer.status_code for answer in answers[: len(calls)]] == [200] * len(calls)
+    assert [answer.json()["code"] for answer in answers[len(calls) :]] == ["connector_not_found"] * 3
+    event.remove(engine, "before_cursor_execute", count)
+    # 20 misses in all: far fewer queries (the first misses may go before the rest arrive).
+    assert 1 <= len(reads) <= 3, reads
+    # The owner's call still finds its connector after another organization asked for it.
+    owner = await client_for("org-2", app=fresh).post(f"/connectors/{made['org-2'][0]}/authorize", json={})
+    assert owner.status_code == 200
+
+
+class _Row:
+    def __init__(self, organization_id: str, connector_id: uuid.UUID) -> None:
+        self.organization_id = organization_id
+        self.id = connector_id
+
+
+async def test_a_failed_query_fails_its_callers_only_and_the_next_query_runs() -> None:
+    asked: list[list[uuid.UUID]] = []
+    fail = True
+
+    async def fetch(ids: Sequence[uuid.UUID]) -> Sequence[Connector]:
+        asked.append(list(ids))
+        await asyncio.sleep(0)
+        if fail:
+            raise ConnectionError("the database is away")
+        return [_Row("org", connector_id) for connector_id in ids]  # type: ignore[misc]
+
+    misses = Misses(fetch, batch=2)
+    first = [uuid.uuid4() for _ in range(3)]
+    results = await asyncio.gather(*(misses.get("org", i) for i in first), return_exceptions=True)
+    assert all(isinstance(result, ConnectionError) for result in results)
+    # In batches of at most two.
+    assert [len(ids) for ids in asked] == [2, 1]
+    fail = False
+    again = await asyncio.gather(*(misses.get("org", i) for i in first))
+    assert [row.id for row in again if row is not None] == first
+    await misses.aclose()
+
+
+async def test_a_caller_giving_up_does_not_cancel_the_others() -> None:
+    release = asyncio.Event()
+
+    async def fetch(ids: Sequence[uuid.UUID]) -> Sequence[Connector]:
+        await release.wait()
+        return [_Row("org", connector_id) for connector_id in ids]  # type: ignore[misc]
+
+    misses = Misses(fetch)
+    connector_id = uuid.uuid4()
+    impatient = asyncio.ensure_future(misses.get("org", connector_id))
+    patient = asyncio.ensure_future(misses.get("org", connector_id))
+    await asyncio.sleep(0.01)
+    impatient.cancel()
+    release.set()
+    row = await patient
+    assert row is not None and row.id == connector_id
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+    await misses.aclose()
