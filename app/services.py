@@ -200,6 +200,7 @@ def build_services(
         exchange_code=fetcher.exchange_code,
         callback_url=settings.callback_url,
         return_origins=settings.consent_return_origins,
+        preload=settings.preload_connectors,
     )
     webhooks = WebhookService(
         db=db,

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scale.add_argument("--miss-seconds", type=float, default=60.0, help="length of (b)")
     scale.add_argument("--batch", type=int, default=5000, help="seeded rows per transaction")
+    scale.add_argument(
+        "--cold-seconds", type=float, default=60.0, help="length of (c), a new replica under (a)'s load"
+    )
     outage = parser.add_argument_group("outage")
     outage.add_argument("--rate", type=float, default=400.0, help="authorize requests per second")
     outage.add_argument("--outage-seconds", type=float, default=30.0)

@@ -13,13 +13,18 @@ default size:
 - (a) ``/healthz``, the five connectors and the 50,000 take turns (medians of the rounds), the
   50,000 spread evenly: the cycle of targets continues from round to round;
 - (b) the same spread over all 500,000 connectors and 100,000 tokens for ``--miss-seconds``: a
-  pass is five times the connector cache, so nearly every call loads its connector.
+  pass is five times the connector cache, so nearly every call loads its connector;
+- (c) a new replica: the server stopped, a new one started on the same database, and (a)'s load
+  (the 50,000, 32 connections) sent from the moment it answers ``/healthz``, for
+  ``--cold-seconds``: the p99 of each second, and how long until every later second's p99 is
+  within 1.5x of the warm server's p99 in (a).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,8 @@ from benchmarks.warm import AUTHORIZE_BODY, authorize_target, healthz_target
 from tests.support.postgres import PostgresServer
 
 RPS_TARGET = 0.9  # of the five-connector figure
+COLD_P99_FACTOR = 1.5  # a new replica has settled when its p99 stays within this of the warm one's
+COLD_TARGET_SECONDS = 10.0
 P99_TARGET = 1.5  # of /healthz
 MIB = 1024 * 1024
 WARMUP_ORGANIZATIONS = 2000
@@ -109,14 +116,62 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pin(0, HELPER_CPU)
         if postgres is not None:
             pin_tree(_postmaster_pid(postgres), HELPER_CPU)
-        server = start_server(bench, env)
+        # Not filled at its start: (a) loads each connector by its first call, and measures it.
+        server = start_server(bench, {**env, "CONNECTORS_PRELOAD_CONNECTORS": "false"})
         results.update(
             _measure(args, server, seeded, warmup, spread_a, spread_b, baseline_ids, baseline_token)
         )
         results["server_log_lines"] = server.access_lines()
+        server.stop()
+        warm_p99 = results["held"]["p99_ms"]
+        cold = f"(c) a new replica under the load of (a) for {args.cold_seconds:.0f} s"
+        with step(f"{cold}, not filled at start"):
+            cold_env = {**env, "CONNECTORS_PRELOAD_CONNECTORS": "false"}
+            results["cold_misses_only"] = _cold_start(args, bench, cold_env, spread_a, warm_p99)
+        with step(f"{cold}, filled at start"):
+            results["cold"] = _cold_start(args, bench, env, spread_a, warm_p99)
         results["machine"] = machine_note()
     report(results, args)
     return results
+
+
+def _cold_start(
+    args: argparse.Namespace, bench: Bench, env: dict[str, str], spread: Path, warm_p99_ms: float
+) -> dict[str, Any]:
+    started = time.monotonic()
+    server = start_server(bench, env, "cold")
+    answered_after = time.monotonic() - started
+    result = load(
+        load_job(
+            server, args.connections, seconds=args.cold_seconds, targets_file=str(spread), timeline=True
+        ),
+        server,
+    )
+    records = result.pop("timeline")
+    first = min(record[0] for record in records)
+    seconds: dict[int, list[float]] = {}
+    for sent, _status, latency_ms, _index in records:
+        seconds.setdefault(int(sent - first), []).append(latency_ms)
+    curve = []
+    for second in sorted(seconds):
+        latencies = sorted(seconds[second])
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        curve.append({"second": second, "requests": len(latencies), "p99_ms": round(p99, 2)})
+    limit = COLD_P99_FACTOR * warm_p99_ms
+    settled = next(
+        (i for i in range(len(curve)) if all(point["p99_ms"] <= limit for point in curve[i:])), None
+    )
+    server.stop()
+    return {
+        "started_to_healthz_s": round(answered_after, 2),
+        "warm_p99_ms": warm_p99_ms,
+        "limit_p99_ms": round(limit, 2),
+        "settled_after_s": curve[settled]["second"] if settled is not None else None,
+        "curve": curve,
+        "errors": result["errors"],
+        "requests": result["requests"],
+        "rps": result["rps"],
+    }
 
 
 def _postmaster_pid(postgres: PostgresServer) -> int:
@@ -234,6 +289,20 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f" {b['requests']:,} calls; server RSS after (a) {results['rss_after_a_mib']:.1f} MiB,"
         f" after (b) {results['rss_after_b_mib']:.1f} MiB, {_count(results['held_after_b'])} connectors held"
     )
+    _report_cold("not filled at start", results["cold_misses_only"])
+    _report_cold("filled at start (the default)", results["cold"])
+
+
+def _report_cold(how: str, cold: dict[str, Any]) -> None:
+    settled = cold["settled_after_s"]
+    print(
+        f"(c) {how}: a new replica answered /healthz {cold['started_to_healthz_s']:.1f} s after it started;"
+        f" under (a)'s load its p99 stayed within {COLD_P99_FACTOR}x of the warm {cold['warm_p99_ms']:.2f} ms"
+        f" from second {settled if settled is not None else 'never'} (target <= {COLD_TARGET_SECONDS:.0f}:"
+        f" {verdict(settled is not None and settled <= COLD_TARGET_SECONDS)}); {cold['rps']:.0f} req/s,"
+        f" {cold['errors']} errors over {cold['requests']:,} calls"
+    )
+    print("    p99 ms per second: " + " ".join(f"{point['p99_ms']:.0f}" for point in cold["curve"]))
 
 
 def _count(value: float | None) -> str:

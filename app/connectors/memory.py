@@ -16,8 +16,9 @@ load of that connector is running marks the load stale: it loads again before an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,10 +56,13 @@ class _Load:
 
 class ConnectorMemory:
     def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
         self._held: LRU[uuid.UUID, HeldConnector] = LRU(capacity)
         # Loads under way, by connector, then by the organization asking (a caller of another
         # organization never shares, or spoils, the owner's load).
         self._loads: dict[uuid.UUID, dict[str, _Load]] = {}
+        # The connectors changed while a bulk read runs (``watch``): not held from that read.
+        self._watches: list[set[uuid.UUID]] = []
 
     def get(self, connector_id: uuid.UUID) -> HeldConnector | None:
         return self._held.get(connector_id)
@@ -116,7 +120,28 @@ class ConnectorMemory:
         """Note a change of the connector; True if a copy is held (the caller refreshes it)."""
         for pending in self._loads.get(connector_id, {}).values():
             pending.stale = True
+        for changed in self._watches:
+            changed.add(connector_id)
         return connector_id in self._held
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[set[uuid.UUID]]:
+        """The connectors changed while the block runs (a bulk read's rows of them may be stale)."""
+        changed: set[uuid.UUID] = set()
+        self._watches.append(changed)
+        try:
+            yield changed
+        finally:
+            self._watches.remove(changed)
+
+    def fill(self, connector_id: uuid.UUID, held: HeldConnector) -> bool:
+        """Hold ``held`` if nothing of it is held yet and there is room: a bulk load never
+        replaces a copy, nor pushes out one that calls brought in. False once full."""
+        if len(self._held) >= self.capacity:
+            return False
+        if self._held.peek(connector_id) is None and connector_id not in self._loads:
+            self._held.put(connector_id, held)
+        return True
 
     def drop(self, connector_id: uuid.UUID) -> None:
         self._held.pop(connector_id)

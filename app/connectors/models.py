@@ -27,6 +27,8 @@ class Connector(Base):
         UniqueConstraint("organization_id", "name_key", name="uq_connectors_org_name"),
         Index("ix_connectors_org_name", "organization_id", "name"),
         Index("ix_connectors_key_id", "key_id"),
+        # The most recently changed first: what a starting process loads (ConnectorRepository.recent).
+        Index("ix_connectors_change_seq", "change_seq", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)

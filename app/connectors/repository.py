@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import delete, func, insert, literal, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -74,6 +74,17 @@ class ConnectorRepository:
         if not connector_ids:
             return []
         result = await self.session.execute(select(Connector).where(Connector.id.in_(connector_ids)))
+        return result.scalars().all()
+
+    async def recent(self, limit: int, before: tuple[int, uuid.UUID] | None = None) -> Sequence[Connector]:
+        """Connectors by their last change, newest first: ``limit`` of them after ``before`` (the
+        ``(change_seq, id)`` of the last one of the previous page)."""
+        query = select(Connector).order_by(Connector.change_seq.desc(), Connector.id.desc()).limit(limit)
+        if before is not None:
+            seq, connector_id = before
+            after = tuple_(literal(seq, Connector.change_seq.type), literal(connector_id, Connector.id.type))
+            query = query.where(tuple_(Connector.change_seq, Connector.id) < after)
+        result = await self.session.execute(query)
         return result.scalars().all()
 
     async def name_taken(

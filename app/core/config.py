@@ -123,6 +123,9 @@ class Settings(BaseSettings):
 
     # What each process holds in memory for authorize (least recently used entries go first).
     connector_cache_size: int = Field(default=100_000, ge=1, le=10_000_000)
+    # A starting process loads connectors into memory in the background (the most recently
+    # changed first, up to connector_cache_size) while it already serves.
+    preload_connectors: bool = True
     token_cache_size: int = Field(default=100_000, ge=1, le=10_000_000)
     caller_token_cache_size: int = Field(default=100_000, ge=1, le=10_000_000)
     # How often each process reads the changes made elsewhere (at once when told over Redis).

@@ -5,6 +5,7 @@ and still answers each caller only with its own organization's connector."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from app.core.config import Settings
 from tests.connectors import payloads
 
 ORGANIZATIONS = 6
+NO_CHECK = {"validate": "false"}
 
 
 async def test_concurrent_misses_share_one_query_and_answer_only_their_own_organization(
@@ -41,7 +43,8 @@ async def test_concurrent_misses_share_one_query_and_answer_only_their_own_organ
     gone = made["org-0"].pop()
     assert (await client_for("org-0", app=writer).delete(f"/connectors/{gone}")).status_code == 204
 
-    fresh = await app_factory(settings)
+    # Not filled at its start: every call below is a miss.
+    fresh = await app_factory(settings.model_copy(update={"preload_connectors": False}))
     # The statements that read connectors, as the database driver is given them.
     reads: list[str] = []
 
@@ -121,3 +124,87 @@ async def test_a_caller_giving_up_does_not_cancel_the_others() -> None:
     with pytest.raises(asyncio.CancelledError):
         await impatient
     await misses.aclose()
+
+
+async def test_a_starting_process_holds_the_most_recently_changed_connectors_up_to_its_capacity(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+) -> None:
+    writer = await app_factory(settings)
+    ids: list[str] = []
+    for number in range(4):
+        client = client_for(f"org-{number}", app=writer)
+        for index in range(3):
+            created = await client.post(
+                "/connectors", json=payloads.basic(f"C{index}"), params={"validate": "false"}
+            )
+            ids.append(created.json()["id"])
+    # The oldest one changed last: it is among the most recent now.
+    first = client_for("org-0", app=writer)
+    renamed = await first.patch(
+        f"/connectors/{ids[0]}",
+        json={"name": "Renamed"},
+        headers={"If-Match": '"1"'},
+        params={"validate": "false"},
+    )
+    assert renamed.status_code == 200, renamed.text
+
+    # Room for 5 of the 12, read 100 at a time (two pages of 3 here).
+    fresh = await app_factory(settings.model_copy(update={"connector_cache_size": 5}))
+    service = fresh.state.connectors
+    memory = service.memory
+    for _ in range(200):
+        if len(memory) == 5:
+            break
+        await asyncio.sleep(0.01)
+    held = set(map(str, memory.held_ids()))
+    assert held == {ids[0], *ids[-4:]}
+    # Nothing held is replaced or pushed out by a later fill, and a fill once full holds nothing.
+    assert await service.preload(page=3) == 0
+    assert set(map(str, memory.held_ids())) == held
+
+    # Held means answered without a query.
+    reads: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "FROM connectors" in statement:
+            reads.append(statement)
+
+    engine = service.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    answer = await client_for("org-3", app=fresh).post(f"/connectors/{ids[-1]}/authorize", json={})
+    event.remove(engine, "before_cursor_execute", count)
+    assert answer.status_code == 200 and reads == []
+
+
+async def test_a_connector_changed_while_its_page_is_read_is_not_held_from_that_read(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+) -> None:
+    writer = await app_factory(settings)
+    client = client_for("org-0", app=writer)
+    made = [
+        (await client.post("/connectors", json=payloads.basic(f"C{i}"), params={"validate": "false"})).json()[
+            "id"
+        ]
+        for i in range(3)
+    ]
+    fresh = await app_factory(settings.model_copy(update={"preload_connectors": False}))
+    service = fresh.state.connectors
+    reading = service.db.read
+
+    # The follower reports a change of the first connector while the page is being read.
+    @contextlib.asynccontextmanager
+    async def read_then_change() -> Any:
+        async with reading() as session:
+            yield session
+        service.memory.changed(uuid.UUID(made[0]))
+
+    service.db.read = read_then_change
+    try:
+        assert await service.preload(page=10) == 2
+    finally:
+        service.db.read = reading
+    assert set(map(str, service.memory.held_ids())) == set(made[1:])

@@ -103,6 +103,7 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         exchange_code: CodeExchanger | None = None,
         callback_url: str = "http://127.0.0.1:8000/oauth/callback",
         return_origins: Collection[str] = (),
+        preload: bool = False,
     ) -> None:
         """``key_checks`` checks private keys in full off the event loop (one worker process
         made on first use when not given); ``record_event`` is told of every change.
@@ -114,7 +115,9 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         Authorization code connectors: ``exchange_code`` exchanges a consent's code for tokens,
         ``callback_url`` is the redirect URI the provider sends the browser back to, and
         ``return_origins`` are the origins (besides the callback's own) a consent may send the
-        browser back to afterwards."""
+        browser back to afterwards.
+
+        ``preload``: fill the memory in the background once started (``Authorizing.preload``)."""
         self.db = db
         self.key_checks = key_checks or KeyChecks()
         # Writes the event of each change in the change's transaction (app.connectors.events).
@@ -143,6 +146,7 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
             )
         self.status = status
         self.memory = status.memory
+        self.preload_at_start = preload
         self.misses = Misses(self._rows)
         # Status writes, change notices (on_change: the other replicas) and checks under way.
         self.background = status.background
@@ -185,8 +189,12 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
 
     def background_work(self) -> tuple[Coroutine[Any, Any, None], ...]:
         """What runs beside the requests until cancelled: following the changes made elsewhere,
-        and pruning the change log."""
-        return (self.follower.run(), self.follower.prune())
+        pruning the change log, and filling the memory at the start (which then ends)."""
+        work = (self.follower.run(), self.follower.prune())
+        return (*work, self._fill_memory()) if self.preload_at_start else work
+
+    async def _fill_memory(self) -> None:
+        await self.preload()
 
     def changes_announced(self) -> None:
         """Another replica announced a change (or notices may have been missed): read the
