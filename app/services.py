@@ -24,6 +24,7 @@ from app.console.sessions import SessionStore
 from app.core.auth import TokenVerifier
 from app.core.broadcast import Broadcast
 from app.core.clock import Clock
+from app.core.collector import FullCollections
 from app.core.config import Settings
 from app.core.crypto import KeyRing
 from app.core.db import Database, build_engine
@@ -67,6 +68,8 @@ class Services:
     # The admin console's sign-in links and sessions, and its OpenID Connect client (when set).
     console_sessions: SessionStore
     console_oidc: OidcClient | None
+    # Full garbage collections on a schedule (None: Python's own).
+    collector: FullCollections | None
     # Closed in this order by ``aclose``, after the background work has stopped.
     _closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list, repr=False)
     _background: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -74,6 +77,9 @@ class Services:
     async def start(self) -> None:
         """Start the background work: the change follower and its pruning, webhook deliveries,
         and change notices from the other replicas."""
+        if self.collector is not None:
+            self.collector.start()
+            self._background.append(asyncio.create_task(self.collector.run(), name="full collections"))
         await self.connectors.start()  # tolerates a database that is away: the follower keeps trying
         self._background = [asyncio.create_task(work) for work in self.connectors.background_work()]
         self._background.append(asyncio.create_task(self.deliveries.run(), name="webhook deliveries"))
@@ -91,6 +97,8 @@ class Services:
         await asyncio.gather(*self._background, return_exceptions=True)
         for close in self._closers:
             await close()
+        if self.collector is not None:
+            self.collector.stop()
 
 
 def build_services(
@@ -235,6 +243,9 @@ def build_services(
             OidcClient(settings, outbound, keyring, clock)
             if settings.console and settings.console_oidc_issuer
             else None
+        ),
+        collector=(
+            FullCollections(settings.full_gc_interval_seconds) if settings.full_gc_interval_seconds else None
         ),
         _closers=closers,
     )

@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     # A starting process loads connectors into memory in the background (the most recently
     # changed first, up to connector_cache_size) while it already serves.
     preload_connectors: bool = True
+    # Python's full garbage collection runs this often instead of by its allocation counts
+    # (app.core.collector); 0 leaves Python's own schedule.
+    full_gc_interval_seconds: float = Field(default=600.0, ge=0, le=86_400)
     token_cache_size: int = Field(default=100_000, ge=1, le=10_000_000)
     caller_token_cache_size: int = Field(default=100_000, ge=1, le=10_000_000)
     # How often each process reads the changes made elsewhere (at once when told over Redis).
