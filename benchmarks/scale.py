@@ -147,7 +147,7 @@ def _cold_start(
         ),
         server,
     )
-    records = result.pop("timeline")
+    records = result.pop("records")
     first = min(record[0] for record in records)
     seconds: dict[int, list[float]] = {}
     for sent, _status, latency_ms, _index in records:
