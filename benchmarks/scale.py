@@ -12,12 +12,14 @@ default size:
   server's RSS before and after it gives the memory per held connector;
 - (a) ``/healthz``, the five connectors and the 50,000 take turns (medians of the rounds), the
   50,000 spread evenly: the cycle of targets continues from round to round;
-- (b) the same spread over all 500,000 connectors and 100,000 tokens for ``--miss-seconds``: a
-  pass is five times the connector cache, so nearly every call loads its connector;
-- (c) a new replica: the server stopped, a new one started on the same database, and (a)'s load
-  (the 50,000, 32 connections) sent from the moment it answers ``/healthz``, for
-  ``--cold-seconds``: the p99 of each second, and how long until every later second's p99 is
-  within 1.5x of the warm server's p99 in (a).
+- (c) a new replica: the server stopped (as a deploy stops it: it writes which connectors were
+  called), a new one started on the same database, and (a)'s load (the 50,000, 32 connections)
+  sent from the moment it answers ``/healthz``, for ``--cold-seconds``: the p99 of each second,
+  and how long until every later second's p99 is within 1.5x of the warm server's p99 in (a);
+  once not filled at start, once filled (the default);
+- (b) on a server started anew: the same spread over all 500,000 connectors and 100,000 tokens
+  for ``--miss-seconds``; a pass is five times the connector cache, so nearly every call loads
+  its connector.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _measure(args, server, seeded, warmup, spread_a, spread_b, baseline_ids, baseline_token)
         )
         results["server_log_lines"] = server.access_lines()
+        # Stopped as a deploy stops it: it writes which connectors were called, for (c).
         server.stop()
         warm_p99 = results["held"]["p99_ms"]
         cold = f"(c) a new replica under the load of (a) for {args.cold_seconds:.0f} s"
@@ -130,6 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["cold_misses_only"] = _cold_start(args, bench, cold_env, spread_a, warm_p99)
         with step(f"{cold}, filled at start"):
             results["cold"] = _cold_start(args, bench, env, spread_a, warm_p99)
+        server = start_server(bench, {**env, "CONNECTORS_PRELOAD_CONNECTORS": "false"}, "misses")
+        results.update(_measure_misses(args, server, seeded.rows, spread_b))
         results["machine"] = machine_note()
     report(results, args)
     return results
@@ -231,9 +236,14 @@ def _measure(
     )
     results["rss_after_a_mib"] = round(server.rss_mib(), 1)
 
-    with step(f"(b) spread over all {seeded.rows:,} connectors for {args.miss_seconds:.0f} s"):
+    return results
+
+
+def _measure_misses(args: argparse.Namespace, server: Server, rows: int, spread_b: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"rss_before_b_mib": round(server.rss_mib(), 1)}
+    with step(f"(b) spread over all {rows:,} connectors for {args.miss_seconds:.0f} s"):
         results["all"] = load(
-            load_job(server, c, seconds=args.miss_seconds, targets_file=str(spread_b)), server
+            load_job(server, args.connections, seconds=args.miss_seconds, targets_file=str(spread_b)), server
         )
     results["rss_after_b_mib"] = round(server.rss_mib(), 1)
     results["held_after_b"] = server.metric("connectors_held")
@@ -286,7 +296,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"(b) all {seed_['connectors']:,} connectors, caches at 100,000: {b['rps']:.0f} req/s,"
         f" p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms, {b['errors']} errors over"
-        f" {b['requests']:,} calls; server RSS after (a) {results['rss_after_a_mib']:.1f} MiB,"
+        f" {b['requests']:,} calls; server RSS before (b) {results['rss_before_b_mib']:.1f} MiB,"
         f" after (b) {results['rss_after_b_mib']:.1f} MiB, {_count(results['held_after_b'])} connectors held"
     )
     _report_cold("not filled at start", results["cold_misses_only"])

@@ -48,7 +48,9 @@ async def test_the_newest_migration_goes_down_and_up_again(database_url: str) ->
         # The comparison does see differences: what the newest revision adds.
         missing = await _run(database_url, _differences)
         assert sorted(_describe(difference) for difference in missing) == [
-            "add_index ix_connectors_change_seq"
+            "add_column connectors.used_at",
+            "add_index ix_connectors_change_seq",
+            "add_index ix_connectors_used_at",
         ]
     finally:
         await upgrade(database_url)

@@ -1,4 +1,5 @@
-"""Connectors by their last change, newest first: what a starting process loads into memory.
+"""What a starting process loads into memory first: connectors called lately, then the rest by
+their last change.
 
 Revision ID: 0008
 Revises: 0007
@@ -6,6 +7,8 @@ Create Date: 2026-12-07
 """
 
 from collections.abc import Sequence
+
+import sqlalchemy as sa
 
 from alembic import op
 
@@ -16,8 +19,14 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("connectors") as batch:
+        batch.add_column(sa.Column("used_at", sa.DateTime(timezone=True), nullable=True))
     op.create_index("ix_connectors_change_seq", "connectors", ["change_seq", "id"])
+    op.create_index("ix_connectors_used_at", "connectors", ["used_at", "id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_connectors_used_at", table_name="connectors")
     op.drop_index("ix_connectors_change_seq", table_name="connectors")
+    with op.batch_alter_table("connectors") as batch:
+        batch.drop_column("used_at")

@@ -43,6 +43,8 @@ class HeldConnector:
     credential: StaticCredential | None = field(repr=False)
     # Such a kind's stored secret cannot be decrypted with this key ring (already logged).
     unreadable: bool = False
+    # When a call of this copy was last noted for app.connectors.usage (monotonic seconds).
+    used_noted: float = float("-inf")
 
 
 Loader = Callable[[], Awaitable[HeldConnector | None]]

@@ -29,6 +29,7 @@ class Connector(Base):
         Index("ix_connectors_key_id", "key_id"),
         # The most recently changed first: what a starting process loads (ConnectorRepository.recent).
         Index("ix_connectors_change_seq", "change_seq", "id"),
+        Index("ix_connectors_used_at", "used_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
@@ -58,6 +59,8 @@ class Connector(Base):
     validate_claimed_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column()
+    # When a call of it was last noted, to within an hour (app.connectors.usage); not a change.
+    used_at: Mapped[datetime | None] = mapped_column()
 
 
 class ChangeSequence(Base):

@@ -76,16 +76,39 @@ class ConnectorRepository:
         result = await self.session.execute(select(Connector).where(Connector.id.in_(connector_ids)))
         return result.scalars().all()
 
-    async def recent(self, limit: int, before: tuple[int, uuid.UUID] | None = None) -> Sequence[Connector]:
-        """Connectors by their last change, newest first: ``limit`` of them after ``before`` (the
-        ``(change_seq, id)`` of the last one of the previous page)."""
-        query = select(Connector).order_by(Connector.change_seq.desc(), Connector.id.desc()).limit(limit)
+    async def recent(
+        self, limit: int, before: tuple[object, uuid.UUID] | None = None, *, used: bool
+    ) -> Sequence[Connector]:
+        """A page of connectors, newest first: with ``used``, those called lately by when (the
+        ``(used_at, id)`` of the previous page's last in ``before``); else those never noted as
+        called, by their last change (``(change_seq, id)``)."""
+        column = Connector.used_at if used else Connector.change_seq
+        query = (
+            select(Connector)
+            .where(Connector.used_at.is_not(None) if used else Connector.used_at.is_(None))
+            .order_by(column.desc(), Connector.id.desc())
+            .limit(limit)
+        )
         if before is not None:
-            seq, connector_id = before
-            after = tuple_(literal(seq, Connector.change_seq.type), literal(connector_id, Connector.id.type))
-            query = query.where(tuple_(Connector.change_seq, Connector.id) < after)
+            value, connector_id = before
+            after = tuple_(literal(value, column.type), literal(connector_id, Connector.id.type))
+            query = query.where(tuple_(column, Connector.id) < after)
         result = await self.session.execute(query)
         return result.scalars().all()
+
+    async def mark_used(
+        self, connector_ids: Sequence[uuid.UUID], at: datetime, *, not_since: datetime
+    ) -> None:
+        """Note that these connectors were called at ``at``, unless noted since ``not_since``."""
+        await self.session.execute(
+            update(Connector)
+            .where(
+                Connector.id.in_(connector_ids),
+                or_(Connector.used_at.is_(None), Connector.used_at < not_since),
+            )
+            .values(used_at=at)
+            .execution_options(synchronize_session=False)
+        )
 
     async def name_taken(
         self, organization_id: str, name_key: str, *, except_id: uuid.UUID | None = None

@@ -28,6 +28,7 @@ from app.connectors.renewals import GrantKeeper
 from app.connectors.repository import ConnectorRepository
 from app.connectors.sealing import UNREADABLE, SecretSealer
 from app.connectors.service.background import Background
+from app.connectors.usage import UsageRecorder
 from app.core.db import Database
 from app.core.errors import (
     ConnectorNotFound,
@@ -67,6 +68,7 @@ class _Service(Protocol):
     tokens: Tokens
     memory: ConnectorMemory
     misses: Misses
+    usage: UsageRecorder
     grants: GrantKeeper
     follower: ChangeFollower
     background: Background
@@ -103,6 +105,7 @@ class Authorizing:
                 raise ConnectorNotFound()
         if held.organization_id != organization_id:
             raise ConnectorNotFound()
+        self.usage.note(connector_id, held)
         try:
             url = join_resource_path(held.base_url, request.path)
         except URLRuleError as error:
@@ -153,30 +156,33 @@ class Authorizing:
             await self.follower.poll()
 
     async def preload(self: _Service, page: int = PRELOAD_PAGE) -> int:
-        """Hold the most recently changed connectors, up to the memory's capacity, a page at a time
-        while the process serves: a new process answers most calls from memory within seconds.
+        """Hold connectors up to the memory's capacity, a page at a time while the process serves:
+        first those called lately (``app.connectors.usage``), most recent first, then the others
+        by their last change. A new process then answers most calls from memory within seconds.
 
         Never replaces a held copy nor pushes one out; a connector changed while its page was read
         is left to its next call. Stops quietly if the database goes away. Returns how many it held.
         """
         started = time.monotonic()
-        before: tuple[int, uuid.UUID] | None = None
         held = 0
         try:
-            while len(self.memory) < self.memory.capacity:
-                with self.memory.watch() as changed:
-                    async with self.db.read() as session:
-                        rows = await ConnectorRepository(session).recent(page, before)
-                    for row in rows:
-                        if row.id not in changed:
-                            if not self.memory.fill(row.id, self._held_from(row)):
-                                break
-                            held += 1
-                if len(rows) < page:
-                    break
-                before = (rows[-1].change_seq, rows[-1].id)
-                # The requests that arrived meanwhile go first.
-                await asyncio.sleep(0)
+            for used in (True, False):
+                before: tuple[object, uuid.UUID] | None = None
+                while len(self.memory) < self.memory.capacity:
+                    with self.memory.watch() as changed:
+                        async with self.db.read() as session:
+                            rows = await ConnectorRepository(session).recent(page, before, used=used)
+                        for row in rows:
+                            if row.id not in changed:
+                                if not self.memory.fill(row.id, self._held_from(row)):
+                                    break
+                                held += 1
+                    if len(rows) < page:
+                        break
+                    last = rows[-1]
+                    before = (last.used_at if used else last.change_seq, last.id)
+                    # The requests that arrived meanwhile go first.
+                    await asyncio.sleep(0)
         except DatabaseUnavailable:
             log.info("preloading connectors stopped: the database is unavailable", extra={"held": held})
             return held

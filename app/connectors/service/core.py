@@ -46,6 +46,7 @@ from app.connectors.service.consent import CodeExchanger, Consenting
 from app.connectors.service.status import StatusRecorder
 from app.connectors.service.validation import Validating, Validation
 from app.connectors.service.writes import Writing
+from app.connectors.usage import UsageRecorder
 from app.core import tracing
 from app.core.clock import Clock
 from app.core.crypto import KeyRing
@@ -148,6 +149,8 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         self.memory = status.memory
         self.preload_at_start = preload
         self.misses = Misses(self._rows)
+        # Which connectors are called, for the next process's preload.
+        self.usage = UsageRecorder(db, clock)
         # Status writes, change notices (on_change: the other replicas) and checks under way.
         self.background = status.background
         self.follower = ChangeFollower(
@@ -189,8 +192,9 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
 
     def background_work(self) -> tuple[Coroutine[Any, Any, None], ...]:
         """What runs beside the requests until cancelled: following the changes made elsewhere,
-        pruning the change log, and filling the memory at the start (which then ends)."""
-        work = (self.follower.run(), self.follower.prune())
+        pruning the change log, writing which connectors are called, and filling the memory at the
+        start (which then ends)."""
+        work = (self.follower.run(), self.follower.prune(), self.usage.run())
         return (*work, self._fill_memory()) if self.preload_at_start else work
 
     async def _fill_memory(self) -> None:
@@ -280,6 +284,8 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         """Stop loads; wait for status writes and change notices still under way."""
         await self.memory.aclose()
         await self.misses.aclose()
+        # What was noted since the last write: the next process loads these first.
+        await self.usage.flush()
         await self.grants.aclose()
         await self.background.drain()
         self.key_checks.close()

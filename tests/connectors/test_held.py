@@ -1,6 +1,7 @@
-"""Authorize's misses share queries (``app.connectors.misses``): a process that holds none of the
-connectors it is asked for loads those asked for meanwhile together, on SQLite and PostgreSQL,
-and still answers each caller only with its own organization's connector."""
+"""How a process comes to hold connectors, on SQLite and PostgreSQL: misses share queries
+(``app.connectors.misses``) and answer each caller only with its own organization's connector;
+a starting process fills its memory (``preload``), first with the connectors called lately
+(``app.connectors.usage``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sqlalchemy import event
 
 from app.connectors.misses import Misses
 from app.connectors.models import Connector
+from app.connectors.repository import ConnectorRepository
 from app.core.config import Settings
 from tests.connectors import payloads
 
@@ -208,3 +210,56 @@ async def test_a_connector_changed_while_its_page_is_read_is_not_held_from_that_
     finally:
         service.db.read = reading
     assert set(map(str, service.memory.held_ids())) == set(made[1:])
+
+
+async def test_connectors_called_lately_are_noted_once_an_hour_and_loaded_first(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+) -> None:
+    writer = await app_factory(settings)
+    client = client_for("org-0", app=writer)
+    made = [
+        (await client.post("/connectors", json=payloads.basic(f"C{i}"), params=NO_CHECK)).json()["id"]
+        for i in range(5)
+    ]
+    # The two oldest are called (twice: noted once); the newest three are not.
+    usage = writer.state.connectors.usage
+    for connector_id in made[:2] * 2:
+        assert (await client.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
+    assert await usage.flush() == 2
+    assert await usage.flush() == 0
+
+    # A new process with room for two holds the two that were called, not the newest.
+    fresh = await app_factory(settings.model_copy(update={"connector_cache_size": 2}))
+    memory = fresh.state.connectors.memory
+    for _ in range(200):
+        if len(memory) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert set(map(str, memory.held_ids())) == set(made[:2])
+
+
+async def test_a_connector_noted_within_the_hour_by_another_process_is_not_written_again(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+) -> None:
+    first = await app_factory(settings)
+    client = client_for("org-0", app=first)
+    connector_id = (await client.post("/connectors", json=payloads.basic(), params=NO_CHECK)).json()["id"]
+    assert (await client.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
+    await first.state.connectors.usage.flush()
+    service = first.state.connectors
+    async with service.db.read() as session:
+        noted = (await ConnectorRepository(session).by_ids([uuid.UUID(connector_id)]))[0].used_at
+    assert noted is not None
+
+    # Another process calls it too: its write finds the mark recent and leaves it.
+    second = await app_factory(settings)
+    other = client_for("org-0", app=second)
+    assert (await other.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
+    await second.state.connectors.usage.flush()
+    async with service.db.read() as session:
+        again = (await ConnectorRepository(session).by_ids([uuid.UUID(connector_id)]))[0].used_at
+    assert again == noted
