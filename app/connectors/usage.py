@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import logging
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from app.connectors.memory import HeldConnector
 from app.connectors.repository import ConnectorRepository
@@ -46,6 +46,12 @@ class UsageRecorder:
         self.every = every
         self.flush_interval = flush_interval
         self._pending: set[uuid.UUID] = set()
+
+    def noted_at(self, used_at: datetime | None) -> float:
+        """The monotonic time a copy read with this ``used_at`` counts as noted at."""
+        if used_at is None:
+            return float("-inf")
+        return self.clock.monotonic() - (self.clock.now() - used_at).total_seconds()
 
     def note(self, connector_id: uuid.UUID, held: HeldConnector) -> None:
         """A call of a held connector: noted at most once per ``every`` seconds per copy."""
