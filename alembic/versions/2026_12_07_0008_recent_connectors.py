@@ -21,12 +21,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("connectors") as batch:
         batch.add_column(sa.Column("used_at", sa.DateTime(timezone=True), nullable=True))
-    op.create_index("ix_connectors_change_seq", "connectors", ["change_seq", "id"])
-    op.create_index("ix_connectors_used_at", "connectors", ["used_at", "id"])
+    op.create_index("ix_connectors_preload", "connectors", ["used_at", "change_seq", "id"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_connectors_used_at", table_name="connectors")
-    op.drop_index("ix_connectors_change_seq", table_name="connectors")
+    op.drop_index("ix_connectors_preload", table_name="connectors")
     with op.batch_alter_table("connectors") as batch:
         batch.drop_column("used_at")

@@ -27,9 +27,9 @@ class Connector(Base):
         UniqueConstraint("organization_id", "name_key", name="uq_connectors_org_name"),
         Index("ix_connectors_org_name", "organization_id", "name"),
         Index("ix_connectors_key_id", "key_id"),
-        # The most recently changed first: what a starting process loads (ConnectorRepository.recent).
-        Index("ix_connectors_change_seq", "change_seq", "id"),
-        Index("ix_connectors_used_at", "used_at", "id"),
+        # What a starting process loads, in its order (ConnectorRepository.recent): the called
+        # lately by when, then the others (used_at null) by their last change.
+        Index("ix_connectors_preload", "used_at", "change_seq", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)

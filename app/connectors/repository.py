@@ -23,6 +23,10 @@ from app.connectors.models import (
 )
 from app.core.errors import NameTaken
 
+# The orders of ConnectorRepository.recent, both served by the index ix_connectors_preload.
+_RECENT_USED = (Connector.used_at, Connector.change_seq, Connector.id)
+_RECENT_UNUSED = (Connector.change_seq, Connector.id)
+
 
 class ConnectorRepository:
     def __init__(self, session: AsyncSession) -> None:
@@ -77,24 +81,29 @@ class ConnectorRepository:
         return result.scalars().all()
 
     async def recent(
-        self, limit: int, before: tuple[object, uuid.UUID] | None = None, *, used: bool
+        self, limit: int, before: Sequence[Any] | None = None, *, used: bool
     ) -> Sequence[Connector]:
-        """A page of connectors, newest first: with ``used``, those called lately by when (the
-        ``(used_at, id)`` of the previous page's last in ``before``); else those never noted as
-        called, by their last change (``(change_seq, id)``)."""
-        column = Connector.used_at if used else Connector.change_seq
+        """A page of connectors, newest first: with ``used``, those called lately, by when, then
+        by last change; else those never noted as called, by last change. ``before`` is
+        ``recent_key`` of the previous page's last connector."""
+        columns = _RECENT_USED if used else _RECENT_UNUSED
         query = (
             select(Connector)
             .where(Connector.used_at.is_not(None) if used else Connector.used_at.is_(None))
-            .order_by(column.desc(), Connector.id.desc())
+            .order_by(*(column.desc() for column in columns))
             .limit(limit)
         )
         if before is not None:
-            value, connector_id = before
-            after = tuple_(literal(value, column.type), literal(connector_id, Connector.id.type))
-            query = query.where(tuple_(column, Connector.id) < after)
+            bound = tuple_(
+                *(literal(value, column.type) for value, column in zip(before, columns, strict=True))
+            )
+            query = query.where(tuple_(*columns) < bound)
         result = await self.session.execute(query)
         return result.scalars().all()
+
+    @staticmethod
+    def recent_key(row: Connector, *, used: bool) -> tuple[Any, ...]:
+        return tuple(getattr(row, column.key) for column in (_RECENT_USED if used else _RECENT_UNUSED))
 
     async def mark_used(
         self, connector_ids: Sequence[uuid.UUID], at: datetime, *, not_since: datetime

@@ -171,7 +171,7 @@ class Authorizing:
         held = 0
         try:
             for used in (True, False):
-                before: tuple[object, uuid.UUID] | None = None
+                before: tuple[object, ...] | None = None
                 while len(self.memory) < self.memory.capacity:
                     with self.memory.watch() as changed:
                         async with self.db.read() as session:
@@ -186,8 +186,7 @@ class Authorizing:
                                 await asyncio.sleep(0)
                     if len(rows) < page:
                         break
-                    last = rows[-1]
-                    before = (last.used_at if used else last.change_seq, last.id)
+                    before = ConnectorRepository.recent_key(rows[-1], used=used)
                     # Connectors not called lately may wait: at most a share of the CPU for them.
                     await asyncio.sleep(0 if used else PRELOAD_UNUSED_PAUSE)
         except DatabaseUnavailable:
