@@ -46,7 +46,7 @@ async def test_concurrent_misses_share_one_query_and_answer_only_their_own_organ
     assert (await client_for("org-0", app=writer).delete(f"/connectors/{gone}")).status_code == 204
 
     # Not filled at its start: every call below is a miss.
-    fresh = await app_factory(settings.model_copy(update={"preload_connectors": False}))
+    fresh = await app_factory(settings)
     # The statements that read connectors, as the database driver is given them.
     reads: list[str] = []
 
@@ -152,8 +152,9 @@ async def test_a_starting_process_holds_the_most_recently_changed_connectors_up_
     )
     assert renamed.status_code == 200, renamed.text
 
-    # Room for 5 of the 12, read 100 at a time (two pages of 3 here).
-    fresh = await app_factory(settings.model_copy(update={"connector_cache_size": 5}))
+    # Room for 5 of the 12.
+    filled = {"connector_cache_size": 5, "preload_connectors": True}
+    fresh = await app_factory(settings.model_copy(update=filled))
     service = fresh.state.connectors
     memory = service.memory
     for _ in range(200):
@@ -193,7 +194,7 @@ async def test_a_connector_changed_while_its_page_is_read_is_not_held_from_that_
         ]
         for i in range(3)
     ]
-    fresh = await app_factory(settings.model_copy(update={"preload_connectors": False}))
+    fresh = await app_factory(settings)
     service = fresh.state.connectors
     reading = service.db.read
 
@@ -231,7 +232,8 @@ async def test_connectors_called_lately_are_noted_once_an_hour_and_loaded_first(
     assert await usage.flush() == 0
 
     # A new process with room for two holds the two that were called, not the newest.
-    fresh = await app_factory(settings.model_copy(update={"connector_cache_size": 2}))
+    filled = {"connector_cache_size": 2, "preload_connectors": True}
+    fresh = await app_factory(settings.model_copy(update=filled))
     memory = fresh.state.connectors.memory
     for _ in range(200):
         if len(memory) == 2:
