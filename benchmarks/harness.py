@@ -69,6 +69,7 @@ def descendants(pid: int) -> list[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
+        # The command may hold spaces and parentheses: the parent id follows the last ')'.
         children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
     found, queue = [], [pid]
     while queue:
@@ -79,20 +80,11 @@ def descendants(pid: int) -> list[int]:
 
 
 def pin_tree(pid: int, cpu: int) -> None:
-    """Pin ``pid`` and its children (PostgreSQL: the postmaster and its helper processes)."""
+    """Pin ``pid`` and every process it started (PostgreSQL: the postmaster and its helpers)."""
     pin(pid, cpu)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # The command may hold spaces and parentheses: the parent id follows the last ')'.
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid:
-            with contextlib.suppress(OSError):
-                pin(int(entry), cpu)
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            pin(child, cpu)
 
 
 def unsupported_reason() -> str | None:

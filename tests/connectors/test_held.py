@@ -25,6 +25,16 @@ ORGANIZATIONS = 6
 NO_CHECK = {"validate": "false"}
 
 
+async def basics(client: httpx.AsyncClient, count: int) -> list[str]:
+    """The ids of ``count`` new Basic connectors of the client's organization (no live check)."""
+    made = []
+    for index in range(count):
+        created = await client.post("/connectors", json=payloads.basic(f"C{index}"), params=NO_CHECK)
+        assert created.status_code == 201, created.text
+        made.append(created.json()["id"])
+    return made
+
+
 async def test_concurrent_misses_share_one_query_and_answer_only_their_own_organization(
     app_factory: Callable[..., Awaitable[Any]],
     client_for: Callable[..., httpx.AsyncClient],
@@ -35,13 +45,7 @@ async def test_concurrent_misses_share_one_query_and_answer_only_their_own_organ
     made: dict[str, list[str]] = {}
     for number in range(ORGANIZATIONS):
         org = f"org-{number}"
-        client = client_for(org, app=writer)
-        for index in range(3):
-            created = await client.post(
-                "/connectors", json=payloads.basic(f"C{index}"), params={"validate": "false"}
-            )
-            assert created.status_code == 201, created.text
-            made.setdefault(org, []).append(created.json()["id"])
+        made[org] = await basics(client_for(org, app=writer), 3)
     gone = made["org-0"].pop()
     assert (await client_for("org-0", app=writer).delete(f"/connectors/{gone}")).status_code == 204
 
@@ -136,12 +140,7 @@ async def test_a_starting_process_holds_the_most_recently_changed_connectors_up_
     writer = await app_factory(settings)
     ids: list[str] = []
     for number in range(4):
-        client = client_for(f"org-{number}", app=writer)
-        for index in range(3):
-            created = await client.post(
-                "/connectors", json=payloads.basic(f"C{index}"), params={"validate": "false"}
-            )
-            ids.append(created.json()["id"])
+        ids += await basics(client_for(f"org-{number}", app=writer), 3)
     # The oldest one changed last: it is among the most recent now.
     first = client_for("org-0", app=writer)
     renamed = await first.patch(
@@ -188,12 +187,7 @@ async def test_a_connector_changed_while_its_page_is_read_is_not_held_from_that_
 ) -> None:
     writer = await app_factory(settings)
     client = client_for("org-0", app=writer)
-    made = [
-        (await client.post("/connectors", json=payloads.basic(f"C{i}"), params={"validate": "false"})).json()[
-            "id"
-        ]
-        for i in range(3)
-    ]
+    made = await basics(client, 3)
     fresh = await app_factory(settings)
     service = fresh.state.connectors
     reading = service.db.read
@@ -220,10 +214,7 @@ async def test_connectors_called_lately_are_noted_once_an_hour_and_loaded_first(
 ) -> None:
     writer = await app_factory(settings)
     client = client_for("org-0", app=writer)
-    made = [
-        (await client.post("/connectors", json=payloads.basic(f"C{i}"), params=NO_CHECK)).json()["id"]
-        for i in range(5)
-    ]
+    made = await basics(client, 5)
     # The two oldest are called (twice: noted once); the newest three are not.
     usage = writer.state.connectors.usage
     for connector_id in made[:2] * 2:
