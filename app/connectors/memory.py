@@ -44,7 +44,7 @@ class HeldConnector:
     # Such a kind's stored secret cannot be decrypted with this key ring (already logged).
     unreadable: bool = False
     # When a call of this copy was last noted for app.connectors.usage (monotonic seconds).
-    used_noted: float = float("-inf")
+    used_noted: float = float("-inf")  # app.connectors.usage.NEVER_NOTED
 
 
 Loader = Callable[[], Awaitable[HeldConnector | None]]
@@ -136,13 +136,15 @@ class ConnectorMemory:
         finally:
             self._watches.remove(changed)
 
+    def full(self) -> bool:
+        return len(self._held) >= self.capacity
+
     def fill(self, connector_id: uuid.UUID, held: HeldConnector) -> bool:
-        """Hold ``held`` if nothing of it is held yet and there is room: a bulk load never
-        replaces a copy, nor pushes out one that calls brought in. False once full."""
-        if len(self._held) >= self.capacity:
+        """Hold ``held`` if nothing of it is held or loading and there is room (a bulk load never
+        replaces a copy, nor pushes out one that calls brought in); whether it was held."""
+        if self.full() or self._held.peek(connector_id) is not None or connector_id in self._loads:
             return False
-        if self._held.peek(connector_id) is None and connector_id not in self._loads:
-            self._held.put(connector_id, held)
+        self._held.put(connector_id, held)
         return True
 
     def drop(self, connector_id: uuid.UUID) -> None:

@@ -31,7 +31,6 @@ class Misses:
         self._batch = batch
         self._waiting: dict[uuid.UUID, asyncio.Future[Connector | None]] = {}
         self._runner: asyncio.Task[None] | None = None
-        self.queries = 0
 
     async def get(self, organization_id: str, connector_id: uuid.UUID) -> Connector | None:
         """The connector's row if it is this organization's, else None; shared with every other
@@ -55,7 +54,6 @@ class Misses:
             while self._waiting:
                 ids = list(itertools.islice(self._waiting, self._batch))
                 futures = [self._waiting.pop(connector_id) for connector_id in ids]
-                self.queries += 1
                 try:
                     rows = await self._fetch(ids)
                 except Exception as error:

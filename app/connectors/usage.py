@@ -1,5 +1,6 @@
 """Which connectors are called, written coarsely: what a starting process loads first.
 
+Only kept where preload is on (``CONNECTORS_PRELOAD_CONNECTORS``): nothing else reads it.
 Authorize notes a held connector when it is called and was not noted in the last hour (one
 comparison on the hot path). Every ``flush_interval`` seconds the noted connectors are written in
 batches (``connectors.used_at``), and a connector that any replica marked within the hour is left
@@ -28,6 +29,8 @@ from app.core.errors import DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 NOTE_EVERY_SECONDS = 3600.0
+# The mark of a copy never noted (shared, so a copy costs no object of its own for it).
+NEVER_NOTED = float("-inf")
 FLUSH_INTERVAL_SECONDS = 10.0
 BATCH = 500
 
@@ -50,7 +53,7 @@ class UsageRecorder:
     def noted_at(self, used_at: datetime | None) -> float:
         """The monotonic time a copy read with this ``used_at`` counts as noted at."""
         if used_at is None:
-            return float("-inf")
+            return NEVER_NOTED
         return self.clock.monotonic() - (self.clock.now() - used_at).total_seconds()
 
     def note(self, connector_id: uuid.UUID, held: HeldConnector) -> None:

@@ -212,7 +212,8 @@ async def test_connectors_called_lately_are_noted_once_an_hour_and_loaded_first(
     client_for: Callable[..., httpx.AsyncClient],
     settings: Settings,
 ) -> None:
-    writer = await app_factory(settings)
+    preloading = settings.model_copy(update={"preload_connectors": True})
+    writer = await app_factory(preloading)
     client = client_for("org-0", app=writer)
     made = await basics(client, 5)
     # The two oldest are called (twice: noted once); the newest three are not.
@@ -238,7 +239,8 @@ async def test_a_connector_noted_within_the_hour_by_another_process_is_not_writt
     client_for: Callable[..., httpx.AsyncClient],
     settings: Settings,
 ) -> None:
-    first = await app_factory(settings)
+    preloading = settings.model_copy(update={"preload_connectors": True})
+    first = await app_factory(preloading)
     client = client_for("org-0", app=first)
     connector_id = (await client.post("/connectors", json=payloads.basic(), params=NO_CHECK)).json()["id"]
     assert (await client.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
@@ -249,10 +251,27 @@ async def test_a_connector_noted_within_the_hour_by_another_process_is_not_writt
     assert noted is not None
 
     # Another process calls it too: its write finds the mark recent and leaves it.
-    second = await app_factory(settings)
+    second = await app_factory(preloading)
     other = client_for("org-0", app=second)
     assert (await other.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
     await second.state.connectors.usage.flush()
     async with service.db.read() as session:
         again = (await ConnectorRepository(session).by_ids([uuid.UUID(connector_id)]))[0].used_at
     assert again == noted
+
+
+async def test_without_preload_no_call_is_noted(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+) -> None:
+    """Nothing reads the usage marks then: neither the calls nor the stop write any."""
+    app = await app_factory(settings)
+    assert app.state.connectors.usage is None
+    client = client_for("org-0", app=app)
+    connector_id = (await basics(client, 1))[0]
+    assert (await client.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
+    await app.state.connectors.aclose()
+    async with app.state.connectors.db.read() as session:
+        row = (await ConnectorRepository(session).by_ids([uuid.UUID(connector_id)]))[0]
+    assert row.used_at is None

@@ -28,7 +28,7 @@ from app.connectors.renewals import GrantKeeper
 from app.connectors.repository import ConnectorRepository
 from app.connectors.sealing import UNREADABLE, SecretSealer
 from app.connectors.service.background import Background
-from app.connectors.usage import UsageRecorder
+from app.connectors.usage import NEVER_NOTED, UsageRecorder
 from app.core.db import Database
 from app.core.errors import (
     ConnectorNotFound,
@@ -72,7 +72,7 @@ class _Service(Protocol):
     tokens: Tokens
     memory: ConnectorMemory
     misses: Misses
-    usage: UsageRecorder
+    usage: UsageRecorder | None
     grants: GrantKeeper
     follower: ChangeFollower
     background: Background
@@ -81,6 +81,8 @@ class _Service(Protocol):
     async def _load(self, organization_id: str, connector_id: uuid.UUID) -> HeldConnector | None: ...
 
     def _held_from(self, row: Connector) -> HeldConnector: ...
+
+    async def _hold_page(self, rows: Sequence[Connector], changed: set[uuid.UUID]) -> int: ...
 
     async def _token_config(self, connector_id: uuid.UUID, held: HeldConnector) -> OAuth2Config: ...
 
@@ -109,7 +111,8 @@ class Authorizing:
                 raise ConnectorNotFound()
         if held.organization_id != organization_id:
             raise ConnectorNotFound()
-        self.usage.note(connector_id, held)
+        if self.usage is not None:
+            self.usage.note(connector_id, held)
         try:
             url = join_resource_path(held.base_url, request.path)
         except URLRuleError as error:
@@ -172,18 +175,11 @@ class Authorizing:
         try:
             for used in (True, False):
                 before: tuple[object, ...] | None = None
-                while len(self.memory) < self.memory.capacity:
+                while not self.memory.full():
                     with self.memory.watch() as changed:
                         async with self.db.read() as session:
                             rows = await ConnectorRepository(session).recent(page, before, used=used)
-                        for index, row in enumerate(rows, 1):
-                            if row.id not in changed:
-                                if not self.memory.fill(row.id, self._held_from(row)):
-                                    break
-                                held += 1
-                            if index % PRELOAD_CHUNK == 0:
-                                # The requests that arrived meanwhile go first.
-                                await asyncio.sleep(0)
+                        held += await self._hold_page(rows, changed)
                     if len(rows) < page:
                         break
                     before = ConnectorRepository.recent_key(rows[-1], used=used)
@@ -196,6 +192,17 @@ class Authorizing:
             "connectors preloaded",
             extra={"held": held, "seconds": round(time.monotonic() - started, 2)},
         )
+        return held
+
+    async def _hold_page(self: _Service, rows: Sequence[Connector], changed: set[uuid.UUID]) -> int:
+        """Hold a preload page's connectors but those ``changed`` since it was read; how many."""
+        held = 0
+        for index, row in enumerate(rows, 1):
+            if row.id not in changed:
+                held += self.memory.fill(row.id, self._held_from(row))
+            if index % PRELOAD_CHUNK == 0:
+                # The requests that arrived meanwhile go first.
+                await asyncio.sleep(0)
         return held
 
     async def _load(self: _Service, organization_id: str, connector_id: uuid.UUID) -> HeldConnector | None:
@@ -232,7 +239,7 @@ class Authorizing:
             credential=credential,
             unreadable=unreadable,
             # Noted as called within the hour (by any process): no need to note it again sooner.
-            used_noted=self.usage.noted_at(row.used_at),
+            used_noted=self.usage.noted_at(row.used_at) if self.usage is not None else NEVER_NOTED,
         )
 
     async def _token_config(self: _Service, connector_id: uuid.UUID, held: HeldConnector) -> OAuth2Config:

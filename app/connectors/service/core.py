@@ -118,7 +118,8 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         ``return_origins`` are the origins (besides the callback's own) a consent may send the
         browser back to afterwards.
 
-        ``preload``: fill the memory in the background once started (``Authorizing.preload``)."""
+        ``preload``: fill the memory in the background once started (``Authorizing.preload``),
+        and note which connectors are called, for the next process's preload."""
         self.db = db
         self.key_checks = key_checks or KeyChecks()
         # Writes the event of each change in the change's transaction (app.connectors.events).
@@ -147,10 +148,9 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
             )
         self.status = status
         self.memory = status.memory
-        self.preload_at_start = preload
         self.misses = Misses(self._rows)
-        # Which connectors are called, for the next process's preload.
-        self.usage = UsageRecorder(db, clock)
+        # Which connectors are called, for the next process's preload: kept where preload is on.
+        self.usage = UsageRecorder(db, clock) if preload else None
         # Status writes, change notices (on_change: the other replicas) and checks under way.
         self.background = status.background
         self.follower = ChangeFollower(
@@ -194,8 +194,10 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         """What runs beside the requests until cancelled: following the changes made elsewhere,
         pruning the change log, writing which connectors are called, and filling the memory at the
         start (which then ends)."""
-        work = (self.follower.run(), self.follower.prune(), self.usage.run())
-        return (*work, self._fill_memory()) if self.preload_at_start else work
+        work = (self.follower.run(), self.follower.prune())
+        if self.usage is None:
+            return work
+        return (*work, self.usage.run(), self._fill_memory())
 
     async def _fill_memory(self) -> None:
         await self.preload()
@@ -284,8 +286,9 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         """Stop loads; wait for status writes and change notices still under way."""
         await self.memory.aclose()
         await self.misses.aclose()
-        # What was noted since the last write: the next process loads these first.
-        await self.usage.flush()
+        if self.usage is not None:
+            # What was noted since the last write: the next process loads these first.
+            await self.usage.flush()
         await self.grants.aclose()
         await self.background.drain()
         self.key_checks.close()
