@@ -70,6 +70,19 @@ def _connector_id(text: str) -> uuid.UUID:
     return parsed
 
 
+async def _to_change(request: Request, connector_id: str) -> tuple[Session, schemas.Connector] | Response:
+    """The session of an admin who may change things and the connector a form changes, or the
+    page that refuses (signed out, read only, no such connector)."""
+    allowed = await writer(request, posted=False)
+    if isinstance(allowed, Response):
+        return allowed
+    session, _ = allowed
+    try:
+        return session, await _service(request).get(session.organization_id, _connector_id(connector_id))
+    except ConnectorNotFound:
+        return _not_found(session)
+
+
 # Static files and signing in -------------------------------------------------------------------
 
 
@@ -288,14 +301,10 @@ async def connectorpage(request: Request, connector_id: str) -> Response:
 
 @router.get("/connectors/{connector_id}/edit")
 async def edit_connector(request: Request, connector_id: str) -> Response:
-    allowed = await writer(request, posted=False)
-    if isinstance(allowed, Response):
-        return allowed
-    session, _ = allowed
-    try:
-        connector = await _service(request).get(session.organization_id, _connector_id(connector_id))
-    except ConnectorNotFound:
-        return _not_found(session)
+    found = await _to_change(request, connector_id)
+    if isinstance(found, Response):
+        return found
+    session, connector = found
     data = connector.model_dump(mode="python", by_alias=True)
     return _formpage(request, session, forms.ConnectorForm.of_connector(data), data)
 
@@ -344,14 +353,10 @@ async def update_connector(request: Request, connector_id: str) -> Response:
 
 @router.get("/connectors/{connector_id}/delete")
 async def confirm_delete(request: Request, connector_id: str) -> Response:
-    allowed = await writer(request, posted=False)
-    if isinstance(allowed, Response):
-        return allowed
-    session, _ = allowed
-    try:
-        connector = await _service(request).get(session.organization_id, _connector_id(connector_id))
-    except ConnectorNotFound:
-        return _not_found(session)
+    found = await _to_change(request, connector_id)
+    if isinstance(found, Response):
+        return found
+    session, connector = found
     return page(
         "delete.html",
         session=session,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -23,6 +23,23 @@ from tests.connectors import payloads
 
 ORGANIZATIONS = 6
 NO_CHECK = {"validate": "false"}
+
+
+@contextlib.contextmanager
+def connector_reads(app: Any) -> Iterator[list[str]]:
+    """The statements that read connectors while the block runs, as the driver is given them."""
+    reads: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM connectors" in statement:
+            reads.append(statement)
+
+    engine = app.state.connectors.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield reads
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
 
 
 async def basics(client: httpx.AsyncClient, count: int) -> list[str]:
@@ -51,15 +68,6 @@ async def test_concurrent_misses_share_one_query_and_answer_only_their_own_organ
 
     # Not filled at its start: every call below is a miss.
     fresh = await app_factory(settings)
-    # The statements that read connectors, as the database driver is given them.
-    reads: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "FROM connectors" in statement:
-            reads.append(statement)
-
-    engine = fresh.state.connectors.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", count)
     calls = [
         client_for(org, app=fresh).post(f"/connectors/{connector_id}/authorize", json={})
         for org, ids in made.items()
@@ -71,10 +79,10 @@ async def test_concurrent_misses_share_one_query_and_answer_only_their_own_organ
         client_for("org-0", app=fresh).post(f"/connectors/{gone}/authorize", json={}),
         client_for("org-0", app=fresh).post(f"/connectors/{uuid.uuid4()}/authorize", json={}),
     ]
-    answers = await asyncio.gather(*calls, *strangers)
+    with connector_reads(fresh) as reads:
+        answers = await asyncio.gather(*calls, *strangers)
     assert [answer.status_code for answer in answers[: len(calls)]] == [200] * len(calls)
     assert [answer.json()["code"] for answer in answers[len(calls) :]] == ["connector_not_found"] * 3
-    event.remove(engine, "before_cursor_execute", count)
     # 20 misses in all: far fewer queries (the first misses may go before the rest arrive).
     assert 1 <= len(reads) <= 3, reads
     # The owner's call still finds its connector after another organization asked for it.
@@ -167,16 +175,8 @@ async def test_a_starting_process_holds_the_most_recently_changed_connectors_up_
     assert set(map(str, memory.held_ids())) == held
 
     # Held means answered without a query.
-    reads: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if "FROM connectors" in statement:
-            reads.append(statement)
-
-    engine = service.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", count)
-    answer = await client_for("org-3", app=fresh).post(f"/connectors/{ids[-1]}/authorize", json={})
-    event.remove(engine, "before_cursor_execute", count)
+    with connector_reads(fresh) as reads:
+        answer = await client_for("org-3", app=fresh).post(f"/connectors/{ids[-1]}/authorize", json={})
     assert answer.status_code == 200 and reads == []
 
 
