@@ -26,7 +26,7 @@ from app.console.webhooks import router as console_webhooks_router
 from app.core.clock import SystemClock
 from app.core.config import Settings, load_settings
 from app.core.docs import install_docs
-from app.core.errors import DatabaseUnavailable
+from app.core.errors import DatabaseUnavailable, Starting
 from app.core.http import BodyLimitMiddleware, UnexpectedErrorMiddleware, install_error_handlers, problem
 from app.core.logs import AccessLogMiddleware, configure_logging
 from app.core.metrics import CONTENT_TYPE, HTTPMetricsMiddleware, Metrics
@@ -132,8 +132,14 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> FastAP
         responses=readiness_responses(),
     )
     async def readyz() -> dict[str, str | float] | JSONResponse:
-        """Readiness: the database answers, or authorize can still answer from memory."""
+        """Readiness: the database answers, or authorize can still answer from memory; with
+        preload on, not before the connectors called lately are held (at most
+        ``CONNECTORS_PRELOAD_READY_WAIT_SECONDS``)."""
         services: Services = app.state.services
+        starting = services.connectors.starting()
+        if starting is not None:
+            warming = Starting()
+            return problem(503, warming.code, warming.title, starting, warming.headers)
         remaining = await services.connectors.readiness()
         if remaining is None:
             return {"status": "ready"}

@@ -209,6 +209,7 @@ def build_services(
         callback_url=settings.callback_url,
         return_origins=settings.consent_return_origins,
         preload=settings.preload_connectors,
+        preload_ready_wait=settings.preload_ready_wait_seconds,
     )
     webhooks = WebhookService(
         db=db,

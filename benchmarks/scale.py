@@ -12,11 +12,13 @@ default size:
   server's RSS before and after it gives the memory per held connector;
 - (a) ``/healthz``, the five connectors and the 50,000 take turns (medians of the rounds), the
   50,000 spread evenly: the cycle of targets continues from round to round;
-- (c) a new replica: the server stopped (as a deploy stops it: it writes which connectors were
-  called), a new one started on the same database, and (a)'s load (the 50,000, 32 connections)
-  sent from the moment it answers ``/healthz``, for ``--cold-seconds``: the p99 of each second,
-  and how long until every later second's p99 is within 1.5x of the warm server's p99 in (a);
-  once not filled at start (the default), once filled (``CONNECTORS_PRELOAD_CONNECTORS=true``);
+- (c) a new replica: the server stopped, the 50,000 marked as called lately (what replicas with
+  preload on write as they serve, ``app.connectors.usage``), a new one started on the same
+  database, and (a)'s load (the 50,000, 32 connections) sent from the moment ``/readyz`` says
+  ready, as a load balancer would, for ``--cold-seconds``: the p99 of each second, and how long
+  after the process started every later second's p99 is within 1.5x of the warm server's p99 in
+  (a); once not filled at start (the default: ready as soon as it answers), once filled
+  (``CONNECTORS_PRELOAD_CONNECTORS=true``: ready once the connectors called lately are held);
 - (b) on a server started anew: the same spread over all 500,000 connectors and 100,000 tokens
   for ``--miss-seconds``; a pass is five times the connector cache, so nearly every call loads
   its connector.
@@ -25,14 +27,23 @@ default size:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from app.connectors.repository import ConnectorRepository
+from app.connectors.usage import BATCH as USAGE_BATCH
+from app.core.db import Database, build_engine
 from benchmarks.harness import (
     HELPER_CPU,
     LEGEND,
+    START_TIMEOUT_SECONDS,
     Bench,
     Keys,
     Route,
@@ -124,8 +135,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _measure(args, server, seeded, warmup, spread_a, spread_b, baseline_ids, baseline_token)
         )
         results["server_log_lines"] = server.access_lines()
-        # Stopped as a deploy stops it: it writes which connectors were called, for (c).
         server.stop()
+        with step(f"marking the {args.held_organizations * 5:,} connectors as called lately"):
+            _mark_called(url, [i for _, ids in held for i in ids])
         warm_p99 = results["held"]["p99_ms"]
         cold = f"(c) a new replica under the load of (a) for {args.cold_seconds:.0f} s"
         with step(f"{cold}, not filled at start"):
@@ -146,6 +158,8 @@ def _cold_start(
     started = time.monotonic()
     server = start_server(bench, env, "cold")
     answered_after = time.monotonic() - started
+    _wait_ready(server)
+    ready_after = time.monotonic() - started
     result = load(
         load_job(
             server, args.connections, seconds=args.cold_seconds, targets_file=str(spread), timeline=True
@@ -169,6 +183,11 @@ def _cold_start(
     server.stop()
     return {
         "started_to_healthz_s": round(answered_after, 2),
+        "started_to_ready_s": round(ready_after, 2),
+        # From the process's start: the seconds to readiness, then the seconds of load.
+        "settled_after_start_s": (
+            round(ready_after + curve[settled]["second"], 1) if settled is not None else None
+        ),
         "warm_p99_ms": warm_p99_ms,
         "limit_p99_ms": round(limit, 2),
         "settled_after_s": curve[settled]["second"] if settled is not None else None,
@@ -177,6 +196,33 @@ def _cold_start(
         "requests": result["requests"],
         "rps": result["rps"],
     }
+
+
+def _wait_ready(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while httpx.get(f"{server.base_url}/readyz", timeout=5).status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not ready within {START_TIMEOUT_SECONDS} s")
+        time.sleep(0.02)
+
+
+def _mark_called(url: str, connector_ids: list[uuid.UUID]) -> None:
+    """Mark these connectors as called now, through the repository, as ``app.connectors.usage``
+    does for the connectors a replica with preload on serves."""
+
+    async def mark() -> None:
+        db = Database(build_engine(url))
+        now = datetime.now(UTC)
+        try:
+            for first in range(0, len(connector_ids), USAGE_BATCH):
+                async with db.write() as session:
+                    await ConnectorRepository(session).mark_used(
+                        connector_ids[first : first + USAGE_BATCH], now, not_since=now
+                    )
+        finally:
+            await db.dispose()
+
+    asyncio.run(mark())
 
 
 def _postmaster_pid(postgres: PostgresServer) -> int:
@@ -304,13 +350,15 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def _report_cold(how: str, cold: dict[str, Any]) -> None:
-    settled = cold["settled_after_s"]
+    settled, total = cold["settled_after_s"], cold["settled_after_start_s"]
     print(
-        f"(c) {how}: a new replica answered /healthz {cold['started_to_healthz_s']:.1f} s after it started;"
-        f" under (a)'s load its p99 stayed within {COLD_P99_FACTOR}x of the warm {cold['warm_p99_ms']:.2f} ms"
-        f" from second {settled if settled is not None else 'never'} (target <= {COLD_TARGET_SECONDS:.0f}:"
-        f" {verdict(settled is not None and settled <= COLD_TARGET_SECONDS)}); {cold['rps']:.0f} req/s,"
-        f" {cold['errors']} errors over {cold['requests']:,} calls"
+        f"(c) {how}: a new replica answered /healthz {cold['started_to_healthz_s']:.1f} s and /readyz"
+        f" {cold['started_to_ready_s']:.1f} s after it started; under (a)'s load from then on, its p99"
+        f" stayed within {COLD_P99_FACTOR}x of the warm {cold['warm_p99_ms']:.2f} ms from second"
+        f" {settled if settled is not None else 'never'} of the load,"
+        f" {f'{total:.1f} s' if total is not None else 'never'} after the start (target <="
+        f" {COLD_TARGET_SECONDS:.0f}: {verdict(total is not None and total <= COLD_TARGET_SECONDS)});"
+        f" {cold['rps']:.0f} req/s, {cold['errors']} errors over {cold['requests']:,} calls"
     )
     print("    p99 ms per second: " + " ".join(f"{point['p99_ms']:.0f}" for point in cold["curve"]))
 

@@ -242,7 +242,7 @@ OPERATIONS: dict[str, tuple[str, str, str | None, set[str]]] = {
         },
     ),
     "getLiveness": ("get", "/healthz", None, set()),
-    "getReadiness": ("get", "/readyz", None, {"database_unavailable"}),
+    "getReadiness": ("get", "/readyz", None, {"database_unavailable", "starting"}),
     "getMetrics": ("get", "/metrics", None, set()),
 }
 

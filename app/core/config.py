@@ -123,10 +123,12 @@ class Settings(BaseSettings):
 
     # What each process holds in memory for authorize (least recently used entries go first).
     connector_cache_size: int = Field(default=100_000, ge=1, le=10_000_000)
-    # A starting process loads connectors into memory in the background (those called lately
-    # first, then by last change, up to connector_cache_size) while it already serves. Off by
-    # default: under immediate load it raised the p99 of a new replica's first seconds (README).
-    preload_connectors: bool = False
+    # A starting process loads connectors into memory (those called lately first, then by last
+    # change, up to connector_cache_size) while it already serves (app.connectors.preload).
+    preload_connectors: bool = True
+    # With preload on, /readyz answers 503 `starting` until the connectors called lately are
+    # held, for at most this long (0: ready at once; the rest is loaded while serving either way).
+    preload_ready_wait_seconds: float = Field(default=30.0, ge=0, le=3600)
     # Python's full garbage collection runs this often instead of by its allocation counts
     # (app.core.collector); 0 leaves Python's own schedule.
     full_gc_interval_seconds: float = Field(default=600.0, ge=0, le=86_400)

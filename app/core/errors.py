@@ -232,6 +232,19 @@ class DatabaseUnavailable(AppError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class Starting(AppError):
+    """The process is still loading what it needs to answer quickly (``/readyz`` only)."""
+
+    status = 503
+    code = "starting"
+    title = "The process is still starting"
+    retry_after = 1
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
+
+
 def _all_subclasses(cls: type[AppError]) -> list[type[AppError]]:
     found: list[type[AppError]] = []
     for sub in cls.__subclasses__():

@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from app.core.errors import AppError, DatabaseUnavailable
+from app.core.errors import AppError, DatabaseUnavailable, Starting
 from app.core.http import PROBLEM_JSON
 
 __all__ = [
@@ -227,7 +227,7 @@ def readiness_responses() -> dict[int | str, dict[str, Any]]:
                 }
             },
         },
-        **problems("getReadiness", DatabaseUnavailable),
+        **problems("getReadiness", DatabaseUnavailable, Starting),
     }
 
 

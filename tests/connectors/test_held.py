@@ -9,17 +9,23 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import event
 
+from app.connectors import preload as preload_module
 from app.connectors.misses import Misses
 from app.connectors.models import Connector
+from app.connectors.preload import Preload
 from app.connectors.repository import ConnectorRepository
 from app.core.config import Settings
+from app.main import Overrides
 from tests.connectors import payloads
+from tests.connectors.test_crud import assert_problem
+from tests.support.fakes import FakeTime
 
 ORGANIZATIONS = 6
 NO_CHECK = {"validate": "false"}
@@ -40,6 +46,11 @@ def connector_reads(app: Any) -> Iterator[list[str]]:
         yield reads
     finally:
         event.remove(engine, "before_cursor_execute", count)
+
+
+def preload(service: Any, page: int) -> Preload:
+    """A preload of the service's memory from the start, ``page`` connectors a query."""
+    return Preload(service.db, service.memory, service.held_from, service.clock, ready_wait=0, page=page)
 
 
 async def basics(client: httpx.AsyncClient, count: int) -> list[str]:
@@ -171,7 +182,7 @@ async def test_a_starting_process_holds_the_most_recently_changed_connectors_up_
     held = set(map(str, memory.held_ids()))
     assert held == {ids[0], *ids[-4:]}
     # Nothing held is replaced or pushed out by a later fill, and a fill once full holds nothing.
-    assert await service.preload(page=3) == 0
+    assert await preload(service, page=3).run() == 0
     assert set(map(str, memory.held_ids())) == held
 
     # Held means answered without a query.
@@ -185,10 +196,11 @@ async def test_a_connector_changed_while_its_page_is_read_is_not_held_from_that_
     client_for: Callable[..., httpx.AsyncClient],
     settings: Settings,
 ) -> None:
-    writer = await app_factory(settings)
+    quiet = settings.model_copy(update={"preload_connectors": False})
+    writer = await app_factory(quiet)
     client = client_for("org-0", app=writer)
     made = await basics(client, 3)
-    fresh = await app_factory(settings)
+    fresh = await app_factory(quiet)
     service = fresh.state.connectors
     reading = service.db.read
 
@@ -201,7 +213,7 @@ async def test_a_connector_changed_while_its_page_is_read_is_not_held_from_that_
 
     service.db.read = read_then_change
     try:
-        assert await service.preload(page=10) == 2
+        assert await preload(service, page=10).run() == 2
     finally:
         service.db.read = reading
     assert set(map(str, service.memory.held_ids())) == set(made[1:])
@@ -266,7 +278,7 @@ async def test_without_preload_no_call_is_noted(
     settings: Settings,
 ) -> None:
     """Nothing reads the usage marks then: neither the calls nor the stop write any."""
-    app = await app_factory(settings)
+    app = await app_factory(settings.model_copy(update={"preload_connectors": False}))
     assert app.state.connectors.usage is None
     client = client_for("org-0", app=app)
     connector_id = (await basics(client, 1))[0]
@@ -275,3 +287,94 @@ async def test_without_preload_no_call_is_noted(
     async with app.state.connectors.db.read() as session:
         row = (await ConnectorRepository(session).by_ids([uuid.UUID(connector_id)]))[0]
     assert row.used_at is None
+
+
+@pytest.fixture
+def later_pages_wait(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Preload reads two connectors a query; a phase's pages after its first wait for the event."""
+    monkeypatch.setattr(preload_module, "PAGE", 2)
+    go_on = asyncio.Event()
+    recent = ConnectorRepository.recent
+
+    async def waiting(
+        repository: ConnectorRepository, limit: int, before: Sequence[Any] | None = None, *, used: bool
+    ) -> Sequence[Connector]:
+        if before is not None:
+            await go_on.wait()
+        return await recent(repository, limit, before, used=used)
+
+    monkeypatch.setattr(ConnectorRepository, "recent", waiting)
+    return go_on
+
+
+async def called_lately(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+) -> list[str]:
+    """Five connectors, all marked as called lately, written by a process without preload."""
+    writer = await app_factory(settings.model_copy(update={"preload_connectors": False}))
+    made = await basics(client_for("org-0", app=writer), 5)
+    now = datetime.now(UTC)
+    async with writer.state.connectors.db.write() as session:
+        await ConnectorRepository(session).mark_used([uuid.UUID(i) for i in made], now, not_since=now)
+    return made
+
+
+async def test_a_starting_process_says_so_until_the_connectors_called_lately_are_held(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+    later_pages_wait: asyncio.Event,
+) -> None:
+    made = await called_lately(app_factory, client_for, settings)
+    fresh = await app_factory(settings.model_copy(update={"preload_connectors": True}))
+    client = client_for("org-0", app=fresh)
+
+    starting = await client.get("/readyz")
+    problem = assert_problem(starting, 503, "starting")
+    assert starting.headers["Retry-After"] == "1"
+    assert problem["detail"] == "loading the connectors called lately (2 held so far)"
+    # It serves meanwhile: two from memory, the others by their first call.
+    for connector_id in made:
+        assert (await client.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
+
+    later_pages_wait.set()
+    for _ in range(500):
+        if (await client.get("/readyz")).status_code == 200:
+            break
+        await asyncio.sleep(0.01)
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    assert set(map(str, fresh.state.connectors.memory.held_ids())) == set(made)
+
+
+async def test_a_starting_process_is_ready_after_the_wait_whatever_it_holds(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+    fake_time: FakeTime,
+    later_pages_wait: asyncio.Event,
+) -> None:
+    await called_lately(app_factory, client_for, settings)
+    waits = {"preload_connectors": True, "preload_ready_wait_seconds": 20, "max_staleness_seconds": 86_400}
+    fresh = await app_factory(settings.model_copy(update=waits), Overrides(clock=fake_time))
+    client = client_for("org-0", app=fresh)
+    fake_time.advance(19.9)
+    assert_problem(await client.get("/readyz"), 503, "starting")
+    fake_time.advance(0.1)
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    # Still loading: two held.
+    assert len(fresh.state.connectors.memory) == 2
+
+
+async def test_without_a_wait_a_starting_process_is_ready_at_once(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+    later_pages_wait: asyncio.Event,
+) -> None:
+    await called_lately(app_factory, client_for, settings)
+    no_wait = {"preload_connectors": True, "preload_ready_wait_seconds": 0}
+    fresh = await app_factory(settings.model_copy(update=no_wait))
+    assert (await client_for("org-0", app=fresh).get("/readyz")).json() == {"status": "ready"}
+    assert len(fresh.state.connectors.memory) == 2

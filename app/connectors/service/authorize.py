@@ -9,11 +9,9 @@ of the service is ``_Service``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
-import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -24,6 +22,7 @@ from app.connectors.kinds import kind_of
 from app.connectors.memory import ConnectorMemory, HeldConnector
 from app.connectors.misses import Misses
 from app.connectors.models import Connector
+from app.connectors.preload import Preload
 from app.connectors.renewals import GrantKeeper
 from app.connectors.repository import ConnectorRepository
 from app.connectors.sealing import UNREADABLE, SecretSealer
@@ -50,14 +49,6 @@ __all__ = ["Authorizing"]
 
 log = logging.getLogger(__name__)
 
-# Connectors read per query when a starting process fills its memory (``preload``): a page's rows
-# are made into objects at once, so small enough to keep requests waiting a few milliseconds only.
-PRELOAD_PAGE = 50
-# Rows made ready between two turns of the event loop, and the pause between two pages of
-# connectors not called lately (about 2,000 a second at most).
-PRELOAD_CHUNK = 20
-PRELOAD_UNUSED_PAUSE = 0.05
-
 CONSENT_DETAIL = (
     "The connector's account is not connected (or the provider ended the grant): an admin must "
     "connect it again (POST /connectors/{id}/consent, then the provider's consent page)"
@@ -77,12 +68,11 @@ class _Service(Protocol):
     follower: ChangeFollower
     background: Background
     max_staleness: float
+    preloader: Preload | None
 
     async def _load(self, organization_id: str, connector_id: uuid.UUID) -> HeldConnector | None: ...
 
-    def _held_from(self, row: Connector) -> HeldConnector: ...
-
-    async def _hold_page(self, rows: Sequence[Connector], changed: set[uuid.UUID]) -> int: ...
+    def held_from(self, row: Connector) -> HeldConnector: ...
 
     async def _token_config(self, connector_id: uuid.UUID, held: HeldConnector) -> OAuth2Config: ...
 
@@ -158,63 +148,23 @@ class Authorizing:
     # Memory ------------------------------------------------------------------------------------
 
     async def start(self: _Service) -> None:
-        """Take the follower's starting point, if the database answers (else it keeps trying)."""
+        """Take the follower's starting point, if the database answers (else it keeps trying);
+        with preload on, read its first page (``app.connectors.preload``)."""
         with contextlib.suppress(DatabaseUnavailable):
             await self.follower.poll()
-
-    async def preload(self: _Service, page: int = PRELOAD_PAGE) -> int:
-        """Hold connectors up to the memory's capacity, a page at a time while the process serves:
-        first those called lately (``app.connectors.usage``), most recent first, then the others
-        by their last change. A new process then answers most calls from memory within seconds.
-
-        Never replaces a held copy nor pushes one out; a connector changed while its page was read
-        is left to its next call. Stops quietly if the database goes away. Returns how many it held.
-        """
-        started = time.monotonic()
-        held = 0
-        try:
-            for used in (True, False):
-                before: tuple[object, ...] | None = None
-                while not self.memory.full():
-                    with self.memory.watch() as changed:
-                        async with self.db.read() as session:
-                            rows = await ConnectorRepository(session).recent(page, before, used=used)
-                        held += await self._hold_page(rows, changed)
-                    if len(rows) < page:
-                        break
-                    before = ConnectorRepository.recent_key(rows[-1], used=used)
-                    # Connectors not called lately may wait: at most a share of the CPU for them.
-                    await asyncio.sleep(0 if used else PRELOAD_UNUSED_PAUSE)
-        except DatabaseUnavailable:
-            log.info("preloading connectors stopped: the database is unavailable", extra={"held": held})
-            return held
-        log.info(
-            "connectors preloaded",
-            extra={"held": held, "seconds": round(time.monotonic() - started, 2)},
-        )
-        return held
-
-    async def _hold_page(self: _Service, rows: Sequence[Connector], changed: set[uuid.UUID]) -> int:
-        """Hold a preload page's connectors but those ``changed`` since it was read; how many."""
-        held = 0
-        for index, row in enumerate(rows, 1):
-            if row.id not in changed:
-                held += self.memory.fill(row.id, self._held_from(row))
-            if index % PRELOAD_CHUNK == 0:
-                # The requests that arrived meanwhile go first.
-                await asyncio.sleep(0)
-        return held
+        if self.preloader is not None:
+            await self.preloader.first()
 
     async def _load(self: _Service, organization_id: str, connector_id: uuid.UUID) -> HeldConnector | None:
         # One query for the misses of every caller meanwhile (app.connectors.misses).
         row = await self.misses.get(organization_id, connector_id)
-        return self._held_from(row) if row is not None else None
+        return self.held_from(row) if row is not None else None
 
     async def _rows(self: _Service, connector_ids: Sequence[uuid.UUID]) -> Sequence[Connector]:
         async with self.db.read() as session:
             return await ConnectorRepository(session).by_ids(connector_ids)
 
-    def _held_from(self: _Service, row: Connector) -> HeldConnector:
+    def held_from(self: _Service, row: Connector) -> HeldConnector:
         kind = kind_of(row.auth_type, row.grant_type)
         credential: StaticCredential | None = None
         unreadable = False
@@ -269,7 +219,7 @@ class Authorizing:
         if old is not None and old.change_seq >= row.change_seq and not force:
             return
         self.memory.changed(row.id)
-        self.memory.offer(row.id, self._held_from(row), force=force)
+        self.memory.offer(row.id, self.held_from(row), force=force)
         sticky = ("rejected", "consent_required")
         if old is not None and (
             old.version != row.version or (old.state in sticky and old.state != row.status_state)

@@ -36,6 +36,7 @@ from app.connectors.kinds import CheckTools, Kind, kind_of
 from app.connectors.memory import ConnectorMemory
 from app.connectors.misses import Misses
 from app.connectors.models import Connector
+from app.connectors.preload import Preload
 from app.connectors.renewals import GrantKeeper
 from app.connectors.repository import ConnectorRepository, StatsRepository
 from app.connectors.sealing import SecretSealer
@@ -105,6 +106,7 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         callback_url: str = "http://127.0.0.1:8000/oauth/callback",
         return_origins: Collection[str] = (),
         preload: bool = False,
+        preload_ready_wait: float = 0.0,
     ) -> None:
         """``key_checks`` checks private keys in full off the event loop (one worker process
         made on first use when not given); ``record_event`` is told of every change.
@@ -118,8 +120,10 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         ``return_origins`` are the origins (besides the callback's own) a consent may send the
         browser back to afterwards.
 
-        ``preload``: fill the memory in the background once started (``Authorizing.preload``),
-        and note which connectors are called, for the next process's preload."""
+        ``preload``: fill the memory once started (``app.connectors.preload``), and note which
+        connectors are called, for the next process's preload; ``preload_ready_wait``: until the
+        connectors called lately are held, but at most this many seconds after the start,
+        ``starting`` says the process is not yet worth routing to."""
         self.db = db
         self.key_checks = key_checks or KeyChecks()
         # Writes the event of each change in the change's transaction (app.connectors.events).
@@ -151,6 +155,10 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         self.misses = Misses(self._rows)
         # Which connectors are called, for the next process's preload: kept where preload is on.
         self.usage = UsageRecorder(db, clock) if preload else None
+        # Fills the memory at the start, those called lately first (app.connectors.preload).
+        self.preloader: Preload | None = None
+        if preload:
+            self.preloader = Preload(db, self.memory, self.held_from, clock, ready_wait=preload_ready_wait)
         # Status writes, change notices (on_change: the other replicas) and checks under way.
         self.background = status.background
         self.follower = ChangeFollower(
@@ -195,17 +203,23 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         pruning the change log, writing which connectors are called, and filling the memory at the
         start (which then ends)."""
         work = (self.follower.run(), self.follower.prune())
-        if self.usage is None:
+        if self.usage is None or self.preloader is None:
             return work
-        return (*work, self.usage.run(), self._fill_memory())
+        return (*work, self.usage.run(), self._fill_memory(self.preloader))
 
-    async def _fill_memory(self) -> None:
-        await self.preload()
+    @staticmethod
+    async def _fill_memory(preloader: Preload) -> None:
+        await preloader.rest()
 
     def changes_announced(self) -> None:
         """Another replica announced a change (or notices may have been missed): read the
         changes now."""
         self.follower.wake()
+
+    def starting(self) -> str | None:
+        """Why this process is not yet worth routing to (``/readyz``), or None: with preload on, it
+        is loading the connectors called lately, for at most ``preload_ready_wait`` seconds."""
+        return self.preloader.starting() if self.preloader is not None else None
 
     async def readiness(self) -> float | None:
         """None when the database answers; else how many seconds what is held may still be
