@@ -113,8 +113,8 @@ class Preload:
         rows: Sequence[Connector] = []
         if not self.memory.full():
             with self.memory.watch() as changed:
-                async with self.db.read() as session:
-                    rows = await ConnectorRepository(session).recent(self.page, self._before, used=used)
+                page = ConnectorRepository.select_recent(self.page, self._before, used=used)
+                rows = await self.db.scalars(page)
                 await self._hold(rows, changed)
         if len(rows) == self.page and not self.memory.full():
             self._before = ConnectorRepository.recent_key(rows[-1], used=used)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, literal, or_, select, tuple_, update
+from sqlalchemy import Select, delete, func, insert, literal, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,7 +23,7 @@ from app.connectors.models import (
 )
 from app.core.errors import NameTaken
 
-# The orders of ConnectorRepository.recent, both served by the index ix_connectors_preload.
+# The orders of ConnectorRepository.select_recent, both served by the index ix_connectors_preload.
 _RECENT_USED = (Connector.used_at, Connector.change_seq, Connector.id)
 _RECENT_UNUSED = (Connector.change_seq, Connector.id)
 
@@ -77,12 +77,15 @@ class ConnectorRepository:
         """The rows of these connectors, whichever organization's; deleted ones are absent."""
         if not connector_ids:
             return []
-        result = await self.session.execute(select(Connector).where(Connector.id.in_(connector_ids)))
-        return result.scalars().all()
+        return (await self.session.scalars(self.select_by_ids(connector_ids))).all()
 
-    async def recent(
-        self, limit: int, before: Sequence[Any] | None = None, *, used: bool
-    ) -> Sequence[Connector]:
+    @staticmethod
+    def select_by_ids(connector_ids: Sequence[uuid.UUID]) -> Select[Connector]:
+        """The query of ``by_ids``, for ``Database.scalars``."""
+        return select(Connector).where(Connector.id.in_(connector_ids))
+
+    @staticmethod
+    def select_recent(limit: int, before: Sequence[Any] | None = None, *, used: bool) -> Select[Connector]:
         """A page of connectors, newest first: with ``used``, those called lately, by when, then
         by last change; else those never noted as called, by last change. ``before`` is
         ``recent_key`` of the previous page's last connector."""
@@ -98,8 +101,7 @@ class ConnectorRepository:
                 *(literal(value, column.type) for value, column in zip(before, columns, strict=True))
             )
             query = query.where(tuple_(*columns) < bound)
-        result = await self.session.execute(query)
-        return result.scalars().all()
+        return query
 
     @staticmethod
     def recent_key(row: Connector, *, used: bool) -> tuple[Any, ...]:

@@ -8,6 +8,13 @@ instead. On PostgreSQL both are ordinary transactions and row locks do the seria
 Transactions are short and never span an outbound call: a service opens one with
 ``async with db.write() as session`` and the block commits on success, rolls back on error.
 
+``scalars`` reads one SELECT of ORM entities in as few trips as the driver allows. aiosqlite
+runs each call of the driver in its thread, and a read transaction makes about ten such calls
+(BEGIN, cursor, execute, fetch, close, COMMIT, the pool's reset), each waiting a turn of the
+event loop: under load a read took many busy turns. On a SQLite file, ``scalars`` therefore runs
+the whole read in one worker thread, on a synchronous engine of its own over the same file
+(read-only connections); elsewhere it is an ordinary read transaction.
+
 A database that cannot be reached (refused or dropped connections, a server shutting down, a
 connect that times out, SQLite's lock wait running out) surfaces as ``DatabaseUnavailable``,
 which callers answer with a 503 and ``Retry-After``; errors of the statements themselves
@@ -20,20 +27,22 @@ never queue behind connection attempts that time out.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry.trace import Span, SpanKind, Tracer, get_current_span
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, ExceptionContext
+from sqlalchemy import Select, create_engine, event, text
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from app.core import tracing
@@ -46,6 +55,8 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 # While the database is away, how often a transaction may try to reach it; the others answer
 # DatabaseUnavailable at once instead of each waiting for its own failed connection attempt.
 RETRY_INTERVAL_SECONDS = 0.5
+
+T = TypeVar("T")
 
 
 def build_engine(url: str, *, pool_size: int = 10, command_timeout: float | None = None) -> AsyncEngine:
@@ -86,6 +97,30 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def sqlite_reader(engine: AsyncEngine) -> Engine | None:
+    """A synchronous engine over the SQLite file ``engine`` uses, whose connections only read
+    (``Database.scalars``); None unless ``engine`` is SQLite over a file."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    if url.query.get("mode") == "memory":
+        return None
+    reader = create_engine(
+        url.set(drivername="sqlite"),
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        hide_parameters=True,
+    )
+
+    @event.listens_for(reader, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA query_only=ON")
+        cursor.close()
+
+    return reader
+
+
 class Database:
     """The engine and the two kinds of transaction the service uses."""
 
@@ -100,9 +135,13 @@ class Database:
         """``retry_interval``: while the database is away, at most one attempt to reach it per
         interval; every other transaction in between fails at once. ``tracer``: a span per
         statement (``trace_statements``)."""
+        self.engine = engine
+        # A SQLite file's one-trip reads (``scalars``) run on this engine, in a worker thread.
+        self._reader = sqlite_reader(engine)
         if tracer is not None:
             trace_statements(engine, tracer)
-        self.engine = engine
+            if self._reader is not None:
+                trace_statements(self._reader, tracer)
         self.retry_interval = retry_interval
         self._monotonic = monotonic
         self._retry_at = -math.inf
@@ -126,6 +165,21 @@ class Database:
     async def write(self) -> AsyncIterator[AsyncSession]:
         async with self._reachable(), self._write() as session, session.begin():
             yield session
+
+    async def scalars(self, statement: Select[T]) -> Sequence[T]:
+        """Every entity one SELECT reads, in one trip to a worker thread on a SQLite file (see the
+        module's docstring), else in a read transaction. The entities are detached: what the
+        statement loaded, and nothing more, can be read of them."""
+        if self._reader is None:
+            async with self.read() as session:
+                return (await session.scalars(statement)).all()
+        async with self._reachable():
+            return await asyncio.to_thread(self._read_scalars, self._reader, statement)
+
+    @staticmethod
+    def _read_scalars(reader: Engine, statement: Select[T]) -> Sequence[T]:
+        with Session(reader) as session:
+            return session.scalars(statement).all()
 
     async def ping(self) -> None:
         async with self._reachable(), self.engine.connect() as connection:
@@ -159,6 +213,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._reader is not None:
+            self._reader.dispose()
 
 
 # Tracing ---------------------------------------------------------------------------------------
@@ -167,7 +223,7 @@ class Database:
 _SPAN_ATTRIBUTE = "_connectors_span"
 
 
-def trace_statements(engine: AsyncEngine, tracer: Tracer) -> None:
+def trace_statements(engine: AsyncEngine | Engine, tracer: Tracer) -> None:
     """A client span per statement run inside a traced operation (a request, or work a request
     started), under the span current where it was awaited.
 
@@ -178,7 +234,7 @@ def trace_statements(engine: AsyncEngine, tracer: Tracer) -> None:
     statement's text or its parameters. A failure records the exception's class name.
     """
     system = engine.dialect.name
-    sync_engine = engine.sync_engine
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
 
     @event.listens_for(sync_engine, "before_cursor_execute")
     def _before(

@@ -40,12 +40,16 @@ def connector_reads(app: Any) -> Iterator[list[str]]:
         if statement.lstrip().upper().startswith("SELECT") and "FROM connectors" in statement:
             reads.append(statement)
 
-    engine = app.state.connectors.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", count)
+    db = app.state.connectors.db
+    # The misses' and preload's reads run on the SQLite file's reader (Database.scalars).
+    engines = [db.engine.sync_engine, *([db._reader] if db._reader is not None else [])]
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", count)
     try:
         yield reads
     finally:
-        event.remove(engine, "before_cursor_execute", count)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", count)
 
 
 def preload(service: Any, page: int) -> Preload:
@@ -78,7 +82,7 @@ async def test_concurrent_misses_share_one_query_and_answer_only_their_own_organ
     assert (await client_for("org-0", app=writer).delete(f"/connectors/{gone}")).status_code == 204
 
     # Not filled at its start: every call below is a miss.
-    fresh = await app_factory(settings)
+    fresh = await app_factory(settings.model_copy(update={"preload_connectors": False}))
     calls = [
         client_for(org, app=fresh).post(f"/connectors/{connector_id}/authorize", json={})
         for org, ids in made.items()
@@ -202,20 +206,19 @@ async def test_a_connector_changed_while_its_page_is_read_is_not_held_from_that_
     made = await basics(client, 3)
     fresh = await app_factory(quiet)
     service = fresh.state.connectors
-    reading = service.db.read
+    reading = service.db.scalars
 
     # The follower reports a change of the first connector while the page is being read.
-    @contextlib.asynccontextmanager
-    async def read_then_change() -> Any:
-        async with reading() as session:
-            yield session
+    async def read_then_change(statement: Any) -> Sequence[Connector]:
+        rows: Sequence[Connector] = await reading(statement)
         service.memory.changed(uuid.UUID(made[0]))
+        return rows
 
-    service.db.read = read_then_change
+    service.db.scalars = read_then_change
     try:
         assert await preload(service, page=10).run() == 2
     finally:
-        service.db.read = reading
+        service.db.scalars = reading
     assert set(map(str, service.memory.held_ids())) == set(made[1:])
 
 
@@ -294,16 +297,14 @@ def later_pages_wait(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     """Preload reads two connectors a query; a phase's pages after its first wait for the event."""
     monkeypatch.setattr(preload_module, "PAGE", 2)
     go_on = asyncio.Event()
-    recent = ConnectorRepository.recent
+    step = Preload.step
 
-    async def waiting(
-        repository: ConnectorRepository, limit: int, before: Sequence[Any] | None = None, *, used: bool
-    ) -> Sequence[Connector]:
-        if before is not None:
+    async def waiting(preload: Preload) -> None:
+        if preload._before is not None:
             await go_on.wait()
-        return await recent(repository, limit, before, used=used)
+        await step(preload)
 
-    monkeypatch.setattr(ConnectorRepository, "recent", waiting)
+    monkeypatch.setattr(Preload, "step", waiting)
     return go_on
 
 

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
 import sqlite3
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, insert, inspect, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from app.core.db import Database, _unreachable, build_engine
+from app.connectors.models import Organization
+from app.core.db import Database, _unreachable, build_engine, sqlite_reader
 from app.core.errors import DatabaseUnavailable
+from tests.conftest import _sqlite_database
 from tests.support.service import free_port
 
 
@@ -120,3 +125,60 @@ async def test_while_away_one_attempt_per_interval_reaches_for_the_database() ->
         listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
         listener.close()
         thread.join(timeout=5)
+
+
+# One-trip reads ---------------------------------------------------------------------------------
+
+
+async def test_one_trip_reads_see_every_committed_write_and_return_detached_rows(database_url: str) -> None:
+    db = Database(build_engine(database_url))
+    organization = f"org-{secrets.token_hex(4)}"
+    try:
+        for number in range(3):
+            async with db.write() as session:
+                await session.execute(
+                    insert(Organization).values(id=f"{organization}-{number}", created_at=datetime.now(UTC))
+                )
+            rows = await db.scalars(select(Organization).where(Organization.id.startswith(organization)))
+            # Each read sees the write committed just before it, from any connection.
+            assert sorted(row.id for row in rows) == [f"{organization}-{n}" for n in range(number + 1)]
+            assert all(inspect(row).detached for row in rows)
+    finally:
+        await db.dispose()
+
+
+async def test_on_a_sqlite_file_a_one_trip_read_runs_in_another_thread_and_only_reads(tmp_path: Path) -> None:
+    db = Database(build_engine(await _sqlite_database(tmp_path)))
+    reader = db._reader
+    assert reader is not None
+    threads: list[int] = []
+
+    def note_thread(*_args: Any) -> None:
+        threads.append(threading.get_ident())
+
+    event.listen(reader, "before_cursor_execute", note_thread)
+    try:
+        assert await db.scalars(select(Organization)) == []
+        # The read's statement ran on the reader's connection, in another thread.
+        assert threads and threading.get_ident() not in threads
+        # Its connections refuse to write.
+        with pytest.raises(DBAPIError, match="readonly"), reader.connect() as connection:
+            connection.execute(text("INSERT INTO organizations (id, created_at) VALUES ('x', '2026-01-01')"))
+    finally:
+        await db.dispose()
+
+
+async def test_a_sqlite_file_that_cannot_be_opened_makes_a_one_trip_read_unavailable(tmp_path: Path) -> None:
+    db = Database(build_engine(f"sqlite+aiosqlite:///{tmp_path / 'no-such-directory' / 'x.db'}"))
+    try:
+        with pytest.raises(DatabaseUnavailable):
+            await db.scalars(select(Organization))
+        assert not db.available
+    finally:
+        await db.dispose()
+
+
+def test_only_a_sqlite_file_gets_a_reader() -> None:
+    assert sqlite_reader(build_engine("sqlite+aiosqlite:///:memory:")) is None
+    assert sqlite_reader(build_engine("sqlite+aiosqlite://")) is None
+    assert sqlite_reader(build_engine("postgresql+asyncpg://postgres@127.0.0.1/postgres")) is None

@@ -161,8 +161,7 @@ class Authorizing:
         return self.held_from(row) if row is not None else None
 
     async def _rows(self: _Service, connector_ids: Sequence[uuid.UUID]) -> Sequence[Connector]:
-        async with self.db.read() as session:
-            return await ConnectorRepository(session).by_ids(connector_ids)
+        return await self.db.scalars(ConnectorRepository.select_by_ids(connector_ids))
 
     def held_from(self: _Service, row: Connector) -> HeldConnector:
         kind = kind_of(row.auth_type, row.grant_type)
