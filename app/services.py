@@ -81,7 +81,7 @@ class Services:
             self.collector.start()
             self._background.append(asyncio.create_task(self.collector.run(), name="full collections"))
         await self.connectors.start()  # tolerates a database that is away: the follower keeps trying
-        self._background = [asyncio.create_task(work) for work in self.connectors.background_work()]
+        self._background += [asyncio.create_task(work) for work in self.connectors.background_work()]
         self._background.append(asyncio.create_task(self.deliveries.run(), name="webhook deliveries"))
         if self.broadcast is not None:
             # A notice (or a resubscription, after which notices may have been missed) makes the

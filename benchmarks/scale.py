@@ -299,7 +299,7 @@ def _measure_misses(args: argparse.Namespace, server: Server, rows: int, spread_
     with step(f"(b) the same spread for {steady:.0f} s more, with the caches full"):
         job = load_job(server, args.connections, seconds=steady, targets_file=str(spread_b))
         # The cycle of targets continues where the first part stopped.
-        job["start"] = results["all"]["requests"]
+        job["start"] = int(results["all"]["next"])
         results["all_full"] = load(job, server)
     results["rss_after_b_mib"] = round(server.rss_mib(), 1)
     results["held_after_b"] = server.metric("connectors_held")

@@ -4,7 +4,12 @@
 the memory is full or every connector was read: first those called lately
 (``app.connectors.usage``), most recent first, then the others by their last change. It never
 replaces a held copy nor pushes one out, and leaves out a connector whose change arrives while
-its page is read (its next call loads it).
+its page is read (its next call loads it). It stops at the first failure (the database away):
+the connectors it did not read are loaded by their first calls.
+
+*Called lately* are the connectors with a usage mark, most recently called first: marks are
+never cleared, so this is every connector called since marks were kept, bounded by the memory's
+size.
 
 The process says it is *starting* (``/readyz`` answers 503) until the connectors called lately
 are held, for at most ``ready_wait`` seconds: a load balancer then sends it traffic once the
@@ -88,6 +93,9 @@ class Preload:
             await self.step()
         except DatabaseUnavailable:
             self._stopped()
+        except Exception as error:
+            # A hint, not a condition of serving: a process that cannot preload still serves.
+            self._failed(error)
 
     async def rest(self) -> int:
         """Read the other pages while the process serves; returns how many connectors it held."""
@@ -98,10 +106,12 @@ class Preload:
                 await self.step()
         except DatabaseUnavailable:
             self._stopped()
+        except Exception as error:
+            self._failed(error)
         return self.held
 
     async def run(self) -> int:
-        """``first``, then ``rest``."""
+        """``first``, then ``rest`` (a preload of its own, as the tests run one)."""
         await self.first()
         return await self.rest()
 
@@ -139,6 +149,11 @@ class Preload:
     def _stopped(self) -> None:
         self.used = None
         log.info("preloading connectors stopped: the database is unavailable", extra={"held": self.held})
+
+    def _failed(self, error: Exception) -> None:
+        self.used = None
+        # The class only: a message could quote what was being read.
+        log.warning("preloading connectors failed", extra={"held": self.held, "error": type(error).__name__})
 
     def _took(self) -> float:
         return round(time.monotonic() - self._started, 2)

@@ -73,15 +73,10 @@ class ConnectorRepository:
         )
         return result.scalar_one_or_none()
 
-    async def by_ids(self, connector_ids: Sequence[uuid.UUID]) -> Sequence[Connector]:
-        """The rows of these connectors, whichever organization's; deleted ones are absent."""
-        if not connector_ids:
-            return []
-        return (await self.session.scalars(self.select_by_ids(connector_ids))).all()
-
     @staticmethod
     def select_by_ids(connector_ids: Sequence[uuid.UUID]) -> Select[Connector]:
-        """The query of ``by_ids``, for ``Database.scalars``."""
+        """The rows of these connectors, whichever organization's (deleted ones are absent), for
+        ``Database.scalars``."""
         return select(Connector).where(Connector.id.in_(connector_ids))
 
     @staticmethod

@@ -5,7 +5,7 @@ Authorize notes a held connector when it is called and was not noted in the last
 comparison on the hot path). Every ``flush_interval`` seconds the noted connectors are written in
 batches (``connectors.used_at``), and a connector that any replica marked within the hour is left
 as it is: a connector in steady use costs one small write an hour, whatever the number of calls
-and replicas. ``ConnectorService.preload`` reads the most recently used connectors first, so a
+and replicas. ``app.connectors.preload`` reads the most recently used connectors first, so a
 new replica fills its memory with the ones its callers are about to ask for.
 
 It is a hint: a write that fails (the database away) is dropped, and the connector is noted again

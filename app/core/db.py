@@ -30,11 +30,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from opentelemetry.trace import Span, SpanKind, Tracer, get_current_span
 from sqlalchemy import Select, create_engine, event, text
@@ -99,14 +101,20 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
 def sqlite_reader(engine: AsyncEngine) -> Engine | None:
     """A synchronous engine over the SQLite file ``engine`` uses, whose connections only read
-    (``Database.scalars``); None unless ``engine`` is SQLite over a file."""
+    (``Database.scalars``) and never create the file; None unless ``engine`` is SQLite over a
+    file named by its path (an in-memory database, or one named by a URI, is read as usual)."""
     url = engine.url
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
         return None
-    if url.query.get("mode") == "memory":
+    if database.startswith("file:") or url.query:
         return None
     reader = create_engine(
-        url.set(drivername="sqlite"),
+        url.set(
+            drivername="sqlite",
+            database=f"file:{quote(os.path.abspath(database))}",
+            query={"mode": "rw", "uri": "true"},
+        ),
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         hide_parameters=True,
     )

@@ -261,8 +261,8 @@ async def test_a_connector_noted_within_the_hour_by_another_process_is_not_writt
     assert (await client.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
     await first.state.connectors.usage.flush()
     service = first.state.connectors
-    async with service.db.read() as session:
-        noted = (await ConnectorRepository(session).by_ids([uuid.UUID(connector_id)]))[0].used_at
+    (row,) = await service.db.scalars(ConnectorRepository.select_by_ids([uuid.UUID(connector_id)]))
+    noted = row.used_at
     assert noted is not None
 
     # Another process calls it too: its write finds the mark recent and leaves it.
@@ -270,9 +270,8 @@ async def test_a_connector_noted_within_the_hour_by_another_process_is_not_writt
     other = client_for("org-0", app=second)
     assert (await other.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
     await second.state.connectors.usage.flush()
-    async with service.db.read() as session:
-        again = (await ConnectorRepository(session).by_ids([uuid.UUID(connector_id)]))[0].used_at
-    assert again == noted
+    (row,) = await service.db.scalars(ConnectorRepository.select_by_ids([uuid.UUID(connector_id)]))
+    assert row.used_at == noted
 
 
 async def test_without_preload_no_call_is_noted(
@@ -287,8 +286,9 @@ async def test_without_preload_no_call_is_noted(
     connector_id = (await basics(client, 1))[0]
     assert (await client.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
     await app.state.connectors.aclose()
-    async with app.state.connectors.db.read() as session:
-        row = (await ConnectorRepository(session).by_ids([uuid.UUID(connector_id)]))[0]
+    (row,) = await app.state.connectors.db.scalars(
+        ConnectorRepository.select_by_ids([uuid.UUID(connector_id)])
+    )
     assert row.used_at is None
 
 
@@ -336,8 +336,10 @@ async def test_a_starting_process_says_so_until_the_connectors_called_lately_are
     problem = assert_problem(starting, 503, "starting")
     assert starting.headers["Retry-After"] == "1"
     assert problem["detail"] == "loading the connectors called lately (2 held so far)"
-    # It serves meanwhile: two from memory, the others by their first call.
-    for connector_id in made:
+    # It serves meanwhile: the newest two (its first page) from memory, another by its first call.
+    memory = fresh.state.connectors.memory
+    assert set(map(str, memory.held_ids())) == set(made[3:])
+    for connector_id in (made[4], made[0]):
         assert (await client.post(f"/connectors/{connector_id}/authorize", json={})).status_code == 200
 
     later_pages_wait.set()
@@ -346,7 +348,9 @@ async def test_a_starting_process_says_so_until_the_connectors_called_lately_are
             break
         await asyncio.sleep(0.01)
     assert (await client.get("/readyz")).json() == {"status": "ready"}
-    assert set(map(str, fresh.state.connectors.memory.held_ids())) == set(made)
+    # The other two were held by the preload's later pages.
+    assert set(map(str, memory.held_ids())) == set(made)
+    assert fresh.state.connectors.preloader.held == 4
 
 
 async def test_a_starting_process_is_ready_after_the_wait_whatever_it_holds(

@@ -11,6 +11,7 @@ from typing import Any
 
 from app.core.collector import FullCollections
 from app.core.config import Settings
+from app.main import create_app
 
 
 class _Cycle:
@@ -25,6 +26,13 @@ async def test_the_application_turns_automatic_full_collections_off_while_it_run
     await app_factory(settings)
     young, middle, full = gc.get_threshold()
     assert (young, middle) == before[:2] and full > 1_000_000
+
+
+async def test_stopping_the_application_stops_its_scheduled_collections(settings: Settings) -> None:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        (scheduled,) = [task for task in asyncio.all_tasks() if task.get_name() == "full collections"]
+    assert scheduled.done()
 
 
 async def test_python_keeps_its_own_schedule_when_told_so(

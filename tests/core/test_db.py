@@ -178,7 +178,26 @@ async def test_a_sqlite_file_that_cannot_be_opened_makes_a_one_trip_read_unavail
         await db.dispose()
 
 
-def test_only_a_sqlite_file_gets_a_reader() -> None:
-    assert sqlite_reader(build_engine("sqlite+aiosqlite:///:memory:")) is None
-    assert sqlite_reader(build_engine("sqlite+aiosqlite://")) is None
-    assert sqlite_reader(build_engine("postgresql+asyncpg://postgres@127.0.0.1/postgres")) is None
+async def test_a_one_trip_read_never_creates_the_sqlite_file(tmp_path: Path) -> None:
+    missing = tmp_path / "no such file?.db"
+    db = Database(build_engine(f"sqlite+aiosqlite:///{missing}"))
+    try:
+        with pytest.raises(DatabaseUnavailable):
+            await db.scalars(select(Organization))
+        assert not missing.exists()
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite+aiosqlite:///:memory:",
+        "sqlite+aiosqlite://",
+        "sqlite+aiosqlite:///file::memory:?uri=true",
+        "sqlite+aiosqlite:///file:named.db?mode=ro&uri=true",
+        "postgresql+asyncpg://postgres@127.0.0.1/postgres",
+    ],
+)
+def test_only_a_sqlite_file_named_by_its_path_gets_a_reader(url: str) -> None:
+    assert sqlite_reader(build_engine(url)) is None
