@@ -18,7 +18,10 @@ default size:
   ready, as a load balancer would, for ``--cold-seconds``: the p99 of each second, and how long
   after the process started every later second's p99 is within 1.5x of the warm server's p99 in
   (a); once filled at start (the default: ready once the connectors called lately are held),
-  once not (``CONNECTORS_PRELOAD_CONNECTORS=false``: ready as soon as it answers);
+  once not (``CONNECTORS_PRELOAD_CONNECTORS=false``: ready as soon as it answers). The control:
+  the warm server of (a) under the same load for as long, judged by the same rule (a second's
+  p99 moves with the machine's other work: how often the warm one is above the line says how
+  much of a cold curve is noise);
 - (b) on a server started anew: the same spread over all 500,000 connectors and 100,000 tokens
   for ``--miss-seconds`` (its caches fill: most calls verify a caller token seen for the first
   time), then for half as long again with its caches full; a pass is five times the connector
@@ -164,26 +167,9 @@ def _cold_start(
     answered_after = time.monotonic() - started
     _wait_ready(server)
     ready_after = time.monotonic() - started
-    result = load(
-        load_job(
-            server, args.connections, seconds=args.cold_seconds, targets_file=str(spread), timeline=True
-        ),
-        server,
-    )
-    records = result.pop("records")
-    first = min(record[0] for record in records)
-    seconds: dict[int, list[float]] = {}
-    for sent, _status, latency_ms, _index in records:
-        seconds.setdefault(int(sent - first), []).append(latency_ms)
-    curve = []
-    for second in sorted(seconds):
-        latencies = sorted(seconds[second])
-        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-        curve.append({"second": second, "requests": len(latencies), "p99_ms": round(p99, 2)})
+    result, curve = _timeline(args, server, spread)
     limit = COLD_P99_FACTOR * warm_p99_ms
-    settled = next(
-        (i for i in range(len(curve)) if all(point["p99_ms"] <= limit for point in curve[i:])), None
-    )
+    settled = _settled(curve, limit)
     server.stop()
     return {
         "started_to_healthz_s": round(answered_after, 2),
@@ -195,11 +181,38 @@ def _cold_start(
         "warm_p99_ms": warm_p99_ms,
         "limit_p99_ms": round(limit, 2),
         "settled_after_s": curve[settled]["second"] if settled is not None else None,
+        "seconds_above": sum(point["p99_ms"] > limit for point in curve),
         "curve": curve,
         "errors": result["errors"],
         "requests": result["requests"],
         "rps": result["rps"],
     }
+
+
+def _timeline(
+    args: argparse.Namespace, server: Server, spread: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``spread`` for ``--cold-seconds``: the result, and the p99 of each second."""
+    job = load_job(
+        server, args.connections, seconds=args.cold_seconds, targets_file=str(spread), timeline=True
+    )
+    result = load(job, server)
+    records = result.pop("records")
+    first = min(record[0] for record in records)
+    seconds: dict[int, list[float]] = {}
+    for sent, _status, latency_ms, _index in records:
+        seconds.setdefault(int(sent - first), []).append(latency_ms)
+    curve = []
+    for second in sorted(seconds):
+        latencies = sorted(seconds[second])
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        curve.append({"second": second, "requests": len(latencies), "p99_ms": round(p99, 2)})
+    return result, curve
+
+
+def _settled(curve: list[dict[str, Any]], limit: float) -> int | None:
+    """The index of the first second from which every second's p99 is within ``limit``."""
+    return next((i for i in range(len(curve)) if all(point["p99_ms"] <= limit for point in curve[i:])), None)
 
 
 def _wait_ready(server: Server) -> None:
@@ -286,6 +299,16 @@ def _measure(
     )
     results["rss_after_a_mib"] = round(server.rss_mib(), 1)
 
+    with step(f"(c)'s control: this warm server under the same load for {args.cold_seconds:.0f} s"):
+        _, curve = _timeline(args, server, spread_a)
+    limit = COLD_P99_FACTOR * measured["held"]["p99_ms"]
+    settled = _settled(curve, limit)
+    results["warm_curve"] = {
+        "settled_after_s": curve[settled]["second"] if settled is not None else None,
+        "seconds_above": sum(point["p99_ms"] > limit for point in curve),
+        "curve": curve,
+    }
+
     return results
 
 
@@ -366,6 +389,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"(b) server RSS before {results['rss_before_b_mib']:.1f} MiB, after"
         f" {results['rss_after_b_mib']:.1f} MiB, {_count(results['held_after_b'])} connectors held"
     )
+    control = results["warm_curve"]
+    print(
+        f"(c) control: the warm server of (a) under the same load, by the same rule: within"
+        f" {COLD_P99_FACTOR}x from second {control['settled_after_s']}; {control['seconds_above']} of"
+        f" {len(control['curve'])} seconds above it"
+    )
+    print("    p99 ms per second: " + " ".join(f"{point['p99_ms']:.0f}" for point in control["curve"]))
     _report_cold("filled at start (the default)", results["cold"])
     _report_cold("not filled at start (CONNECTORS_PRELOAD_CONNECTORS=false)", results["cold_misses_only"])
 
@@ -379,7 +409,8 @@ def _report_cold(how: str, cold: dict[str, Any]) -> None:
         f" {settled if settled is not None else 'never'} of the load,"
         f" {f'{total:.1f} s' if total is not None else 'never'} after the start (target <="
         f" {COLD_TARGET_SECONDS:.0f}: {verdict(total is not None and total <= COLD_TARGET_SECONDS)});"
-        f" {cold['rps']:.0f} req/s, {cold['errors']} errors over {cold['requests']:,} calls"
+        f" {cold['seconds_above']} of {len(cold['curve'])} seconds above it; {cold['rps']:.0f} req/s,"
+        f" {cold['errors']} errors over {cold['requests']:,} calls"
     )
     print("    p99 ms per second: " + " ".join(f"{point['p99_ms']:.0f}" for point in cold["curve"]))
 
