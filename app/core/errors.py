@@ -16,6 +16,8 @@ class AppError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     title: ClassVar[str] = "Internal server error"
+    # Seconds a caller is asked to wait before trying again (a Retry-After header), if any.
+    retry_after: ClassVar[int | None] = None
 
     def __init__(self, detail: str | None = None, *, status: int | None = None, **extra: object) -> None:
         # ``status`` overrides the class default where the same failure means another status in
@@ -29,7 +31,7 @@ class AppError(Exception):
     @property
     def headers(self) -> dict[str, str] | None:
         """Response headers that go with this error."""
-        return None
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
 
 
 class Unauthenticated(AppError):
@@ -134,10 +136,6 @@ class KeyChecksBusy(AppError):
     title = "The organization's private keys are already being checked: try again shortly"
     retry_after = 1
 
-    @property
-    def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": str(self.retry_after)}
-
 
 class InvalidRequest(AppError):
     status = 422
@@ -224,12 +222,7 @@ class DatabaseUnavailable(AppError):
     status = 503
     code = "database_unavailable"
     title = "The database is unavailable"
-    # Seconds a caller is asked to wait before trying again.
     retry_after = 5
-
-    @property
-    def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": str(self.retry_after)}
 
 
 class Starting(AppError):
@@ -239,10 +232,6 @@ class Starting(AppError):
     code = "starting"
     title = "The process is still starting"
     retry_after = 1
-
-    @property
-    def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": str(self.retry_after)}
 
 
 def _all_subclasses(cls: type[AppError]) -> list[type[AppError]]:
