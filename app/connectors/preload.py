@@ -103,8 +103,8 @@ class Preload:
             # A hint, not a condition of serving: a process that cannot preload still serves.
             self._failed(error)
 
-    async def rest(self) -> int:
-        """Read the other pages while the process serves; returns how many connectors it held."""
+    async def rest(self) -> None:
+        """Read the other pages while the process serves."""
         try:
             while self.used is not None:
                 # Connectors not called lately may wait: at most a share of the CPU for them.
@@ -114,12 +114,13 @@ class Preload:
             self._stopped()
         except Exception as error:
             self._failed(error)
-        return self.held
 
     async def run(self) -> int:
-        """``first``, then ``rest`` (a preload of its own, as the tests run one)."""
+        """``first``, then ``rest`` (a preload of its own, as the tests run one); how many
+        connectors it held."""
         await self.first()
-        return await self.rest()
+        await self.rest()
+        return self.held
 
     async def step(self) -> None:
         """Read and hold one page, and move to the next phase once a phase is read or memory full."""

@@ -383,3 +383,23 @@ async def test_without_a_wait_a_starting_process_is_ready_at_once(
     fresh = await app_factory(settings.model_copy(update=no_wait))
     assert (await client_for("org-0", app=fresh).get("/readyz")).json() == {"status": "ready"}
     assert len(fresh.state.connectors.memory) == 2
+
+
+async def test_a_preload_that_fails_stops_and_logs_the_error_class_only(
+    app_factory: Callable[..., Awaitable[Any]],
+    client_for: Callable[..., httpx.AsyncClient],
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await called_lately(app_factory, client_for, settings)
+    service = (await app_factory(settings.model_copy(update={"preload_connectors": False}))).state.connectors
+
+    def unholdable(row: Connector) -> Any:
+        raise ValueError(f"CANARY-preload {row.id}")
+
+    failing = Preload(service.db, service.memory, unholdable, service.clock, ready_wait=30)
+    assert await failing.run() == 0
+    assert failing.used is None and failing.starting() is None
+    (record,) = [r for r in caplog.records if r.getMessage() == "preloading connectors failed"]
+    assert record.__dict__["error"] == "ValueError"
+    assert "CANARY-preload" not in caplog.text

@@ -205,11 +205,7 @@ class ConnectorService(Writing, Authorizing, Validating, Auditing, Consenting):
         work = (self.follower.run(), self.follower.prune())
         if self.usage is None or self.preloader is None:
             return work
-        return (*work, self.usage.run(), self._fill_memory(self.preloader))
-
-    @staticmethod
-    async def _fill_memory(preloader: Preload) -> None:
-        await preloader.rest()
+        return (*work, self.usage.run(), self.preloader.rest())
 
     def changes_announced(self) -> None:
         """Another replica announced a change (or notices may have been missed): read the
